@@ -1,0 +1,248 @@
+"""The plugin contracts: one small abstract base per plugin kind.
+
+Every plugin kind follows scikit-learn's estimator conventions:
+
+* ``__init__`` takes keyword arguments with defaults and only stores them (same names as
+  the arguments); the CLI's ``name:key=value`` parameters are parsed against that
+  signature, and :meth:`Plugin.get_params` reads it back.
+* Range checks live in :meth:`Plugin.validate`, which the engine calls before any work is
+  done (so ``sparsity=1.5`` fails in a second, not after training); :meth:`fit` may call it too.
+* Learned state ends in ``_``; ``fit`` returns ``self``; randomness comes from a
+  ``random_state`` argument or from the seed the engine passes in.
+
+Conventions shared by all kinds:
+
+* ``M`` is the number of models in the population, ``N`` the number of records,
+  ``C`` the number of classes, ``D`` the number of features.
+* Members are the positive class. Attack scores are oriented so that **higher means
+  more likely a member**.
+"""
+
+from __future__ import annotations
+
+import abc
+import inspect
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Dict, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+from mia_core import API_VERSION
+
+if TYPE_CHECKING:  # pragma: no cover - imports for annotations only
+    import torch
+
+    from mia_core.data import Records
+    from mia_core.population import AttackContext, DefenseContext, EstimatorContext
+
+#: Signals an attack may declare in :attr:`Attack.access`.
+#: ``label``: the predicted label only; ``probs``: softmax outputs; ``logits``: raw outputs
+#: (which also give the logit-scaled confidence); ``loss``: per-record loss (needs the true
+#: label, as all of these do); ``params``: white-box access to the weights.
+ACCESS_LEVELS: Tuple[str, ...] = ("label", "probs", "logits", "loss", "params")
+
+
+class Plugin:
+    """Common base: parameter introspection in scikit-learn's style.
+
+    Class attributes a plugin should set:
+
+    ``api_version``
+        The miafw plugin API it was written against (``"MAJOR.MINOR"``); the major number must
+        equal :data:`mia_core.API_VERSION`'s.
+    ``reference``
+        The paper (authors, year, title, venue) the plugin implements, shown by ``miafw info``.
+    """
+
+    api_version: ClassVar[str] = API_VERSION
+    reference: ClassVar[str] = ""
+
+    @classmethod
+    def param_signature(cls) -> Dict[str, inspect.Parameter]:
+        """The ``__init__`` parameters (excluding ``self``), in declaration order."""
+        sig = inspect.signature(cls.__init__)
+        return {
+            name: p
+            for name, p in sig.parameters.items()
+            if name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+        }
+
+    def get_params(self) -> Dict[str, Any]:
+        """The constructor arguments as stored on the instance (``{name: value}``)."""
+        return {name: getattr(self, name) for name in self.param_signature()}
+
+    def validate(self) -> None:
+        """Check parameter values; raise ``ValueError`` naming the bad value and what is allowed.
+
+        Called by the engine before any training so that a bad value fails fast. The default
+        accepts everything.
+        """
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
+        return f"{type(self).__name__}({args})"
+
+
+class Attack(Plugin, abc.ABC):
+    """A membership-inference attack (entry-point group ``miafw.attacks``).
+
+    Class attributes:
+
+    ``access``
+        The signals the attack reads (a subset of :data:`ACCESS_LEVELS`). The context refuses
+        any signal the attack did not declare, so a declared threat model is an enforced one.
+    ``min_reference_models``
+        How many reference (shadow) models the attack needs besides the target; ``0`` for
+        attacks that need none (e.g. a global loss threshold).
+    """
+
+    access: ClassVar[Tuple[str, ...]] = ("logits",)
+    min_reference_models: ClassVar[int] = 0
+
+    @abc.abstractmethod
+    def fit(self, ctx: "AttackContext") -> "Attack":
+        """Prepare the attack from the shared population context.
+
+        Args:
+            ctx: an :class:`~mia_core.population.AttackContext`: ``ctx.labels`` (int ``[N]``),
+                ``ctx.n_models``, and ``ctx.for_target(t)``, whose ``references`` (int ``[R]``),
+                ``ref_keep`` (bool ``[R, N]``: reference model trained on record),
+                ``ref_signal(name)`` (float ``[R, N]``) and ``target_signal(name)`` (float ``[N]``)
+                are everything an attack may use to score against target ``t``. Only the signals
+                allowed by :attr:`access` can be read; the target's membership row never can.
+
+        Returns:
+            ``self``.
+        """
+
+    @abc.abstractmethod
+    def score(self, target: int, records: np.ndarray) -> np.ndarray:
+        """Membership scores of ``records`` against model ``target``.
+
+        Args:
+            target: index of the target model in ``[0, M)``. The attack may use every other model
+                of the population as a reference, never the target's membership row.
+            records: int ``[K]`` record indices into ``[0, N)``.
+
+        Returns:
+            float ``[K]``, finite, **higher = more likely a member** of ``target``'s training set.
+        """
+
+
+class Defense(Plugin, abc.ABC):
+    """A defense (entry-point group ``miafw.defenses``).
+
+    ``stage`` is ``"post"`` for defenses that transform trained weights (pruning, quantization,
+    parameter noise) and ``"train"`` for those that change the training recipe. Defenses are
+    applied in the order given on the command line, to every model of the population (an
+    adaptive attacker knows the recipe, so reference models are defended too).
+    """
+
+    stage: ClassVar[str] = "post"
+
+    @abc.abstractmethod
+    def apply(self, ctx: "DefenseContext") -> Dict[str, Any]:
+        """Apply the defense to every model of the population, in place.
+
+        Args:
+            ctx: gives the stacked parameters (``ctx.params``: ``{name: Tensor[M, ...]}``,
+                modified in place), the keep matrix, the records, and ``ctx.finetune(...)`` to
+                continue training every model on its own training half.
+
+        Returns:
+            A JSON-serialisable report of what was done (e.g. achieved sparsity), shown in the
+            terminal and stored in ``metrics.json``.
+        """
+
+
+class Estimator(Plugin, abc.ABC):
+    """An information-theoretic leakage estimator (entry-point group ``miafw.estimators``)."""
+
+    access: ClassVar[Tuple[str, ...]] = ("logits",)
+
+    @abc.abstractmethod
+    def estimate(self, ctx: "EstimatorContext") -> Dict[str, Any]:
+        """Estimate membership leakage from the population and its signals.
+
+        Returns:
+            A JSON-serialisable dict with at least ``"value"`` (the estimate) and, where the
+            estimator implies one, ``"advantage_bound"`` (an upper bound on any attack's
+            membership advantage), to be shown next to the measured attacks.
+        """
+
+
+class DatasetSource(Plugin, abc.ABC):
+    """A dataset (entry-point group ``miafw.datasets``): the whole population of records.
+
+    Every model of a population is trained on a random half of these records; the other half
+    are its non-members.
+    """
+
+    @abc.abstractmethod
+    def load(self) -> "Records":
+        """Return the records: float32 features ``x [N, D]``, int64 labels ``y [N]`` in
+        ``[0, C)``, and stable record indices. Any preprocessing must be fixed (not fitted on a
+        subset), so that members and non-members are treated alike.
+        """
+
+
+class ModelFamily(Plugin, abc.ABC):
+    """A model architecture (entry-point group ``miafw.models``)."""
+
+    @abc.abstractmethod
+    def build(self, n_features: int, n_classes: int) -> "torch.nn.Module":
+        """Return an untrained module mapping float ``[B, n_features]`` to logits
+        ``[B, n_classes]``. It must be usable with ``torch.func.functional_call`` (no
+        in-place buffer updates), so the population can train M copies as one vectorized
+        ensemble. Initialisation draws from torch's global RNG, which the engine seeds.
+        """
+
+
+@dataclass(frozen=True)
+class PluginSpec:
+    """A plugin name with its parsed parameters, as given on the command line."""
+
+    name: str
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"name": self.name, "params": dict(self.params)}
+
+
+def check_api_version(declared: Optional[str]) -> Optional[str]:
+    """Return ``None`` when a plugin's declared API version is compatible, else the reason."""
+    if not declared:
+        return None
+    try:
+        major = int(str(declared).split(".")[0])
+    except ValueError:
+        return f"declares api_version={declared!r}, which is not of the form MAJOR.MINOR"
+    ours = int(API_VERSION.split(".")[0])
+    if major != ours:
+        return (
+            f"targets plugin API {declared}, but this miafw provides API {API_VERSION} "
+            f"(major versions must match)"
+        )
+    return None
+
+
+KINDS: Dict[str, type] = {
+    "attacks": Attack,
+    "defenses": Defense,
+    "estimators": Estimator,
+    "datasets": DatasetSource,
+    "models": ModelFamily,
+}
+
+__all__: Sequence[str] = [
+    "ACCESS_LEVELS",
+    "Attack",
+    "DatasetSource",
+    "Defense",
+    "Estimator",
+    "KINDS",
+    "ModelFamily",
+    "Plugin",
+    "PluginSpec",
+    "check_api_version",
+]
