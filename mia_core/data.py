@@ -1,0 +1,112 @@
+"""Records: the population every model of a :class:`~mia_core.population.ModelPopulation`
+draws its training half from."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+
+class DataError(ValueError):
+    """A dataset that cannot be used for a membership-inference evaluation."""
+
+
+@dataclass(frozen=True)
+class Records:
+    """Features, labels and stable record indices.
+
+    Attributes:
+        x: float32 ``[N, D]`` features (fixed preprocessing only).
+        y: int64 ``[N]`` labels in ``[0, n_classes)``.
+        index: int64 ``[N]`` stable record identifiers (row numbers of the source data).
+        n_classes: number of classes ``C``.
+        name: the dataset's name, for reports.
+    """
+
+    x: np.ndarray
+    y: np.ndarray
+    index: np.ndarray
+    n_classes: int
+    name: str = "records"
+
+    @classmethod
+    def from_arrays(cls, x, y, *, name: str, n_classes: Optional[int] = None, index=None) -> "Records":
+        """Validate and normalise arrays into :class:`Records`.
+
+        Raises:
+            DataError: empty data, non-finite features, non-integer or negative labels, fewer
+                than two classes present, or mismatched lengths.
+        """
+        x = np.asarray(x)
+        y = np.asarray(y)
+        if x.ndim != 2:
+            raise DataError(f"dataset {name!r}: features must be 2-D [N, D], got shape {x.shape}")
+        if x.shape[0] == 0:
+            raise DataError(f"dataset {name!r} is empty (0 records)")
+        if x.shape[1] == 0:
+            raise DataError(f"dataset {name!r} has 0 features")
+        if y.ndim != 1 or y.shape[0] != x.shape[0]:
+            raise DataError(
+                f"dataset {name!r}: labels must be 1-D with one label per record; "
+                f"got labels of shape {y.shape} for {x.shape[0]} records"
+            )
+        if not np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.complexfloating):
+            raise DataError(f"dataset {name!r}: features must be real numbers, got dtype {x.dtype}")
+        x = x.astype(np.float32, copy=False)
+        bad = ~np.isfinite(x)
+        if bad.any():
+            first = np.argwhere(bad)[0]
+            raise DataError(
+                f"dataset {name!r}: {int(bad.sum())} non-finite feature values "
+                f"(first at record {int(first[0])}, feature {int(first[1])})"
+            )
+        if np.issubdtype(y.dtype, np.bool_) or not np.issubdtype(y.dtype, np.number):
+            raise DataError(f"dataset {name!r}: labels must be integers, got dtype {y.dtype}")
+        if not np.issubdtype(y.dtype, np.integer):
+            if not np.all(np.isfinite(y)) or not np.all(y == np.round(y)):
+                raise DataError(f"dataset {name!r}: labels must be integers, got non-integer values")
+        y = y.astype(np.int64)
+        if y.min() < 0:
+            raise DataError(f"dataset {name!r}: labels must be >= 0, got {int(y.min())}")
+        present = np.unique(y)
+        if present.size < 2:
+            raise DataError(
+                f"dataset {name!r} has a single class ({int(present[0])}); membership inference "
+                f"needs a classifier, so at least 2 classes"
+            )
+        c = int(y.max()) + 1
+        if n_classes is None:
+            n_classes = c
+        elif n_classes < c:
+            raise DataError(f"dataset {name!r}: label {c - 1} is out of range for {n_classes} classes")
+        if index is None:
+            index = np.arange(x.shape[0], dtype=np.int64)
+        index = np.asarray(index, dtype=np.int64)
+        if index.shape != y.shape:
+            raise DataError(f"dataset {name!r}: index must have one entry per record")
+        return cls(x=np.ascontiguousarray(x), y=y, index=index, n_classes=int(n_classes), name=name)
+
+    @property
+    def n(self) -> int:
+        return int(self.x.shape[0])
+
+    @property
+    def n_features(self) -> int:
+        return int(self.x.shape[1])
+
+    def fingerprint(self) -> str:
+        """A content hash, used in cache keys."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for arr in (self.x, self.y, self.index):
+            h.update(str(arr.dtype).encode())
+            h.update(str(arr.shape).encode())
+            h.update(np.ascontiguousarray(arr).tobytes())
+        h.update(str(self.n_classes).encode())
+        return h.hexdigest()[:16]
+
+
+__all__ = ["DataError", "Records"]
