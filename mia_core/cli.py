@@ -1,0 +1,252 @@
+"""The ``miafw`` command line (click).
+
+``miafw eval``   train a population, apply defenses, run attacks, write a run directory.
+``miafw list``   every registered plugin, with broken and incompatible ones flagged.
+``miafw info``   one plugin's parameters, defaults, threat model and reference.
+
+Usage errors (unknown names, malformed ``key=value``, out-of-range values, unusable data) print
+one line, ``Error: ...``, and exit with status 2; a plugin that fails while running exits with
+status 1 after printing its name and traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+import sys
+import textwrap
+from pathlib import Path
+from typing import Optional
+
+import click
+
+from mia_core import registry
+from mia_core.base import KINDS
+
+EXIT_USAGE = 2
+EXIT_FAILURE = 1
+
+
+def _fail(message: str, code: int = EXIT_USAGE):
+    click.echo(f"Error: {message}", err=True)
+    sys.exit(code)
+
+
+def _names_help(kind: str) -> str:
+    try:
+        names = registry.names(kind)
+    except Exception:  # never let metadata problems break --help
+        names = []
+    return ", ".join(names) if names else "none registered"
+
+
+class _Reporter:
+    """Progress on stderr: tqdm bars for long steps, one-line messages otherwise."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+
+    def message(self, text: str) -> None:
+        if not self.quiet:
+            click.echo(text, err=True)
+
+    def progress(self, total: int, desc: str):
+        @contextlib.contextmanager
+        def bar():
+            if self.quiet:
+                yield lambda n=1, **kw: None
+                return
+            from tqdm import tqdm
+
+            with tqdm(total=total, desc=desc, file=sys.stderr, leave=False, dynamic_ncols=True,
+                      mininterval=0.5) as t:
+                def update(n=1, **kw):
+                    if kw:
+                        t.set_postfix({k: f"{v:.3g}" for k, v in kw.items()}, refresh=False)
+                    t.update(n)
+
+                yield update
+            click.echo(f"{desc}: done", err=True)
+
+        return bar()
+
+
+@contextlib.contextmanager
+def _terse_warnings():
+    """Warnings as one ``Warning: ...`` line on stderr; metrics warnings are left to the table."""
+    import warnings
+
+    from mia_core.metrics import MetricsWarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        click.echo(f"Warning: {message}", err=True)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MetricsWarning)
+        warnings.showwarning = show
+        yield
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="miafw", prog_name="miafw")
+def main() -> None:
+    """miafw: how well can an attacker tell whether a record trained your model?
+
+    Trains a population of models on random halves of a dataset, applies defenses
+    (pruning, ...), runs membership-inference attacks (LiRA, loss threshold, ...) and reports
+    TPR at low FPR with confidence intervals. Members are the positive class.
+    """
+
+
+@main.command("eval")
+@click.option("--attack", "attacks", multiple=True, metavar="NAME[:k=v,...]",
+              help=f"Attack to run; repeatable. Default: lira. Available: {_names_help('attacks')}.")
+@click.option("--defense", "defenses", multiple=True, metavar="NAME[:k=v,...]",
+              help=f"Post-training defense; repeatable, applied in order. Available: {_names_help('defenses')}.")
+@click.option("--dataset", default="digits", show_default=True, metavar="NAME[:k=v,...]",
+              help=f"Dataset. Available: {_names_help('datasets')}.")
+@click.option("--model", default="mlp", show_default=True, metavar="NAME[:k=v,...]",
+              help=f"Model family. Available: {_names_help('models')}.")
+@click.option("--n-models", default=16, show_default=True, type=int,
+              help="Models in the population (even); each trains on a random half of the records.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed for membership, initialisation and batches.")
+@click.option("--targets", default="all", show_default=True,
+              help="Target models whose scores are pooled: 'all', 'first:K', or indices like 0,3.")
+@click.option("--epochs", default=None, type=int, help="Training epochs per model [default: 60].")
+@click.option("--batch-size", default=None, type=int, help="Mini-batch size [default: 64].")
+@click.option("--lr", default=None, type=float, help="Learning rate [default: 0.002].")
+@click.option("--weight-decay", default=None, type=float, help="L2 penalty [default: 0].")
+@click.option("--optimizer", default=None, type=click.Choice(["adam", "sgd"]), help="Optimizer [default: adam].")
+@click.option("--out", default="runs", show_default=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Directory that receives the run directory.")
+@click.option("--cache-dir", default=None, type=click.Path(file_okay=False, path_type=Path),
+              help="Population cache [default: $MIAFW_CACHE or ~/.cache/miafw].")
+@click.option("--no-cache", is_flag=True, help="Neither read nor write the population cache.")
+@click.option("--json", "as_json", is_flag=True, help="Print metrics.json to stdout instead of the table.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress output.")
+def eval_cmd(attacks, defenses, dataset, model, n_models, seed, targets, epochs, batch_size, lr, weight_decay,
+             optimizer, out, cache_dir, no_cache, as_json, quiet):
+    """Evaluate membership leakage of a (defended) model population.
+
+    \b
+    Examples:
+      miafw eval --attack lira --defense prune
+      miafw eval --attack lira --attack lira:online=false --attack loss --defense prune:sparsity=0.9
+      miafw eval --dataset breast-cancer --model logreg --n-models 32
+    """
+    import dataclasses
+
+    from mia_core.cache import PopulationCache, default_cache_dir
+    from mia_core.data import DataError
+    from mia_core.experiment import EvalConfig, PluginRuntimeError, resolve, run_eval
+    from mia_core.params import ParamError
+    from mia_core.results import RunDir, format_summary, write_run
+    from mia_core.training import TrainingRecipe
+
+    overrides = {k: v for k, v in dict(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                                         optimizer=optimizer).items() if v is not None}
+    recipe = dataclasses.replace(TrainingRecipe(), **overrides)
+    config = EvalConfig(attacks=tuple(attacks) or ("lira",), defenses=tuple(defenses), dataset=dataset,
+                        model=model, n_models=n_models, seed=seed, targets=targets, recipe=recipe)
+    usage_errors = (ParamError, registry.PluginError, DataError)
+    try:
+        resolved = resolve(config)
+        from mia_core.experiment import parse_targets
+
+        parse_targets(targets, n_models)
+    except usage_errors as exc:
+        _fail(str(exc))
+    cache = PopulationCache(None if no_cache else (cache_dir or default_cache_dir()))
+    reporter = _Reporter(quiet or as_json)
+    try:
+        with _terse_warnings():
+            result = run_eval(config, cache=cache, reporter=reporter, resolved=resolved)
+    except usage_errors as exc:
+        _fail(str(exc))
+    except PluginRuntimeError as exc:
+        if exc.traceback:
+            click.echo(exc.traceback, err=True, nl=False)
+        _fail(str(exc), EXIT_FAILURE)
+    try:
+        with RunDir(out, result.config) as run:
+            write_run(run, result)
+    except OSError as exc:
+        _fail(f"could not write the run directory under {out}: {exc}", EXIT_FAILURE)
+    if as_json:
+        click.echo(json.dumps(result.metrics, indent=2, sort_keys=True))
+    else:
+        click.echo(format_summary(result.metrics))
+        click.echo(f"run directory: {run.final}")
+
+
+@main.command("list")
+@click.option("--kind", type=click.Choice(list(KINDS)), default=None, help="Only this kind of plugin.")
+@click.option("-v", "--verbose", is_flag=True, help="Show distribution, version, API version and entry point.")
+def list_cmd(kind, verbose):
+    """List registered plugins; broken or incompatible ones are flagged with their error."""
+    kinds = [kind] if kind else list(KINDS)
+    problems = 0
+    for k in kinds:
+        infos = registry.inspect_group(k)
+        click.echo(f"{k}:")
+        if not infos:
+            click.echo("  (none)")
+        for info in infos:
+            first = _summary_line(info.obj) if info.obj is not None else ""
+            status = "" if info.status == "ok" else f"[{info.status.upper()}] "
+            click.echo(f"  {info.name:<16} {status}{first if info.status == 'ok' else info.error}")
+            if verbose:
+                click.echo(f"  {'':<16} from {info.distribution or '?'} {info.version or ''}; "
+                           f"api {info.api_version or '?'}; entry point {info.target}")
+            problems += info.status != "ok"
+    if problems:
+        click.echo(f"{problems} plugin(s) could not be used; `miafw info NAME` shows why.", err=True)
+
+
+def _summary_line(obj) -> str:
+    doc = inspect.getdoc(obj) or ""
+    return doc.strip().split("\n\n")[0].replace("\n", " ")[:90]
+
+
+@main.command("info")
+@click.argument("name")
+@click.option("--kind", type=click.Choice(list(KINDS)), default=None,
+              help="Plugin kind, when NAME is registered in several.")
+def info_cmd(name, kind):
+    """Show a plugin's parameters, defaults, access (threat model) and reference."""
+    kinds = [kind] if kind else registry.find(name)
+    if not kinds:
+        every = sorted({n for k in KINDS for n in registry.names(k)})
+        hint = registry.suggest(name, every)
+        _fail(f"no plugin named {name!r}." + (f" Did you mean {hint!r}?" if hint else "")
+              + " `miafw list` shows them all.")
+    if len(kinds) > 1:
+        _fail(f"{name!r} is registered as several kinds ({', '.join(kinds)}); pass --kind")
+    k = kinds[0]
+    try:
+        cls = registry.load(k, name)
+    except registry.PluginError as exc:
+        _fail(str(exc))
+    click.echo(f"{name}  ({k[:-1]}, {cls.__module__}.{cls.__qualname__})")
+    doc = inspect.getdoc(cls) or "(no description)"
+    click.echo(textwrap.indent(doc, "  "))
+    click.echo("parameters:")
+    sig = cls.param_signature()
+    if not sig:
+        click.echo("  (none)")
+    for pname, p in sig.items():
+        ann = p.annotation if isinstance(p.annotation, str) else getattr(p.annotation, "__name__", str(p.annotation))
+        default = "(required)" if p.default is inspect.Parameter.empty else repr(p.default)
+        click.echo(f"  {pname}: {ann} = {default}")
+    for attr, title in (("access", "access"), ("min_reference_models", "reference models needed"),
+                        ("stage", "stage"), ("api_version", "plugin API")):
+        if hasattr(cls, attr):
+            click.echo(f"{title}: {getattr(cls, attr)}")
+    if getattr(cls, "reference", ""):
+        click.echo(f"reference: {cls.reference}")
+    click.echo(f"usage: --{k[:-1]} {name}" + (":" + ",".join(f"{p}=..." for p in sig) if sig else ""))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,199 @@
+"""Run directories and the terminal summary.
+
+A run directory ``<out>/<YYYYmmdd-HHMMSS>-<hash>/`` holds
+
+``config.json``   the fully resolved configuration (every plugin parameter, recipe, seed, versions);
+``metrics.json``  schema-versioned metrics (no timings, so the same seed gives the same file);
+``scores.npz``    per-attack scores ``[T, N]``, the membership ``[T, N]`` (True = member), the
+                  target model indices ``[T]`` and the record indices ``[N]`` (no pickles);
+``roc.png``       log-log ROC curves of every attack.
+
+Files are written into ``<out>/.<name>.partial`` and the directory is renamed into place when
+complete, so a directory without a dot prefix is always whole. A run that fails is renamed to
+``<name>.failed`` with the error in ``FAILED.txt``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from mia_core import metrics
+
+SCHEMA_VERSION = 1
+
+
+def _dump(path: Path, doc) -> None:
+    path.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+
+
+def scores_key(label: str) -> str:
+    """A stable npz key for an attack label (``lira:online=false`` -> ``scores__lira_online_false``)."""
+    return "scores__" + re.sub(r"[^A-Za-z0-9]+", "_", label).strip("_")
+
+
+class RunDir:
+    """A run directory being written. Use as a context manager: it is published on success and
+    marked failed on an exception."""
+
+    def __init__(self, out: Path, config_doc: Dict):
+        self.out = Path(out)
+        digest = hashlib.sha256(json.dumps({k: v for k, v in config_doc.items() if k != "argv"},
+                                           sort_keys=True, default=str).encode()).hexdigest()[:8]
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        name = f"{stamp}-{digest}"
+        i = 1
+        while (self.out / name).exists() or (self.out / f".{name}.partial").exists():
+            i += 1
+            name = f"{stamp}-{digest}-{i}"
+        self.name = name
+        self.final = self.out / name
+        self.staging = self.out / f".{name}.partial"
+
+    def __enter__(self) -> "RunDir":
+        self.staging.mkdir(parents=True, exist_ok=False)
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is None:
+            os.replace(self.staging, self.final)
+        else:
+            failed = self.out / f"{self.name}.failed"
+            try:
+                import traceback
+
+                (self.staging / "FAILED.txt").write_text("".join(traceback.format_exception(exc_type, exc, tb)))
+                os.replace(self.staging, failed)
+            except OSError:
+                shutil.rmtree(self.staging, ignore_errors=True)
+        return False
+
+    @property
+    def path(self) -> Path:
+        return self.staging
+
+
+def write_run(run: RunDir, result) -> None:
+    """Write config, metrics, scores and the ROC plot of an :class:`~mia_core.experiment.EvalResult`."""
+    d = run.path
+    _dump(d / "config.json", result.config)
+    _dump(d / "metrics.json", result.metrics)
+    arrays = {scores_key(k): v for k, v in result.scores.items()}
+    labels = list(result.scores)
+    np.savez_compressed(
+        d / "scores.npz",
+        membership=result.membership,
+        targets=np.asarray(result.targets, dtype=np.int64),
+        record_index=result.record_index,
+        attack_labels=np.asarray(labels, dtype=np.str_),
+        **arrays,
+    )
+    plot_roc(d / "roc.png", result.scores, result.membership, title=_title(result.config))
+
+
+def _title(config: Dict) -> str:
+    defs = ", ".join(s["name"] for s in config.get("defenses", [])) or "no defense"
+    return f"{config['dataset']['name']} / {config['model']['name']} / {defs} ({config['n_models']} models)"
+
+
+def plot_roc(path: Path, scores: Dict[str, np.ndarray], membership: np.ndarray, *, title: str = "") -> None:
+    """Log-log ROC curves (members positive) with the chance diagonal."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 5.0), dpi=120)
+    floor = 1.0 / max(1, int((~membership).sum()))
+    for label, s in scores.items():
+        fpr, tpr, _ = metrics.roc_curve(s.ravel(), membership.ravel())
+        a = metrics.auc(s.ravel(), membership.ravel())
+        ax.plot(np.maximum(fpr, floor / 10), np.maximum(tpr, floor / 10), label=f"{label} (AUC {a:.3f})")
+    grid = np.logspace(np.log10(floor / 10), 0, 50)
+    ax.plot(grid, grid, ls="--", color="grey", lw=1, label="chance")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlim(floor / 2, 1)
+    ax.set_ylim(floor / 2, 1)
+    ax.set_xlabel("false positive rate (non-members flagged)")
+    ax.set_ylabel("true positive rate (members found)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def format_summary(metrics_doc: Dict, *, fprs=(0.001, 0.01)) -> str:
+    """The terminal table: one row per attack, then the target's accuracy and the defenses."""
+    rows: List[List[str]] = []
+    head = ["attack", "AUC", "bal.acc", "advantage"] + [f"TPR@{_fmt_fpr(f)} FPR [95% CI]" for f in fprs]
+    for label, m in metrics_doc["attacks"].items():
+        row = [label, f"{m['auc']:.3f}", f"{m['balanced_accuracy']:.3f}", f"{m['advantage']:.3f}"]
+        for f in fprs:
+            t = m["tpr_at_fpr"].get(_key(f))
+            if t is None:
+                row.append("-")
+                continue
+            cell = f"{_pct(t['tpr'])} [{_pct(t['ci_low'])}, {_pct(t['ci_high'])}]"
+            if not t["resolvable"]:
+                cell += " !"
+            row.append(cell)
+        rows.append(row)
+    widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
+    line = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+    out = [line(head), "  ".join("-" * w for w in widths)] + [line(r) for r in rows]
+    tgt = metrics_doc["target"]
+    n_t = tgt["pooled_over_targets"]
+    any_m = next(iter(metrics_doc["attacks"].values()), None)
+    if any_m is not None:
+        out.append(
+            f"pooled over {n_t} target model{'s' if n_t != 1 else ''}: "
+            f"{any_m['n_members']} member and {any_m['n_nonmembers']} non-member scores"
+        )
+    out.append(
+        f"target accuracy: train {_pct(tgt['train_accuracy'])}, test {_pct(tgt['test_accuracy'])}"
+        + (f" (before defenses: train {_pct(tgt['undefended_train_accuracy'])}, "
+           f"test {_pct(tgt['undefended_test_accuracy'])})" if metrics_doc["defenses"] else "")
+    )
+    for d in metrics_doc["defenses"]:
+        rep = d["report"]
+        shown = {k: v for k, v in rep.items() if not isinstance(v, (list, dict))}
+        out.append(f"defense {d['name']}: " + ", ".join(f"{k}={_short(v)}" for k, v in shown.items()))
+    warned = sorted({w for m in metrics_doc["attacks"].values() for w in m.get("warnings", [])})
+    for w in warned:
+        out.append(f"! {w}")
+    return "\n".join(out)
+
+
+def _short(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _key(f: float) -> str:
+    return f"{f:g}"
+
+
+def _fmt_fpr(f: float) -> str:
+    return f"{100 * f:g}%"
+
+
+def load_metrics(run_dir: Path) -> Optional[Dict]:
+    p = Path(run_dir) / "metrics.json"
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+__all__ = ["RunDir", "SCHEMA_VERSION", "format_summary", "load_metrics", "plot_roc", "scores_key", "write_run"]
