@@ -1,0 +1,80 @@
+"""Helpers that register throw-away plugins through real entry points (a fake installed
+distribution on sys.path), the way a third-party package would."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+from typing import Dict
+
+
+def make_distribution(root: Path, name: str, modules: Dict[str, str], entry_points: Dict[str, Dict[str, str]],
+                      version: str = "0.0.1") -> Path:
+    """Write ``modules`` and a ``<name>-<version>.dist-info`` with ``entry_points`` under ``root``.
+
+    Adding ``root`` to ``sys.path`` (or ``PYTHONPATH``) makes importlib.metadata see it as installed.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    for mod, src in modules.items():
+        (root / f"{mod}.py").write_text(textwrap.dedent(src))
+    info = root / f"{name.replace('-', '_')}-{version}.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+    lines = []
+    for group, eps in entry_points.items():
+        lines.append(f"[{group}]")
+        lines += [f"{k} = {v}" for k, v in eps.items()]
+        lines.append("")
+    (info / "entry_points.txt").write_text("\n".join(lines))
+    return root
+
+
+GOOD_ATTACK = '''
+import numpy as np
+from mia_core.base import Attack
+
+class Confidence(Attack):
+    """Score = the target's logit-scaled confidence (a global threshold, no references)."""
+    access = ("probs",)
+
+    def __init__(self, scale: float = 1.0):
+        self.scale = scale
+
+    def fit(self, ctx):
+        self.ctx_ = ctx
+        return self
+
+    def score(self, target, records):
+        return self.scale * self.ctx_.for_target(target).target_signal("confidence")[records]
+'''
+
+BROKEN = '''
+raise ImportError("this plugin needs libfoo, which is not installed")
+'''
+
+WRONG_API = '''
+from mia_core.base import Attack
+
+class Future(Attack):
+    api_version = "99.0"
+    def __init__(self):
+        pass
+    def fit(self, ctx):
+        return self
+    def score(self, target, records):
+        return records * 0.0
+'''
+
+NOT_A_PLUGIN = '''
+class Plain:
+    pass
+'''
+
+
+def third_party(root: Path) -> Path:
+    return make_distribution(
+        root, "miafw-testplugins",
+        {"tp_good": GOOD_ATTACK, "tp_broken": BROKEN, "tp_future": WRONG_API, "tp_plain": NOT_A_PLUGIN},
+        {"miafw.attacks": {"confidence": "tp_good:Confidence", "broken": "tp_broken:Whatever",
+                           "future": "tp_future:Future", "plain": "tp_plain:Plain"}},
+    )

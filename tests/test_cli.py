@@ -1,0 +1,124 @@
+"""End-to-end tests of the command line: eval, list, info, and their usage errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from mia_core.cli import main
+from plugin_fixtures import third_party
+
+SMALL = ["--dataset", "digits:n_records=300", "--model", "mlp:width=32", "--n-models", "4", "--epochs", "8",
+         "--targets", "first:2", "-q"]
+
+
+def _eval(tmp_path, *args, out="runs"):
+    runner = CliRunner()
+    res = runner.invoke(main, ["eval", *SMALL, "--out", str(tmp_path / out), *args], catch_exceptions=False)
+    return res
+
+
+def _run_dir(tmp_path, out="runs"):
+    dirs = [d for d in (tmp_path / out).iterdir() if not d.name.startswith(".")]
+    assert len(dirs) == 1, dirs
+    return dirs[0]
+
+
+def test_eval_end_to_end_writes_run_directory(tmp_path):
+    res = _eval(tmp_path, "--attack", "lira", "--attack", "loss", "--defense", "prune:sparsity=0.5")
+    assert res.exit_code == 0, res.output
+    assert "AUC" in res.output and "TPR@0.1% FPR" in res.output and "defense prune" in res.output
+    run = _run_dir(tmp_path)
+    assert {p.name for p in run.iterdir()} == {"config.json", "metrics.json", "scores.npz", "roc.png"}
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["defenses"][0]["params"]["sparsity"] == 0.5
+    assert cfg["defenses"][0]["params"]["scope"] == "global"  # defaults resolved
+    assert cfg["model"]["params"] == {"width": 32, "depth": 1, "activation": "relu"}
+    m = json.loads((run / "metrics.json").read_text())
+    assert set(m["attacks"]) == {"lira", "loss"}
+    lira = m["attacks"]["lira"]
+    assert 0 <= lira["auc"] <= 1 and lira["n_members"] + lira["n_nonmembers"] == 2 * 300
+    assert m["defenses"][0]["report"]["achieved_sparsity"] == pytest.approx(0.5, abs=0.01)
+    with np.load(run / "scores.npz", allow_pickle=False) as z:
+        assert z["scores__lira"].shape == (2, 300)
+        assert z["membership"].shape == (2, 300) and z["membership"].dtype == bool
+        assert (z["membership"].sum(axis=1) > 100).all()
+    assert (run / "roc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_same_seed_gives_identical_metrics(tmp_path):
+    args = ["--attack", "lira", "--attack", "loss", "--defense", "prune:sparsity=0.3,finetune_epochs=1", "--seed", "5"]
+    assert _eval(tmp_path, *args, out="a").exit_code == 0
+    assert _eval(tmp_path, *args, out="b").exit_code == 0  # second run: population from the cache
+    assert _eval(tmp_path, *args, "--no-cache", out="c").exit_code == 0
+    a, b, c = ((_run_dir(tmp_path, o) / "metrics.json").read_bytes() for o in "abc")
+    assert a == b == c
+    assert _eval(tmp_path, "--attack", "lira", "--seed", "6", out="d").exit_code == 0
+    assert (_run_dir(tmp_path, "d") / "metrics.json").read_bytes() != a
+
+
+def test_json_output(tmp_path):
+    res = _eval(tmp_path, "--attack", "loss", "--json")
+    assert res.exit_code == 0
+    doc = json.loads(res.stdout)
+    assert doc["schema_version"] == 1 and "loss" in doc["attacks"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--attack", "lirra"], "unknown attack 'lirra'. Did you mean 'lira'?"),
+    (["--defense", "prune:sparsity=1.5"], "defense 'prune': sparsity must be in [0, 1), got 1.5"),
+    (["--defense", "prune:sparsty=0.5"], "unknown parameter 'sparsty' (did you mean 'sparsity'?)"),
+    (["--defense", "prune:sparsity"], "malformed parameter 'sparsity'"),
+    (["--defense", "prune:sparsity=high"], "sparsity='high' must be a number"),
+    (["--attack", "lira:online=perhaps"], "must be a boolean"),
+    (["--dataset", "imagenet"], "unknown dataset 'imagenet'"),
+    (["--n-models", "5"], "--n-models must be an even integer >= 2, got 5"),
+    (["--attack", "lira", "--n-models", "2"], "needs at least 3 reference models"),
+    (["--targets", "9"], "--targets indices must be in [0, 4)"),
+    (["--epochs", "-1"], "epochs must be an integer >= 0"),
+    (["--attack", "loss", "--attack", "loss"], "given twice"),
+])
+def test_usage_errors_are_one_line_exit_2(tmp_path, args, message):
+    res = CliRunner().invoke(main, ["eval", *SMALL, "--out", str(tmp_path / "runs"), *args])
+    assert res.exit_code == 2, res.output
+    err = res.stderr.strip()
+    assert err.startswith("Error: ") and "\n" not in err and "Traceback" not in err
+    assert message in err
+    assert not (tmp_path / "runs").exists()  # nothing written for a rejected command
+
+
+def test_list_and_info():
+    res = CliRunner().invoke(main, ["list"])
+    assert res.exit_code == 0
+    for name in ("lira", "loss", "prune", "digits", "breast-cancer", "mlp", "logreg"):
+        assert name in res.output
+    res = CliRunner().invoke(main, ["info", "lira"])
+    assert res.exit_code == 0
+    assert "online: bool = True" in res.output and "access: ('logits',)" in res.output and "Carlini" in res.output
+    res = CliRunner().invoke(main, ["info", "prunee"])
+    assert res.exit_code == 2 and "Did you mean 'prune'?" in res.stderr
+
+
+def test_installed_command_with_broken_third_party_plugin(tmp_path):
+    """The real console script, in a fresh interpreter that sees a broken and a working plugin."""
+    site = third_party(tmp_path / "site")
+    env = dict(os.environ, PYTHONPATH=str(site) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    exe = [sys.executable, "-m", "mia_core.cli"]
+    out = subprocess.run(exe + ["list", "--kind", "attacks", "-v"], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "[BROKEN] ImportError: this plugin needs libfoo" in out.stdout
+    assert "[INCOMPATIBLE]" in out.stdout and "from miafw-testplugins 0.0.1" in out.stdout
+    out = subprocess.run(exe + ["eval", *SMALL, "--out", str(tmp_path / "r"), "--attack", "broken"],
+                         env=env, capture_output=True, text=True)
+    assert out.returncode == 2 and "libfoo" in out.stderr and "Traceback" not in out.stderr
+    # the third party's working attack runs end to end next to a built-in one
+    out = subprocess.run(exe + ["eval", *SMALL, "--out", str(tmp_path / "r"), "--attack", "confidence",
+                                "--attack", "lira"], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "confidence" in out.stdout
