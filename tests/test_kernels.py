@@ -1,0 +1,448 @@
+"""Op tests for mia_core.kernels mask application (torchvision test_ops style).
+
+The oracle is ``apply_masks_reference`` (pure torch); every backend must match it bit for bit.
+Native-only tests skip with a reason when the extension is not built.
+"""
+
+import math
+import warnings
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mia_core import kernels
+
+NATIVE = kernels.native_available()
+needs_native = pytest.mark.skipif(
+    not NATIVE,
+    reason="mia_core._C is not built (run `python setup.py build_ext --inplace`): "
+    f"{kernels.backend_info()['import_error']}",
+)
+BACKENDS = ["native", "auto", "torch"]
+THRESHOLD = 65536  # csrc/kernels/mask.h kMaskParallelThreshold
+
+
+def _backend_param(name):
+    return pytest.param(name, marks=needs_native) if name == "native" else name
+
+
+BACKEND_PARAMS = [_backend_param(b) for b in BACKENDS]
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+def bits(t):
+    """Integer view of a float tensor: equal bits <=> identical floats (NaN, -0.0 included)."""
+    return t.view({torch.float32: torch.int32, torch.float64: torch.int64}[t.dtype])
+
+
+def assert_bitwise_equal(actual, expected):
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape
+    assert torch.equal(bits(actual), bits(expected)), (actual, expected)
+
+
+def make_weights(n, dtype, g, *, specials=True):
+    w = torch.randn(n, generator=g, dtype=dtype)
+    if specials and n:
+        vals = torch.tensor([math.nan, math.inf, -math.inf, -0.0, 0.0, -1.0, 1e-40], dtype=dtype)
+        k = max(1, n // 8)
+        pos = torch.randint(0, n, (k,), generator=g)
+        w[pos] = vals[torch.randint(0, len(vals), (k,), generator=g)]
+    return w
+
+
+def make_mask(n, dtype, kind, g):
+    if kind == "bool":
+        return torch.rand(n, generator=g) < 0.5
+    # Mostly a 0/1 pruning mask, plus values that exercise IEEE corner cases.
+    # Only the default (positive, quiet) NaN is used, so NaN * NaN has one possible result.
+    vals = torch.tensor([0.0, 1.0, 0.0, 1.0, -0.0, 0.5, -1.0, 3.0, math.nan, math.inf, 1e-10],
+                        dtype=dtype)
+    return vals[torch.randint(0, len(vals), (n,), generator=g)]
+
+
+def make_case(seed, dtype, kind, sizes):
+    g = torch.Generator().manual_seed(seed)
+    tensors = [make_weights(n, dtype, g) for n in sizes]
+    masks = [make_mask(n, dtype, kind, g) for n in sizes]
+    return tensors, masks
+
+
+def check_against_reference(tensors, masks, backend):
+    expected = [t.clone() for t in tensors]
+    kernels.apply_masks_reference(expected, masks)
+    ran = kernels.apply_masks(tensors, masks, backend=backend)
+    for a, e in zip(tensors, expected):
+        assert_bitwise_equal(a, e)
+    return ran
+
+
+# ------------------------------------------------------------------------------ reference
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_reference_matches_formula(dtype):
+    w = torch.tensor([1.5, -1.0, math.nan, math.inf, -0.0, 2.0], dtype=dtype)
+    fm = torch.tensor([0.0, 0.0, 0.0, 0.0, 1.0, -0.0], dtype=dtype)
+    bm = torch.tensor([False, False, True, False, True, False])
+    a, b = w.clone(), w.clone()
+    kernels.apply_masks_reference([a, b], [fm, bm])
+    assert_bitwise_equal(a, w * fm)
+    assert_bitwise_equal(b, torch.where(bm, w, torch.zeros((), dtype=dtype)))
+    # The corner cases the kernel must reproduce.
+    assert math.copysign(1.0, a[1].item()) == -1.0  # -1 * 0 = -0.0
+    assert math.isnan(a[2].item()) and math.isnan(a[3].item())  # NaN * 0, inf * 0
+    assert math.copysign(1.0, a[5].item()) == -1.0  # 2 * -0.0 = -0.0
+    assert bits(b[[0, 1, 3, 5]]).eq(0).all()  # dropped -> +0.0, whatever the weight
+    assert math.isnan(b[2].item()) and math.copysign(1.0, b[4].item()) == -1.0  # kept bits
+
+
+# ------------------------------------------------------------------------------ correctness
+
+
+# sizes 0, 1, odd, and large (>= 65536: the OpenMP path) x 1, 3, 50 tensors; 50 large
+# tensors add nothing the 3-tensor case does not cover, only seconds.
+SIZE_COUNT = [(s, c) for s in [0, 1, 7, 1023, 70001] for c in [1, 3, 50] if (s, c) != (70001, 50)]
+
+
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+@pytest.mark.parametrize("size,count", SIZE_COUNT)
+@pytest.mark.parametrize("kind", ["bool", "float"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_apply_masks_matches_reference(dtype, kind, size, count, backend):
+    seed = zlib.crc32(f"{dtype}-{kind}-{size}-{count}".encode())  # stable across processes
+    tensors, masks = make_case(seed, dtype, kind, [size] * count)
+    ran = check_against_reference(tensors, masks, backend)
+    assert ran == ("torch" if backend == "torch" or not NATIVE else "native")
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+def test_many_small_tensors_cross_parallel_threshold(seed, backend):
+    # Each tensor is far below the threshold, their total is above it: the native kernel
+    # opens one parallel region whose thread ranges start and end inside tensors.
+    g = torch.Generator().manual_seed(seed)
+    sizes = torch.randint(0, 1500, (120,), generator=g).tolist()
+    assert max(sizes) < THRESHOLD < sum(sizes)
+    for dtype, kind in [(torch.float32, "float"), (torch.float64, "bool")]:
+        tensors, masks = make_case(seed, dtype, kind, sizes)
+        check_against_reference(tensors, masks, backend)
+
+
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+def test_mixed_dtypes_and_mask_kinds_in_one_call(backend):
+    g = torch.Generator().manual_seed(7)
+    tensors, masks = [], []
+    for i, (dtype, kind) in enumerate(
+        [(torch.float32, "bool"), (torch.float64, "float"), (torch.float32, "float"),
+         (torch.float64, "bool")] * 6
+    ):
+        n = 5000 + 37 * i
+        w = make_weights(n, dtype, g)
+        tensors.append(w.reshape(-1, 1) if i % 2 else w)
+        masks.append(make_mask(n, dtype, kind, g).reshape(tensors[-1].shape))
+    check_against_reference(tensors, masks, backend)
+
+
+@needs_native
+@pytest.mark.parametrize("num_threads", [1, 2, 3, 7, 64])
+def test_native_thread_splits_are_exact(num_threads):
+    # More threads than cores is fine: it exercises the static split, not the speed.
+    tensors, masks = make_case(11, torch.float32, "float", [1, 70001, 0, 3, 4099, 65536, 17])
+    expected = [t.clone() for t in tensors]
+    kernels.apply_masks_reference(expected, masks)
+    kernels._C.apply_masks([t.numpy() for t in tensors], [m.numpy() for m in masks],
+                           num_threads=num_threads)
+    for a, e in zip(tensors, expected):
+        assert_bitwise_equal(a, e)
+
+
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_ieee_corner_cases_bitwise(dtype, backend):
+    w = torch.tensor([1.0, -1.0, math.nan, math.inf, -math.inf, 0.0, -0.0, 2.0, 1e-40, -3.0],
+                     dtype=dtype)
+    fm = torch.tensor([0.0, 0.0, 0.0, 0.0, 1.0, -0.0, math.nan, -0.0, 1e-10, math.inf],
+                      dtype=dtype)
+    # A NaN with a payload: a kept element must keep its exact bits under a bool mask.
+    odd_nan = torch.tensor([0x7FC00123 if dtype == torch.float32 else 0x7FF8000000000123],
+                           dtype=torch.int32 if dtype == torch.float32 else torch.int64)
+    w_nan = torch.cat([w, odd_nan.view(dtype)])
+    bm = torch.tensor([False, True, True, False, True, False, True, False, True, False, True])
+    a = w.clone()
+    check_against_reference([a], [fm], backend)
+    assert math.copysign(1.0, a[1].item()) == -1.0 and math.isnan(a[2].item())
+    b = w_nan.clone()
+    check_against_reference([b], [bm], backend)
+    assert bits(b[-1:]).item() == odd_nan.item()
+    assert bits(b[~bm]).eq(0).all()
+
+
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+def test_multidim_views_and_shared_masks(backend):
+    g = torch.Generator().manual_seed(3)
+    big = make_weights(2 * 40 * 30, torch.float32, g)
+    halves = [big[: 1200].view(40, 30), big[1200:].view(40, 30)]  # disjoint views, one storage
+    mask = make_mask(1200, torch.float32, "float", g).view(40, 30)
+    expected = big.clone()
+    kernels.apply_masks_reference([expected[:1200].view(40, 30), expected[1200:].view(40, 30)],
+                                  [mask, mask])
+    kernels.apply_masks(halves, [mask, mask], backend=backend)  # one mask shared by both
+    assert_bitwise_equal(big, expected)  # the writes landed in the original storage
+
+
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+def test_mask_is_its_own_tensor(backend):
+    t = make_weights(1000, torch.float64, torch.Generator().manual_seed(5))
+    expected = t.clone()
+    expected.mul_(expected)
+    kernels.apply_masks([t], [t], backend=backend)
+    assert_bitwise_equal(t, expected)
+
+
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+def test_empty_list(backend):
+    ran = kernels.apply_masks([], [], backend=backend)
+    assert ran == ("torch" if backend == "torch" or not NATIVE else "native")
+
+
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+def test_parameters_requiring_grad(backend):
+    g = torch.Generator().manual_seed(9)
+    model = torch.nn.Sequential(torch.nn.Linear(20, 30), torch.nn.ReLU(), torch.nn.Linear(30, 4))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    params = list(model.parameters())
+    masks = [torch.rand(p.shape, generator=g) < 0.5 for p in params]
+    expected = [p.detach().clone() for p in params]
+    kernels.apply_masks_reference(expected, masks)
+    versions = [p._version for p in params]
+    ptrs = [p.data_ptr() for p in params]
+    kernels.apply_masks(model.parameters(), masks, backend=backend)  # outside no_grad
+    for p, e, v, ptr in zip(params, expected, versions, ptrs):
+        assert p.requires_grad and p.grad_fn is None
+        assert p.data_ptr() == ptr and p._version > v  # in place; autograd was told
+        assert_bitwise_equal(p.detach(), e)
+
+
+# ------------------------------------------------------------------------------ property
+
+
+@st.composite
+def mask_problems(draw):
+    count = draw(st.integers(0, 6))
+    items = []
+    for _ in range(count):
+        ndim = draw(st.integers(0, 3))
+        shape = tuple(draw(st.lists(st.integers(0, 50), min_size=ndim, max_size=ndim)))
+        dtype = draw(st.sampled_from([torch.float32, torch.float64]))
+        kind = draw(st.sampled_from(["bool", "float"]))
+        items.append((shape, dtype, kind))
+    return items, draw(st.integers(0, 2**31 - 1))
+
+
+@settings(max_examples=60, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(problem=mask_problems(), backend=st.sampled_from(["auto", "torch"]))
+def test_property_matches_reference(problem, backend):
+    items, seed = problem
+    g = torch.Generator().manual_seed(seed)
+    tensors, masks = [], []
+    for shape, dtype, kind in items:
+        n = math.prod(shape)
+        tensors.append(make_weights(n, dtype, g).reshape(shape))
+        masks.append(make_mask(n, dtype, kind, g).reshape(shape))
+    ran = check_against_reference(tensors, masks, backend)
+    assert ran == ("native" if backend == "auto" and NATIVE else "torch")
+
+
+# ------------------------------------------------------------------------------ input errors
+
+
+def _pair(n=4, dtype=torch.float32):
+    return torch.ones(n, dtype=dtype), torch.ones(n, dtype=torch.bool)
+
+
+def _err_cases():
+    t, m = _pair()
+    return {
+        "length mismatch": ([t, t.clone()], [m], ValueError, r"2 tensors but 1 masks"),
+        "shape mismatch": ([t, torch.ones(3, 2)], [m, torch.ones(2, 3, dtype=torch.bool)],
+                           ValueError, r"masks\[1\] has shape \(2, 3\) but tensors\[1\] has shape \(3, 2\)"),
+        "int tensor": ([torch.ones(4, dtype=torch.int64)], [m], TypeError,
+                       r"tensors\[0\] has dtype torch.int64; allowed: a floating-point dtype"),
+        "mask dtype": ([t, t.clone()], [m, torch.ones(4, dtype=torch.float64)], TypeError,
+                       r"masks\[1\] has dtype torch.float64; allowed: torch.bool or torch.float32"),
+        "int mask": ([t], [torch.ones(4, dtype=torch.uint8)], TypeError, r"masks\[0\] has dtype torch.uint8"),
+        "not a tensor": ([t, np.ones(4, dtype=np.float32)], [m, m], TypeError,
+                         r"tensors\[1\] must be a torch.Tensor, got ndarray"),
+        "bare tensor": (t, [m], TypeError, r"tensors must be a sequence of tensors"),
+    }
+
+
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+@pytest.mark.parametrize("case", list(_err_cases()))
+def test_input_errors(case, backend):
+    tensors, masks, exc, match = _err_cases()[case]
+    before = [t.clone() if isinstance(t, torch.Tensor) else t.copy() for t in tensors] \
+        if isinstance(tensors, list) else None
+    with pytest.raises(exc, match=match):
+        kernels.apply_masks(tensors, masks, backend=backend)
+    if before is not None:  # validation happens before anything is written
+        for t, b in zip(tensors, before):
+            assert (t == b).all()
+    if backend == "torch":
+        with pytest.raises(exc, match=match):
+            kernels.apply_masks_reference(tensors, masks)
+
+
+def test_error_leaves_earlier_tensors_untouched():
+    tensors, masks = make_case(1, torch.float32, "bool", [100, 100, 100])
+    masks[2] = masks[2][:50]
+    before = [t.clone() for t in tensors]
+    for backend in ["auto", "torch"] + (["native"] if NATIVE else []):
+        with pytest.raises(ValueError, match=r"masks\[2\]"):
+            kernels.apply_masks(tensors, masks, backend=backend)
+        for t, b in zip(tensors, before):
+            assert_bitwise_equal(t, b)
+
+
+def test_unknown_backend():
+    t, m = _pair()
+    with pytest.raises(ValueError, match=r"unknown backend 'cuda'; allowed: 'auto', 'native', 'torch'"):
+        kernels.apply_masks([t], [m], backend="cuda")
+
+
+def _noncontiguous():
+    g = torch.Generator().manual_seed(2)
+    t = make_weights(600, torch.float32, g).view(20, 30).t()  # transposed: not contiguous
+    m = make_mask(600, torch.float32, "float", g).view(30, 20)
+    return t, m
+
+
+@needs_native
+def test_native_rejects_noncontiguous_clearly():
+    t, m = _noncontiguous()
+    before = t.clone()
+    with pytest.raises(RuntimeError, match=r"tensors\[0\] is not contiguous"):
+        kernels.apply_masks([t], [m], backend="native")
+    with pytest.raises(RuntimeError, match=r"masks\[1\] is not contiguous"):
+        kernels.apply_masks([t.contiguous(), t.contiguous()], [m.contiguous(), m.t().contiguous().t()],
+                            backend="native")
+    assert_bitwise_equal(t, before)
+
+
+def test_auto_noncontiguous_falls_back_and_is_correct():
+    t, m = _noncontiguous()
+    expected = t.clone()
+    expected.mul_(m)
+    assert kernels.apply_masks([t], [m]) == "torch"
+    assert_bitwise_equal(t, expected)
+
+
+@needs_native
+def test_native_rejects_half_and_auto_falls_back():
+    t = torch.randn(64, dtype=torch.float16)
+    m = torch.rand(64) < 0.5
+    with pytest.raises(RuntimeError,
+                       match=r"tensors\[0\] has dtype torch.float16; the native kernel supports"):
+        kernels.apply_masks([t], [m], backend="native")
+    expected = t.clone()
+    expected.masked_fill_(~m, 0)
+    assert kernels.apply_masks([t], [m]) == "torch"
+    assert torch.equal(t.view(torch.int16), expected.view(torch.int16))
+
+
+@needs_native
+def test_aliased_tensors_fall_back_in_order():
+    # Tied weights passed twice: the reference masks twice, in order; native refuses.
+    t = make_weights(5000, torch.float32, torch.Generator().manual_seed(4), specials=False)
+    m = torch.full((5000,), 0.5)
+    with pytest.raises(RuntimeError, match=r"tensors\[0\] and tensors\[1\] share memory"):
+        kernels.apply_masks([t, t], [m, m], backend="native")
+    other = torch.ones(5000)
+    with pytest.raises(RuntimeError, match=r"masks\[1\] overlaps the memory of tensors\[0\]"):
+        kernels.apply_masks([t, other], [m, t], backend="native")
+    expected = t.clone()
+    expected.mul_(m).mul_(m)
+    assert kernels.apply_masks([t, t], [m, m]) == "torch"
+    assert_bitwise_equal(t, expected)
+
+
+@needs_native
+def test_extension_validates_numpy_inputs():
+    C = kernels._C
+    a = np.ones((4, 5), dtype=np.float32)
+    with pytest.raises(ValueError, match=r"1 tensors but 2 masks"):
+        C.apply_masks([a], [a, a])
+    with pytest.raises(TypeError, match=r"tensors\[0\] has dtype int32; allowed: float32 or float64"):
+        C.apply_masks([np.ones(3, dtype=np.int32)], [np.ones(3, dtype=bool)])
+    with pytest.raises(TypeError, match=r"tensors\[0\] has dtype >f4"):
+        C.apply_masks([np.ones(3, dtype=">f4")], [np.ones(3, dtype=bool)])
+    with pytest.raises(TypeError, match=r"masks\[0\] has dtype float64; allowed: bool or float32"):
+        C.apply_masks([a], [np.ones((4, 5))])
+    with pytest.raises(ValueError,
+                       match=r"masks\[0\] has shape \(5, 4\) but tensors\[0\] has shape \(4, 5\)"):
+        C.apply_masks([a], [np.ones((5, 4), dtype=bool)])
+    with pytest.raises(ValueError, match=r"tensors\[0\] is not C-contiguous"):
+        C.apply_masks([a.T], [np.ones((5, 4), dtype=bool)])
+    ro = np.ones(3, dtype=np.float32)
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match=r"tensors\[0\] is read-only"):
+        C.apply_masks([ro], [np.zeros(3, dtype=bool)])
+    with pytest.raises(TypeError, match=r"tensors\[0\] must be a numpy.ndarray, got list"):
+        C.apply_masks([[1.0]], [np.ones(1, dtype=bool)])
+    # In place on the caller's buffer, no copy.
+    C.apply_masks([a], [np.eye(4, 5, dtype=bool)])
+    assert a.sum() == 4 and a[0, 0] == 1 and a[0, 1] == 0
+
+
+# ------------------------------------------------------------------------------ backends
+
+
+def test_auto_without_extension_warns_exactly_once(monkeypatch):
+    monkeypatch.setattr(kernels, "_C", None)
+    monkeypatch.setattr(kernels, "_IMPORT_ERROR", ImportError("simulated: _C.so missing"))
+    monkeypatch.setattr(kernels, "_warned_missing", False)
+    assert not kernels.native_available()
+    tensors, masks = make_case(8, torch.float32, "float", [100, 200])
+    expected = [t.clone() for t in tensors]
+    kernels.apply_masks_reference(expected, masks)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert kernels.apply_masks(tensors, masks) == "torch"
+        assert kernels.apply_masks([t.clone() for t in tensors], masks) == "torch"
+        assert kernels.apply_masks([t.clone() for t in tensors], masks, backend="torch") == "torch"
+    relevant = [w for w in caught if issubclass(w.category, kernels.NativeKernelWarning)]
+    assert len(relevant) == 1 and len(caught) == 1
+    assert "simulated: _C.so missing" in str(relevant[0].message)
+    for a, e in zip(tensors, expected):
+        assert_bitwise_equal(a, e)
+    with pytest.raises(RuntimeError, match=r"backend='native'.*simulated: _C.so missing"):
+        kernels.apply_masks(tensors, masks, backend="native")
+    info = kernels.backend_info()
+    assert info["native_available"] is False and "simulated" in info["import_error"]
+
+
+@needs_native
+def test_native_backend_is_used_when_available():
+    info = kernels.backend_info()
+    assert info["native_available"] and info["import_error"] is None
+    assert info["build"]["cuda"] is False
+    assert info["build"]["mask_parallel_threshold"] == THRESHOLD
+    assert isinstance(info["openmp"], bool) and info["max_threads"] >= 1
+    t = torch.arange(1, 9, dtype=torch.float32)
+    m = torch.tensor([1, 0] * 4, dtype=torch.bool)
+    ptr = t.data_ptr()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback warning when the extension loaded
+        assert kernels.apply_masks([t], [m]) == "native"
+        assert kernels.apply_masks([t], [m], backend="native") == "native"
+    assert t.data_ptr() == ptr
+    assert t.tolist() == [1, 0, 3, 0, 5, 0, 7, 0]
