@@ -66,7 +66,8 @@ class Prune(Defense):
         sparsity: fraction of prunable weights removed, in [0, 1).
         scope: ``global`` (one magnitude threshold per model across all layers) or ``layer``
             (each layer pruned to ``sparsity``).
-        finetune_epochs: epochs of mask-preserving fine-tuning (0 = none).
+        finetune_epochs: epochs of mask-preserving fine-tuning (0 = none; the default 10 retrains
+            as Han et al. do, so the pruned model keeps its accuracy).
         finetune_lr: learning rate for fine-tuning (default: the recipe's).
         include_bias: also prune biases and other 1-D parameters (default: weight matrices only).
     """
@@ -82,7 +83,7 @@ class Prune(Defense):
         self,
         sparsity: float = 0.8,
         scope: Literal["global", "layer"] = "global",
-        finetune_epochs: int = 0,
+        finetune_epochs: int = 10,
         finetune_lr: Optional[float] = None,
         include_bias: bool = False,
     ):
