@@ -58,7 +58,7 @@ def test_prune_reaches_target_and_keeps_mask(scope, finetune):
 def test_finetuning_changes_surviving_weights_only():
     pop = _pop()
     ctx = DefenseContext(pop)
-    Prune(sparsity=0.5).apply(ctx)
+    Prune(sparsity=0.5, finetune_epochs=0).apply(ctx)
     before = pop.params["0.weight"].clone()
     Prune(sparsity=0.5, finetune_epochs=2).apply(DefenseContext(pop))
     after = pop.params["0.weight"]
@@ -69,6 +69,6 @@ def test_finetuning_changes_surviving_weights_only():
 def test_sparsity_zero_is_identity():
     pop = _pop()
     before = {k: v.clone() for k, v in pop.params.items()}
-    Prune(sparsity=0.0).apply(DefenseContext(pop))
+    Prune(sparsity=0.0, finetune_epochs=0).apply(DefenseContext(pop))
     for k in before:
         assert torch.equal(before[k], pop.params[k])
