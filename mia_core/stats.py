@@ -37,6 +37,10 @@ class GaussianFit:
     n_in: np.ndarray
     n_out: np.ndarray
 
+    def take(self, idx) -> "GaussianFit":
+        """The fits of records ``idx`` only."""
+        return GaussianFit(*(a[idx] for a in (self.mu_in, self.std_in, self.mu_out, self.std_out, self.n_in, self.n_out)))
+
 
 def gaussian_logpdf(x, *, mu, std) -> np.ndarray:
     """log N(x; mu, std^2), elementwise."""

@@ -37,6 +37,8 @@ class LiRA(Attack):
     No query augmentations: tabular records have no natural augmentation.
     """
 
+    api_version = "1.0"
+
     access = ("logits",)
     min_reference_models = 3
     reference = (
@@ -72,8 +74,9 @@ class LiRA(Attack):
     def score(self, target: int, records: np.ndarray) -> np.ndarray:
         view = self.ctx_.for_target(target)
         records = np.asarray(records, dtype=np.int64)
-        ref = view.ref_signal("confidence")[:, records]
-        ref_in = view.ref_keep[:, records]
-        fit = fit_gaussians(ref_scores=ref, ref_in=ref_in, variance=self.variance_)
+        # Fit on every record, then select: the global variance is a property of the reference
+        # population, so a record's score must not depend on which others are scored with it.
+        fit = fit_gaussians(ref_scores=view.ref_signal("confidence"), ref_in=view.ref_keep,
+                            variance=self.variance_).take(records)
         obs = view.target_signal("confidence")[records]
         return lira_online(obs=obs, fit=fit) if self.online else lira_offline(obs=obs, fit=fit)

@@ -1,0 +1,318 @@
+"""Conformance kit for plugin authors: ``check_attack``, ``check_defense``, ``check_estimator``.
+
+Run these in your plugin's test suite (miafw runs them over every registered plugin too)::
+
+    from mia_core.testing import check_attack
+
+    def test_my_attack_conforms():
+        check_attack(MyAttack)                       # default parameters
+        check_attack(MyAttack, params={"k": 3})      # and any others worth covering
+
+Each check raises :class:`ConformanceError` (an ``AssertionError``, so pytest shows it as a
+failure) naming the plugin and the broken rule, and returns a small report dict on success.
+
+What is checked:
+
+* **contract** — the right base class, a compatible plugin API version, a valid ``access``
+  declaration (attacks, estimators) or ``stage`` (defenses);
+* **parameters** — scikit-learn's rules: every ``__init__`` argument is keyword-able with a
+  default, is stored unchanged under its own name, ``get_params()`` round-trips through the
+  constructor, ``__init__`` sets no learned (``_``-suffixed) state, the defaults pass
+  ``validate()``;
+* **behaviour on a planted population** — 8 small MLPs trained on random labels, so members are
+  memorised and non-members are not: any sound attack must score members higher
+  (pooled AUC > 0.6); scores are finite, one per record, and a record's score does not depend
+  on which other records are scored with it;
+* **determinism** — a fresh instance with the same parameters gives identical output;
+* **access** — with a context that grants nothing, the plugin must hit an
+  :class:`~mia_core.population.AccessError` (it reads signals only through the context, so its
+  declared threat model is the real one).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import math
+from typing import Any, Dict, Mapping, Optional
+
+import numpy as np
+
+from mia_core.base import ACCESS_LEVELS, Attack, Defense, Estimator, Plugin, check_api_version
+from mia_core.population import AccessError, AttackContext, DefenseContext, EstimatorContext, ModelPopulation
+
+#: Pooled AUC an attack must reach on the planted population (members memorised random labels;
+#: the loss attack reaches about 0.9).
+MIN_PLANTED_AUC = 0.6
+PLANTED_TARGETS = (0, 1)
+
+
+class ConformanceError(AssertionError):
+    """A plugin breaks a rule of its contract."""
+
+
+def _fail(cls, rule: str) -> None:
+    raise ConformanceError(f"{getattr(cls, '__qualname__', cls)}: {rule}")
+
+
+@functools.lru_cache(maxsize=2)
+def _planted(seed: int) -> ModelPopulation:
+    import torch
+
+    from mia_core.data import Records
+    from mia_core.training import TrainingRecipe
+
+    rng = np.random.default_rng(seed)
+    n, d, c = 240, 10, 4
+    records = Records.from_arrays(rng.normal(size=(n, d)), rng.integers(0, c, size=n), name="planted")
+
+    def build():
+        return torch.nn.Sequential(torch.nn.Linear(d, 64), torch.nn.ReLU(), torch.nn.Linear(64, c))
+
+    recipe = TrainingRecipe(epochs=40, lr=5e-3, batch_size=32)
+    return ModelPopulation.train(records, build, recipe, n_models=8, seed=seed)
+
+
+def planted_population(seed: int = 0) -> ModelPopulation:
+    """A fresh copy of the planted population: 8 MLPs (10-64-4) trained for 40 epochs on random
+    halves of 240 records with random labels, so membership is all they learn (train accuracy
+    about 0.93, test accuracy about chance, 0.25). Built once per process and seed (~1 s)."""
+    return _planted(seed).clone()
+
+
+# ----------------------------------------------------------------------------- parameters
+def check_params(cls, params: Optional[Mapping[str, Any]] = None) -> Plugin:
+    """scikit-learn's parameter rules; returns an instance built with ``params``."""
+    params = dict(params or {})
+    if not (isinstance(cls, type) and issubclass(cls, Plugin)):
+        _fail(cls, "is not a subclass of mia_core.base.Plugin")
+    sig = inspect.signature(cls.__init__)
+    for name, p in sig.parameters.items():
+        if name == "self":
+            continue
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            _fail(cls, f"__init__ takes *{name}; parameters must be explicit keyword arguments")
+        if p.kind is p.POSITIONAL_ONLY:
+            _fail(cls, f"__init__ parameter {name!r} is positional-only")
+        if p.default is inspect.Parameter.empty:
+            _fail(cls, f"__init__ parameter {name!r} has no default (every parameter needs one)")
+    unknown = set(params) - set(cls.param_signature())
+    if unknown:
+        _fail(cls, f"check params {sorted(unknown)} are not __init__ parameters")
+    try:
+        obj = cls(**params)
+    except Exception as exc:
+        _fail(cls, f"__init__(**{params}) raised {type(exc).__name__}: {exc}")
+    expected = {n: p.default for n, p in cls.param_signature().items()}
+    expected.update(params)
+    for name, value in expected.items():
+        if not hasattr(obj, name):
+            _fail(cls, f"__init__ does not store parameter {name!r} as self.{name}")
+        got = getattr(obj, name)
+        if got is not value and not _same(got, value):
+            _fail(cls, f"__init__ changed parameter {name!r}: passed {value!r}, stored {got!r} "
+                       "(validate in validate()/fit, store unchanged)")
+    learned = [k for k in vars(obj) if k.endswith("_") and not k.startswith("_")]
+    if learned:
+        _fail(cls, f"__init__ sets learned attributes {learned}; set them in fit")
+    if obj.get_params() != expected:
+        _fail(cls, f"get_params() returned {obj.get_params()!r}, expected {expected!r}")
+    try:
+        clone = cls(**obj.get_params())
+    except Exception as exc:
+        _fail(cls, f"cannot be rebuilt from get_params(): {type(exc).__name__}: {exc}")
+    if clone.get_params() != obj.get_params():
+        _fail(cls, "get_params() does not round-trip through the constructor")
+    try:
+        obj.validate()
+    except Exception as exc:
+        _fail(cls, f"validate() rejects {'the defaults' if not params else params}: {type(exc).__name__}: {exc}")
+    reason = check_api_version(getattr(cls, "api_version", None))
+    if reason:
+        _fail(cls, reason)
+    return obj
+
+
+def _same(a, b) -> bool:
+    try:
+        return bool(a == b)
+    except Exception:
+        return False
+
+
+def _check_access_decl(cls) -> None:
+    access = getattr(cls, "access", None)
+    if not isinstance(access, tuple) or not access:
+        _fail(cls, f"access must be a non-empty tuple drawn from {ACCESS_LEVELS}, got {access!r}")
+    bad = [a for a in access if a not in ACCESS_LEVELS]
+    if bad:
+        _fail(cls, f"access declares unknown levels {bad}; allowed: {ACCESS_LEVELS}")
+
+
+# ----------------------------------------------------------------------------- attacks
+def _score_all(cls, params, pop: ModelPopulation, access) -> np.ndarray:
+    obj = cls(**params)
+    ctx = AttackContext(pop, access, owner=f"attack {cls.__qualname__}")
+    ret = obj.fit(ctx)
+    if ret is not obj:
+        _fail(cls, f"fit() must return self, returned {type(ret).__name__}")
+    rows = []
+    records = np.arange(pop.n_records, dtype=np.int64)
+    for t in PLANTED_TARGETS:
+        s = np.asarray(obj.score(t, records))
+        if s.shape != (pop.n_records,):
+            _fail(cls, f"score() returned shape {s.shape}, expected ({pop.n_records},)")
+        if not np.issubdtype(s.dtype, np.number) or np.issubdtype(s.dtype, np.complexfloating):
+            _fail(cls, f"score() returned dtype {s.dtype}; scores must be real numbers")
+        if not np.isfinite(s).all():
+            _fail(cls, f"score() returned {int((~np.isfinite(s)).sum())} NaN/inf values")
+        rows.append(s.astype(np.float64))
+    # a record's score must not depend on which other records are scored with it
+    sub = records[::-1][::3].copy()
+    part = np.asarray(obj.score(PLANTED_TARGETS[0], sub), dtype=np.float64)
+    if part.shape != sub.shape or not np.allclose(part, rows[0][sub], rtol=1e-9, atol=1e-12):
+        _fail(cls, "score(t, subset) differs from score(t, all records)[subset]; a record's score must "
+                   "not depend on the other records in the call")
+    return np.stack(rows)
+
+
+def check_attack(cls, *, params: Optional[Mapping[str, Any]] = None, seed: int = 0) -> Dict[str, Any]:
+    """Check an :class:`~mia_core.base.Attack` subclass; returns ``{"auc": ..., ...}``."""
+    from mia_core import metrics
+
+    if not (isinstance(cls, type) and issubclass(cls, Attack)):
+        _fail(cls, "is not a subclass of mia_core.base.Attack")
+    params = dict(params or {})
+    check_params(cls, params)
+    _check_access_decl(cls)
+    need = getattr(cls, "min_reference_models", 0)
+    if not isinstance(need, int) or need < 0:
+        _fail(cls, f"min_reference_models must be an integer >= 0, got {need!r}")
+    pop = planted_population(seed)
+    if need > pop.n_models - 1:
+        _fail(cls, f"needs {need} reference models; the planted population has {pop.n_models - 1}")
+    scores = _score_all(cls, params, pop, cls.access)
+    membership = pop.keep[list(PLANTED_TARGETS)]
+    auc = metrics.auc(scores.ravel(), membership.ravel())
+    if auc < MIN_PLANTED_AUC:
+        hint = " — the scores look inverted (higher must mean member)" if auc < 1 - MIN_PLANTED_AUC else ""
+        _fail(cls, f"pooled AUC {auc:.3f} on the planted population, where members are memorised; "
+                   f"expected > {MIN_PLANTED_AUC}{hint}")
+    again = _score_all(cls, params, planted_population(seed), cls.access)
+    if not np.array_equal(scores, again):
+        _fail(cls, "two fits with the same parameters and population gave different scores (seed any "
+                   "randomness from the context's seed or a random_state parameter)")
+    try:
+        _score_all(cls, params, planted_population(seed), ())
+    except AccessError:
+        pass
+    except ConformanceError:
+        raise
+    except Exception as exc:
+        _fail(cls, f"with no access granted it raised {type(exc).__name__}: {exc} instead of AccessError")
+    else:
+        _fail(cls, "scored records with no access granted; read signals through the context "
+                   "(ctx.for_target(t).target_signal / ref_signal) so the declared access is enforced")
+    return {"auc": auc, "params": cls(**params).get_params()}
+
+
+# ----------------------------------------------------------------------------- defenses
+def _apply(cls, params, pop: ModelPopulation) -> Dict[str, Any]:
+    obj = cls(**params)
+    before = {k: (tuple(v.shape), v.dtype) for k, v in pop.params.items()}
+    keep = pop.keep.copy()
+    report = obj.apply(DefenseContext(pop))
+    if not isinstance(report, dict):
+        _fail(cls, f"apply() must return a dict report, returned {type(report).__name__}")
+    try:
+        json.dumps(report, allow_nan=False, default=_np_default)
+    except (TypeError, ValueError) as exc:
+        _fail(cls, f"apply() report is not JSON-serialisable: {exc}")
+    after = {k: (tuple(v.shape), v.dtype) for k, v in pop.params.items()}
+    if after != before:
+        _fail(cls, f"apply() changed parameter names, shapes or dtypes: {before} -> {after}")
+    for k, v in pop.params.items():
+        if not bool(v.isfinite().all()):
+            _fail(cls, f"apply() left non-finite values in {k!r}")
+    if not np.array_equal(pop.keep, keep):
+        _fail(cls, "apply() changed the keep matrix")
+    return report
+
+
+def _np_default(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    raise TypeError(f"{type(o).__name__} is not JSON-serialisable")
+
+
+def check_defense(cls, *, params: Optional[Mapping[str, Any]] = None, seed: int = 0) -> Dict[str, Any]:
+    """Check a :class:`~mia_core.base.Defense` subclass; returns its report on the planted population."""
+    import torch
+
+    if not (isinstance(cls, type) and issubclass(cls, Defense)):
+        _fail(cls, "is not a subclass of mia_core.base.Defense")
+    params = dict(params or {})
+    check_params(cls, params)
+    if getattr(cls, "stage", None) != "post":
+        _fail(cls, f"stage must be 'post' (the stage this miafw runs), got {getattr(cls, 'stage', None)!r}")
+    a, b = planted_population(seed), planted_population(seed)
+    rep_a, rep_b = _apply(cls, params, a), _apply(cls, params, b)
+    same = all(torch.equal(a.params[k], b.params[k]) for k in a.params)
+    if not same or json.dumps(rep_a, sort_keys=True, default=_np_default) != json.dumps(rep_b, sort_keys=True, default=_np_default):
+        _fail(cls, "two applications with the same parameters and seed gave different weights or reports "
+                   "(draw randomness from ctx.rng())")
+    return rep_a
+
+
+# ----------------------------------------------------------------------------- estimators
+def _estimate(cls, params, pop, access) -> Dict[str, Any]:
+    out = cls(**params).estimate(EstimatorContext(pop, access, owner=f"estimator {cls.__qualname__}"))
+    if not isinstance(out, dict) or "value" not in out:
+        _fail(cls, f"estimate() must return a dict with a 'value' key, returned {out!r}")
+    try:
+        json.dumps(out, allow_nan=False, default=_np_default)
+    except (TypeError, ValueError) as exc:
+        _fail(cls, f"estimate() result is not JSON-serialisable (or holds NaN/inf): {exc}")
+    value = out["value"]
+    if not isinstance(value, (int, float, np.number)) or not math.isfinite(float(value)):
+        _fail(cls, f"estimate()['value'] must be a finite number, got {value!r}")
+    bound = out.get("advantage_bound")
+    if bound is not None and not 0.0 <= float(bound) <= 1.0:
+        _fail(cls, f"advantage_bound must be in [0, 1], got {bound!r}")
+    return out
+
+
+def check_estimator(cls, *, params: Optional[Mapping[str, Any]] = None, seed: int = 0) -> Dict[str, Any]:
+    """Check an :class:`~mia_core.base.Estimator` subclass; returns its estimate on the planted population."""
+    if not (isinstance(cls, type) and issubclass(cls, Estimator)):
+        _fail(cls, "is not a subclass of mia_core.base.Estimator")
+    params = dict(params or {})
+    check_params(cls, params)
+    _check_access_decl(cls)
+    first = _estimate(cls, params, planted_population(seed), cls.access)
+    second = _estimate(cls, params, planted_population(seed), cls.access)
+    if json.dumps(first, sort_keys=True, default=_np_default) != json.dumps(second, sort_keys=True, default=_np_default):
+        _fail(cls, "two estimates with the same parameters and population differ")
+    try:
+        _estimate(cls, params, planted_population(seed), ())
+    except AccessError:
+        pass
+    except ConformanceError:
+        raise
+    except Exception as exc:
+        _fail(cls, f"with no access granted it raised {type(exc).__name__}: {exc} instead of AccessError")
+    else:
+        _fail(cls, "estimated with no access granted; read signals through the context")
+    return first
+
+
+__all__ = [
+    "ConformanceError",
+    "MIN_PLANTED_AUC",
+    "check_attack",
+    "check_defense",
+    "check_estimator",
+    "check_params",
+    "planted_population",
+]

@@ -1,0 +1,200 @@
+"""The conformance kit, run over every registered plugin, and shown to catch broken ones."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mia_core import registry
+from mia_core.base import Attack, Defense, Estimator
+from mia_core.testing import ConformanceError, check_attack, check_defense, check_estimator, check_params
+
+# Extra parameter sets worth covering for the built-ins (the defaults always run).
+EXTRA = {
+    ("attacks", "lira"): [{"online": False}, {"variance": "per-example"}],
+    ("defenses", "prune"): [{"scope": "layer", "sparsity": 0.5, "finetune_epochs": 0}],
+}
+
+
+def _cases(kind):
+    out = []
+    for name in registry.names(kind):
+        out.append(pytest.param(name, {}, id=f"{name}-defaults"))
+        for i, params in enumerate(EXTRA.get((kind, name), [])):
+            out.append(pytest.param(name, params, id=f"{name}-{i}"))
+    return out
+
+
+@pytest.mark.parametrize("name,params", _cases("attacks"))
+def test_registered_attacks_conform(name, params):
+    report = check_attack(registry.load("attacks", name), params=params)
+    assert report["auc"] > 0.6
+
+
+@pytest.mark.parametrize("name,params", _cases("defenses"))
+def test_registered_defenses_conform(name, params):
+    check_defense(registry.load("defenses", name), params=params)
+
+
+@pytest.mark.parametrize("name,params", _cases("estimators") or [pytest.param(None, None, marks=pytest.mark.skip(
+    reason="no estimator is registered yet; the kit's estimator check is exercised below"))])
+def test_registered_estimators_conform(name, params):
+    check_estimator(registry.load("estimators", name), params=params)
+
+
+REQUIRED = {("datasets", "file"): {"path": "data.csv"}}  # parameters without a usable default
+
+
+@pytest.mark.parametrize("kind", ["datasets", "models"])
+def test_registered_datasets_and_models_follow_parameter_rules(kind):
+    for name in registry.names(kind):
+        check_params(registry.load(kind, name), REQUIRED.get((kind, name)))
+
+
+# ----------------------------------------------------------------------- the kit catches bad plugins
+class LossScore(Attack):
+    access = ("loss",)
+
+    def __init__(self, scale: float = 1.0):
+        self.scale = scale
+
+    def fit(self, ctx):
+        self.ctx_ = ctx
+        return self
+
+    def score(self, target, records):
+        return -self.scale * self.ctx_.for_target(target).target_signal("loss")[records]
+
+
+class Inverted(LossScore):
+    def score(self, target, records):
+        return -super().score(target, records)
+
+
+class Noisy(LossScore):
+    """Each fit draws an unseeded offset: consistent within a fit, different across fits."""
+
+    def fit(self, ctx):
+        self.offset_ = np.random.normal()
+        return super().fit(ctx)
+
+    def score(self, target, records):
+        return super().score(target, records) + self.offset_
+
+
+class NoDefault(LossScore):
+    def __init__(self, scale):
+        self.scale = scale
+
+
+class Mutates(LossScore):
+    def __init__(self, scale: float = 1.0):
+        self.scale = float(abs(scale)) * 2
+
+
+class LearnsInInit(LossScore):
+    def __init__(self, scale: float = 1.0):
+        self.scale = scale
+        self.table_ = {}
+
+
+class SideChannel(LossScore):
+    """Reads the population behind the context's back, so its declared access means nothing."""
+
+    def score(self, target, records):
+        return -self.ctx_._population.signals().loss[target][records]
+
+
+class BatchDependent(LossScore):
+    def score(self, target, records):
+        s = super().score(target, records)
+        return (s - s.mean()) / s.std()
+
+
+class BadAccess(LossScore):
+    access = ("everything",)
+
+
+class ReturnsNone(LossScore):
+    def fit(self, ctx):
+        self.ctx_ = ctx
+
+
+@pytest.mark.parametrize("cls,match", [
+    (Inverted, "look inverted"),
+    (Noisy, "different scores"),
+    (NoDefault, "has no default"),
+    (Mutates, "changed parameter 'scale'"),
+    (LearnsInInit, "learned attributes"),
+    (SideChannel, "no access granted"),
+    (BatchDependent, "must not depend on the other records"),
+    (BadAccess, "unknown levels"),
+    (ReturnsNone, "fit\\(\\) must return self"),
+])
+def test_kit_rejects_broken_attacks(cls, match):
+    with pytest.raises(ConformanceError, match=match):
+        check_attack(cls)
+
+
+def test_kit_accepts_a_sound_attack_and_reports_auc():
+    assert check_attack(LossScore, params={"scale": 2.0})["auc"] > 0.8
+
+
+class HalveWeights(Defense):
+    def __init__(self, factor: float = 0.5):
+        self.factor = factor
+
+    def apply(self, ctx):
+        for p in ctx.params.values():
+            p.mul_(self.factor)
+        ctx.changed()
+        return {"factor": self.factor}
+
+
+class RandomDefense(HalveWeights):
+    def apply(self, ctx):
+        import torch
+
+        for p in ctx.params.values():
+            p.add_(torch.randn_like(p))  # unseeded: not reproducible
+        return {}
+
+
+class ReshapingDefense(HalveWeights):
+    def apply(self, ctx):
+        k = next(iter(ctx.params))
+        ctx.params[k] = ctx.params[k][:, :1]
+        return {}
+
+
+def test_kit_on_defenses():
+    assert check_defense(HalveWeights) == {"factor": 0.5}
+    with pytest.raises(ConformanceError, match="different weights"):
+        check_defense(RandomDefense)
+    with pytest.raises(ConformanceError, match="changed parameter names, shapes"):
+        check_defense(ReshapingDefense)
+
+
+class MeanLossGap(Estimator):
+    """Toy estimator: the gap between mean non-member and member loss."""
+
+    access = ("loss",)
+
+    def __init__(self):
+        pass
+
+    def estimate(self, ctx):
+        loss, keep = ctx.signal("loss"), ctx.keep
+        return {"value": float(loss[~keep].mean() - loss[keep].mean())}
+
+
+class NaNEstimator(MeanLossGap):
+    def estimate(self, ctx):
+        ctx.signal("loss")
+        return {"value": float("nan")}
+
+
+def test_kit_on_estimators():
+    assert check_estimator(MeanLossGap)["value"] > 0
+    with pytest.raises(ConformanceError, match="NaN"):
+        check_estimator(NaNEstimator)
