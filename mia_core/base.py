@@ -48,13 +48,14 @@ class Plugin:
     Class attributes a plugin should set:
 
     ``api_version``
-        The miafw plugin API it was written against (``"MAJOR.MINOR"``); the major number must
-        equal :data:`mia_core.API_VERSION`'s.
+        The miafw plugin API it was written against (``"MAJOR.MINOR"``). It is compatible when
+        the major number equals :data:`mia_core.API_VERSION`'s and the minor number is not
+        newer; ``None`` (undeclared) is accepted but shown as such by ``miafw list -v``.
     ``reference``
         The paper (authors, year, title, venue) the plugin implements, shown by ``miafw info``.
     """
 
-    api_version: ClassVar[str] = API_VERSION
+    api_version: ClassVar[Optional[str]] = None
     reference: ClassVar[str] = ""
 
     @classmethod
@@ -210,19 +211,26 @@ class PluginSpec:
 
 
 def check_api_version(declared: Optional[str]) -> Optional[str]:
-    """Return ``None`` when a plugin's declared API version is compatible, else the reason."""
-    if not declared:
+    """``None`` when a plugin targeting API ``declared`` can run on this miafw, else the reason.
+
+    Compatible: same major version and a minor version no newer than ours (a plugin written
+    for 1.0 runs on 1.3; one written for 1.3 may use what 1.0 lacks; 2.x is a different API).
+    An undeclared version (``None``) is accepted.
+    """
+    if declared is None:
         return None
     try:
-        major = int(str(declared).split(".")[0])
+        major, minor = (int(p) for p in str(declared).split("."))
     except ValueError:
         return f"declares api_version={declared!r}, which is not of the form MAJOR.MINOR"
-    ours = int(API_VERSION.split(".")[0])
-    if major != ours:
+    our_major, our_minor = (int(p) for p in API_VERSION.split("."))
+    if major != our_major:
         return (
             f"targets plugin API {declared}, but this miafw provides API {API_VERSION} "
             f"(major versions must match)"
         )
+    if minor > our_minor:
+        return f"targets plugin API {declared}, newer than this miafw's {API_VERSION}; upgrade miafw"
     return None
 
 

@@ -17,6 +17,8 @@ class LossAttack(Attack):
     it per target from the reference models. The ROC itself needs no reference models.
     """
 
+    api_version = "1.0"
+
     access = ("loss",)
     min_reference_models = 0
     reference = (

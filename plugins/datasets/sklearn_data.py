@@ -18,6 +18,8 @@ class Digits(DatasetSource):
             overfit more and leak more.
     """
 
+    api_version = "1.0"
+
     def __init__(self, n_records: int = 0):
         self.n_records = n_records
 
@@ -39,6 +41,8 @@ class BreastCancer(DatasetSource):
     """Wisconsin diagnostic breast cancer data as shipped with scikit-learn: 569 records,
     30 real features, 2 classes. Features are standardised with the whole dataset's mean and
     standard deviation (public dataset statistics, the same for members and non-members)."""
+
+    api_version = "1.0"
 
     def __init__(self):
         pass

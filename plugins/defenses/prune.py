@@ -72,6 +72,7 @@ class Prune(Defense):
         include_bias: also prune biases and other 1-D parameters (default: weight matrices only).
     """
 
+    api_version = "1.0"
     stage = "post"
     reference = (
         "Y. Wang et al. Against Membership Inference Attack: Pruning is All You Need. IJCAI 2021; "

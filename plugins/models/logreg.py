@@ -14,6 +14,8 @@ class LogReg(ModelFamily):
     regularisation through the recipe's ``--weight-decay``.
     """
 
+    api_version = "1.0"
+
     def __init__(self):
         pass
 

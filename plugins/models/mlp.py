@@ -21,6 +21,8 @@ class MLP(ModelFamily):
         activation: ``relu``, ``tanh`` or ``gelu``.
     """
 
+    api_version = "1.0"
+
     def __init__(self, width: int = 256, depth: int = 1, activation: Literal["relu", "tanh", "gelu"] = "relu"):
         self.width = width
         self.depth = depth
