@@ -3,6 +3,7 @@
 ``miafw eval``   train a population, apply defenses, run attacks, write a run directory.
 ``miafw list``   every registered plugin, with broken and incompatible ones flagged.
 ``miafw info``   one plugin's parameters, defaults, threat model and reference.
+``miafw runs``   the runs recorded in an output directory's index.
 
 Usage errors (unknown names, malformed ``key=value``, out-of-range values, unusable data) print
 one line, ``Error: ...``, and exit with status 2; a plugin that fails while running exits with
@@ -138,10 +139,10 @@ def eval_cmd(attacks, defenses, dataset, model, n_models, seed, targets, epochs,
     import dataclasses
 
     from mia_core.cache import PopulationCache, default_cache_dir
-    from mia_core.data import DataError
-    from mia_core.experiment import EvalConfig, PluginRuntimeError, resolve, run_eval
-    from mia_core.params import ParamError
+    from mia_core.experiment import (USAGE_ERRORS, EvalConfig, PluginRuntimeError, config_document,
+                                     parse_targets, resolve, run_eval)
     from mia_core.results import RunDir, format_summary, write_run
+    from mia_core.runindex import RunIndex
     from mia_core.training import TrainingRecipe
 
     overrides = {k: v for k, v in dict(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
@@ -149,35 +150,65 @@ def eval_cmd(attacks, defenses, dataset, model, n_models, seed, targets, epochs,
     recipe = dataclasses.replace(TrainingRecipe(), **overrides)
     config = EvalConfig(attacks=tuple(attacks) or ("lira",), defenses=tuple(defenses), dataset=dataset,
                         model=model, n_models=n_models, seed=seed, targets=targets, recipe=recipe)
-    usage_errors = (ParamError, registry.PluginError, DataError)
     try:
         resolved = resolve(config)
-        from mia_core.experiment import parse_targets
-
-        parse_targets(targets, n_models)
-    except usage_errors as exc:
+        config_doc = config_document(config, resolved, parse_targets(targets, n_models))
+    except USAGE_ERRORS as exc:
         _fail(str(exc))
     cache = PopulationCache(None if no_cache else (cache_dir or default_cache_dir()))
     reporter = _Reporter(quiet or as_json)
     try:
-        with _terse_warnings():
+        run = RunDir(out, config_doc, index=RunIndex(out), discard_on=USAGE_ERRORS)
+        with _terse_warnings(), run:
             result = run_eval(config, cache=cache, reporter=reporter, resolved=resolved)
-    except usage_errors as exc:
+            write_run(run, result)
+    except USAGE_ERRORS as exc:
         _fail(str(exc))
     except PluginRuntimeError as exc:
         if exc.traceback:
             click.echo(exc.traceback, err=True, nl=False)
-        _fail(str(exc), EXIT_FAILURE)
-    try:
-        with RunDir(out, result.config) as run:
-            write_run(run, result)
-    except OSError as exc:
-        _fail(f"could not write the run directory under {out}: {exc}", EXIT_FAILURE)
+        _fail(f"{exc} (run marked failed: {run.failed})", EXIT_FAILURE)
+    except KeyboardInterrupt:
+        click.echo("", err=True)
+        _fail(f"interrupted (run marked failed: {run.failed})", 130)
+    except (OSError, RuntimeError) as exc:
+        _fail(f"could not write the run under {out}: {exc}", EXIT_FAILURE)
     if as_json:
         click.echo(json.dumps(result.metrics, indent=2, sort_keys=True))
     else:
         click.echo(format_summary(result.metrics))
         click.echo(f"run directory: {run.final}")
+
+
+@main.command("runs")
+@click.option("--out", default="runs", show_default=True, type=click.Path(file_okay=False, path_type=Path),
+              help="The directory whose runs to list.")
+@click.option("-n", "--limit", default=20, show_default=True, type=click.IntRange(min=1), help="Newest runs shown.")
+@click.option("--json", "as_json", is_flag=True, help="Print the index rows as JSON.")
+def runs_cmd(out, limit, as_json):
+    """List recorded runs (newest first) with their status and headline numbers."""
+    from mia_core.runindex import RunIndex
+
+    try:
+        rows = RunIndex(out).list(limit=limit)
+    except Exception as exc:  # a foreign or damaged index file
+        _fail(f"cannot read the run index in {out}: {exc}")
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        click.echo(f"no runs recorded in {out}")
+        return
+    for r in rows:
+        head = f"{r['id']}  {r['status']:<8}  {r['dataset']}/{r['model']}  defenses: {r['defenses'] or 'none'}"
+        click.echo(head)
+        if r["summary"]:
+            parts = [f"{k} AUC {v['auc']:.3f}" + (f", TPR@0.1% {100 * v['tpr_at_0.001']:.1f}%"
+                                                  if v.get("tpr_at_0.001") is not None else "")
+                     for k, v in r["summary"].items()]
+            click.echo("    " + "; ".join(parts))
+        if r["error"]:
+            click.echo(f"    error: {r['error']}")
 
 
 @main.command("list")

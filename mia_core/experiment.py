@@ -28,7 +28,7 @@ import mia_core
 from mia_core import metrics, registry
 from mia_core.base import PluginSpec
 from mia_core.cache import PopulationCache, cache_key
-from mia_core.data import Records
+from mia_core.data import DataError, Records
 from mia_core.params import ParamError, instantiate, parse_spec, split_spec
 from mia_core.population import AttackContext, DefenseContext, ModelPopulation
 from mia_core.training import TrainingRecipe
@@ -182,10 +182,15 @@ def _check_scores(label: str, scores, n: int) -> np.ndarray:
     return arr
 
 
+#: Errors that mean "the user's input is unusable" (exit status 2), even when a plugin raises them.
+USAGE_ERRORS = (ParamError, registry.PluginError, DataError)
+
+
 def _guarded(label: str, fn: Callable, *args):
+    """Run plugin code; anything but a usage error becomes a PluginRuntimeError naming the plugin."""
     try:
         return fn(*args)
-    except (PluginRuntimeError, KeyboardInterrupt):
+    except (PluginRuntimeError, KeyboardInterrupt) + USAGE_ERRORS:
         raise
     except Exception as exc:
         raise PluginRuntimeError(label, f"{type(exc).__name__}: {exc}", traceback.format_exc()) from exc
@@ -237,6 +242,27 @@ class Reporter:
             yield lambda n=1, **kw: None
 
         return noop()
+
+
+def config_document(config: EvalConfig, res: Resolved, targets: List[int]) -> Dict[str, Any]:
+    """The fully resolved configuration, as written to ``config.json``."""
+    return {
+        "schema_version": 1,
+        "command": "eval",
+        "dataset": res.dataset[0].to_dict(),
+        "model": res.model[0].to_dict(),
+        "attacks": [{"label": label, **spec.to_dict()} for label, spec, _ in res.attacks],
+        "defenses": [spec.to_dict() for _, spec, _ in res.defenses],
+        "recipe": config.recipe.to_dict(),
+        "n_models": config.n_models,
+        "seed": config.seed,
+        "targets": targets,
+        "fprs": list(config.fprs),
+        "confidence": config.confidence,
+        "adaptive": True,
+        "versions": versions(),
+        "argv": list(sys.argv),
+    }
 
 
 def run_eval(config: EvalConfig, *, cache: Optional[PopulationCache] = None, reporter: Optional[Reporter] = None,
@@ -335,23 +361,7 @@ def run_eval(config: EvalConfig, *, cache: Optional[PopulationCache] = None, rep
             "cache_key": key,
         },
     }
-    config_doc = {
-        "schema_version": 1,
-        "command": "eval",
-        "dataset": dspec.to_dict(),
-        "model": mspec.to_dict(),
-        "attacks": [{"label": label, **spec.to_dict()} for label, spec, _ in res.attacks],
-        "defenses": [spec.to_dict() for _, spec, _ in res.defenses],
-        "recipe": config.recipe.to_dict(),
-        "n_models": config.n_models,
-        "seed": config.seed,
-        "targets": targets,
-        "fprs": list(config.fprs),
-        "confidence": config.confidence,
-        "adaptive": True,
-        "versions": versions(),
-        "argv": list(sys.argv),
-    }
+    config_doc = config_document(config, res, targets)
     return EvalResult(config=config_doc, metrics=metrics_doc, scores=scores, membership=membership,
                       targets=targets, record_index=records.index)
 
@@ -371,4 +381,4 @@ def _jsonable(obj):
     return json.loads(json.dumps(obj, default=default))
 
 
-__all__ = ["EvalConfig", "EvalResult", "PluginRuntimeError", "Reporter", "Resolved", "parse_targets", "resolve", "run_eval"]
+__all__ = ["USAGE_ERRORS", "config_document", "EvalConfig", "EvalResult", "PluginRuntimeError", "Reporter", "Resolved", "parse_targets", "resolve", "run_eval"]

@@ -9,8 +9,9 @@ A run directory ``<out>/<YYYYmmdd-HHMMSS>-<hash>/`` holds
 ``roc.png``       log-log ROC curves of every attack.
 
 Files are written into ``<out>/.<name>.partial`` and the directory is renamed into place when
-complete, so a directory without a dot prefix is always whole. A run that fails is renamed to
-``<name>.failed`` with the error in ``FAILED.txt``.
+complete, so a directory without a dot prefix or suffix is always whole. A run that fails is
+renamed to ``<name>.failed`` with the error in ``FAILED.txt``. Every run is also recorded in
+``<out>/index.sqlite`` (:mod:`mia_core.runindex`).
 """
 
 from __future__ import annotations
@@ -22,11 +23,12 @@ import re
 import shutil
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
 from mia_core import metrics
+from mia_core.runindex import RunIndex, summary_of
 
 SCHEMA_VERSION = 1
 
@@ -41,39 +43,64 @@ def scores_key(label: str) -> str:
 
 
 class RunDir:
-    """A run directory being written. Use as a context manager: it is published on success and
-    marked failed on an exception."""
+    """A run directory being written; use as a context manager.
 
-    def __init__(self, out: Path, config_doc: Dict):
+    On entry the staging directory ``<out>/.<name>.partial`` is created, ``config.json`` written
+    and the run recorded as ``running`` in the index. On success the directory is renamed to
+    ``<out>/<name>`` and the run marked ``complete``. On an exception listed in ``discard_on``
+    (the user's input was unusable: nothing ran) the staging directory and the index row are
+    removed; on any other exception, KeyboardInterrupt included, the directory is renamed to
+    ``<out>/<name>.failed`` with the traceback in ``FAILED.txt`` and the run marked ``failed``.
+    """
+
+    def __init__(self, out: Path, config_doc: Dict, *, index: Optional[RunIndex] = None,
+                 discard_on: Tuple[type, ...] = ()):
         self.out = Path(out)
+        self.config_doc = config_doc
+        self.index = index
+        self.discard_on = discard_on
+        self.summary: Optional[Dict] = None
         digest = hashlib.sha256(json.dumps({k: v for k, v in config_doc.items() if k != "argv"},
                                            sort_keys=True, default=str).encode()).hexdigest()[:8]
         stamp = time.strftime("%Y%m%d-%H%M%S")
         name = f"{stamp}-{digest}"
         i = 1
-        while (self.out / name).exists() or (self.out / f".{name}.partial").exists():
+        while any(p.exists() for p in (self.out / name, self.out / f".{name}.partial", self.out / f"{name}.failed")):
             i += 1
             name = f"{stamp}-{digest}-{i}"
         self.name = name
         self.final = self.out / name
         self.staging = self.out / f".{name}.partial"
+        self.failed = self.out / f"{name}.failed"
 
     def __enter__(self) -> "RunDir":
         self.staging.mkdir(parents=True, exist_ok=False)
+        _dump(self.staging / "config.json", self.config_doc)
+        if self.index is not None:
+            self.index.start(self.name, self.staging, self.config_doc)
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         if exc_type is None:
             os.replace(self.staging, self.final)
+            if self.index is not None:
+                self.index.finish(self.name, "complete", self.final, summary=self.summary)
+        elif self.discard_on and issubclass(exc_type, self.discard_on):
+            shutil.rmtree(self.staging, ignore_errors=True)
+            if self.index is not None:
+                self.index.forget(self.name)
         else:
-            failed = self.out / f"{self.name}.failed"
-            try:
-                import traceback
+            import traceback
 
-                (self.staging / "FAILED.txt").write_text("".join(traceback.format_exception(exc_type, exc, tb)))
-                os.replace(self.staging, failed)
+            text = "".join(traceback.format_exception(exc_type, exc, tb))
+            try:
+                (self.staging / "FAILED.txt").write_text(text)
+                os.replace(self.staging, self.failed)
             except OSError:
                 shutil.rmtree(self.staging, ignore_errors=True)
+            if self.index is not None:
+                line = f"{exc_type.__name__}: {exc}".splitlines()[0] if str(exc) else exc_type.__name__
+                self.index.finish(self.name, "failed", self.failed, error=line)
         return False
 
     @property
@@ -82,10 +109,11 @@ class RunDir:
 
 
 def write_run(run: RunDir, result) -> None:
-    """Write config, metrics, scores and the ROC plot of an :class:`~mia_core.experiment.EvalResult`."""
+    """Write metrics, scores and the ROC plot of an :class:`~mia_core.experiment.EvalResult`
+    (``config.json`` was written when the run started)."""
     d = run.path
-    _dump(d / "config.json", result.config)
     _dump(d / "metrics.json", result.metrics)
+    run.summary = summary_of(result.metrics)
     arrays = {scores_key(k): v for k, v in result.scores.items()}
     labels = list(result.scores)
     np.savez_compressed(

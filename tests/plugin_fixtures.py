@@ -78,3 +78,87 @@ def third_party(root: Path) -> Path:
         {"miafw.attacks": {"confidence": "tp_good:Confidence", "broken": "tp_broken:Whatever",
                            "future": "tp_future:Future", "plain": "tp_plain:Plain"}},
     )
+
+
+FAULTY = '''
+import numpy as np
+import torch
+from mia_core.base import Attack, Defense, ModelFamily
+
+
+class _Base(Attack):
+    access = ("loss",)
+    api_version = "1.0"
+
+    def __init__(self):
+        pass
+
+    def fit(self, ctx):
+        self.ctx_ = ctx
+        return self
+
+    def score(self, target, records):
+        return -self.ctx_.for_target(target).target_signal("loss")[records]
+
+
+class FailFit(_Base):
+    def fit(self, ctx):
+        raise RuntimeError("boom in fit")
+
+
+class FailScore(_Base):
+    def score(self, target, records):
+        raise ZeroDivisionError("boom in score")
+
+
+class NaNScore(_Base):
+    def score(self, target, records):
+        out = super().score(target, records)
+        out[3] = np.nan
+        return out
+
+
+class WrongShape(_Base):
+    def score(self, target, records):
+        return np.zeros(len(records) + 1)
+
+
+class Interrupt(_Base):
+    def score(self, target, records):
+        raise KeyboardInterrupt
+
+
+class SneakyAccess(_Base):
+    access = ("label",)
+
+
+class FailDefense(Defense):
+    api_version = "1.0"
+
+    def __init__(self):
+        pass
+
+    def apply(self, ctx):
+        for p in ctx.params.values():
+            p.mul_(0.5)  # half-done work that must never reach a cache or a results directory
+        raise ValueError("boom in apply")
+
+
+class FailModel(ModelFamily):
+    api_version = "1.0"
+
+    def __init__(self):
+        pass
+
+    def build(self, n_features, n_classes):
+        raise MemoryError("boom in build")
+'''
+
+
+def faulty(root: Path) -> Path:
+    attacks = {n: f"tp_faulty:{c}" for n, c in [("fail-fit", "FailFit"), ("fail-score", "FailScore"),
+                                                 ("nan-score", "NaNScore"), ("wrong-shape", "WrongShape"),
+                                                 ("interrupt", "Interrupt"), ("sneaky", "SneakyAccess")]}
+    return make_distribution(root, "miafw-faulty", {"tp_faulty": FAULTY},
+                             {"miafw.attacks": attacks, "miafw.defenses": {"fail-defense": "tp_faulty:FailDefense"},
+                              "miafw.models": {"fail-model": "tp_faulty:FailModel"}})

@@ -25,7 +25,7 @@ def _eval(tmp_path, *args, out="runs"):
 
 
 def _run_dir(tmp_path, out="runs"):
-    dirs = [d for d in (tmp_path / out).iterdir() if not d.name.startswith(".")]
+    dirs = [d for d in (tmp_path / out).iterdir() if d.is_dir() and not d.name.startswith(".")]
     assert len(dirs) == 1, dirs
     return dirs[0]
 

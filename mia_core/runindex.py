@@ -1,0 +1,126 @@
+"""The run index: ``<out>/index.sqlite``, one row per run, behind ``miafw runs``.
+
+A run is recorded as ``running`` when its directory is created and moved to ``complete`` or
+``failed`` when it ends, in one transaction each, so the index never names a half-written run as
+complete. Rows of runs rejected as usage errors (before any result exists) are removed.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+SCHEMA_VERSION = 1
+STATUSES = ("running", "complete", "failed")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    id        TEXT PRIMARY KEY,
+    status    TEXT NOT NULL CHECK (status IN ('running', 'complete', 'failed')),
+    created   TEXT NOT NULL,
+    finished  TEXT,
+    path      TEXT NOT NULL,
+    dataset   TEXT,
+    model     TEXT,
+    attacks   TEXT,
+    defenses  TEXT,
+    n_models  INTEGER,
+    seed      INTEGER,
+    summary   TEXT,
+    error     TEXT
+)
+"""
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S")
+
+
+class RunIndex:
+    """SQLite index of the runs under one output directory."""
+
+    def __init__(self, out: Path):
+        self.path = Path(out) / "index.sqlite"
+
+    def _connect(self) -> sqlite3.Connection:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        con = sqlite3.connect(self.path, timeout=30)
+        version = con.execute("PRAGMA user_version").fetchone()[0]
+        if version not in (0, SCHEMA_VERSION):
+            con.close()
+            raise RuntimeError(f"{self.path} has index schema {version}; this miafw reads schema {SCHEMA_VERSION}")
+        con.execute(_SCHEMA)
+        con.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        return con
+
+    def start(self, run_id: str, path: Path, config: Dict[str, Any]) -> None:
+        con = self._connect()
+        try:
+            with con:
+                con.execute(
+                    "INSERT INTO runs (id, status, created, path, dataset, model, attacks, defenses, n_models, seed) "
+                    "VALUES (?, 'running', ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        run_id, _now(), str(path),
+                        config["dataset"]["name"], config["model"]["name"],
+                        ",".join(a["label"] for a in config.get("attacks", [])),
+                        ",".join(d["name"] for d in config.get("defenses", [])),
+                        config.get("n_models"), config.get("seed"),
+                    ),
+                )
+        finally:
+            con.close()
+
+    def finish(self, run_id: str, status: str, path: Path, *, summary: Optional[Dict] = None,
+               error: Optional[str] = None) -> None:
+        if status not in STATUSES[1:]:
+            raise ValueError(f"status must be 'complete' or 'failed', got {status!r}")
+        con = self._connect()
+        try:
+            with con:
+                con.execute(
+                    "UPDATE runs SET status = ?, finished = ?, path = ?, summary = ?, error = ? WHERE id = ?",
+                    (status, _now(), str(path), json.dumps(summary) if summary is not None else None, error, run_id),
+                )
+        finally:
+            con.close()
+
+    def forget(self, run_id: str) -> None:
+        con = self._connect()
+        try:
+            with con:
+                con.execute("DELETE FROM runs WHERE id = ?", (run_id,))
+        finally:
+            con.close()
+
+    def list(self, *, limit: Optional[int] = None) -> List[Dict[str, Any]]:
+        """Runs, newest first."""
+        if not self.path.is_file():
+            return []
+        con = self._connect()
+        try:
+            con.row_factory = sqlite3.Row
+            q = "SELECT * FROM runs ORDER BY rowid DESC"
+            rows = con.execute(q + (f" LIMIT {int(limit)}" if limit else "")).fetchall()
+        finally:
+            con.close()
+        out = []
+        for r in rows:
+            d = dict(r)
+            d["summary"] = json.loads(d["summary"]) if d["summary"] else None
+            out.append(d)
+        return out
+
+
+def summary_of(metrics_doc: Dict[str, Any]) -> Dict[str, Any]:
+    """The few numbers the index keeps per run: AUC and TPR at 0.1% FPR per attack."""
+    return {
+        label: {"auc": m["auc"], "tpr_at_0.001": m["tpr_at_fpr"].get("0.001", {}).get("tpr")}
+        for label, m in metrics_doc.get("attacks", {}).items()
+    }
+
+
+__all__ = ["RunIndex", "SCHEMA_VERSION", "summary_of"]
