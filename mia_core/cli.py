@@ -229,7 +229,7 @@ def list_cmd(kind, verbose):
             click.echo(f"  {info.name:<16} {status}{first if info.status == 'ok' else info.error}")
             if verbose:
                 click.echo(f"  {'':<16} from {info.distribution or '?'} {info.version or ''}; "
-                           f"api {info.api_version or '?'}; entry point {info.target}")
+                           f"api {info.api_version or 'undeclared'}; entry point {info.target}")
             problems += info.status != "ok"
     if problems:
         click.echo(f"{problems} plugin(s) could not be used; `miafw info NAME` shows why.", err=True)
