@@ -150,6 +150,19 @@ def _check_access_decl(cls) -> None:
         _fail(cls, f"access declares unknown levels {bad}; allowed: {ACCESS_LEVELS}")
 
 
+def _expect_access_error(cls, run, unenforced: str) -> None:
+    """``run()`` happens with no access granted: it must stop at an AccessError."""
+    try:
+        run()
+    except AccessError:
+        return
+    except ConformanceError:
+        raise
+    except Exception as exc:
+        _fail(cls, f"with no access granted it raised {type(exc).__name__}: {exc} instead of AccessError")
+    _fail(cls, unenforced)
+
+
 # ----------------------------------------------------------------------------- attacks
 def _score_all(cls, params, pop: ModelPopulation, access) -> np.ndarray:
     obj = cls(**params)
@@ -203,17 +216,9 @@ def check_attack(cls, *, params: Optional[Mapping[str, Any]] = None, seed: int =
     if not np.array_equal(scores, again):
         _fail(cls, "two fits with the same parameters and population gave different scores (seed any "
                    "randomness from the context's seed or a random_state parameter)")
-    try:
-        _score_all(cls, params, planted_population(seed), ())
-    except AccessError:
-        pass
-    except ConformanceError:
-        raise
-    except Exception as exc:
-        _fail(cls, f"with no access granted it raised {type(exc).__name__}: {exc} instead of AccessError")
-    else:
-        _fail(cls, "scored records with no access granted; read signals through the context "
-                   "(ctx.for_target(t).target_signal / ref_signal) so the declared access is enforced")
+    _expect_access_error(cls, lambda: _score_all(cls, params, planted_population(seed), ()),
+                         "scored records with no access granted; read signals through the context "
+                         "(ctx.for_target(t).target_signal / ref_signal) so the declared access is enforced")
     return {"auc": auc, "params": cls(**params).get_params()}
 
 
@@ -294,16 +299,8 @@ def check_estimator(cls, *, params: Optional[Mapping[str, Any]] = None, seed: in
     second = _estimate(cls, params, planted_population(seed), cls.access)
     if json.dumps(first, sort_keys=True, default=_np_default) != json.dumps(second, sort_keys=True, default=_np_default):
         _fail(cls, "two estimates with the same parameters and population differ")
-    try:
-        _estimate(cls, params, planted_population(seed), ())
-    except AccessError:
-        pass
-    except ConformanceError:
-        raise
-    except Exception as exc:
-        _fail(cls, f"with no access granted it raised {type(exc).__name__}: {exc} instead of AccessError")
-    else:
-        _fail(cls, "estimated with no access granted; read signals through the context")
+    _expect_access_error(cls, lambda: _estimate(cls, params, planted_population(seed), ()),
+                         "estimated with no access granted; read signals through the context")
     return first
 
 
