@@ -108,7 +108,8 @@ class Attack(Plugin, abc.ABC):
             ctx: an :class:`~mia_core.population.AttackContext`: ``ctx.labels`` (int ``[N]``),
                 ``ctx.n_models``, and ``ctx.for_target(t)``, whose ``references`` (int ``[R]``),
                 ``ref_keep`` (bool ``[R, N]``: reference model trained on record),
-                ``ref_signal(name)`` (float ``[R, N]``) and ``target_signal(name)`` (float ``[N]``)
+                ``ref_signal(name)`` (float ``[R, N]``, or ``[R, N, C]`` for ``logits``/``probs``)
+                and ``target_signal(name)`` (float ``[N]``, or ``[N, C]``)
                 are everything an attack may use to score against target ``t``. Only the signals
                 allowed by :attr:`access` can be read; the target's membership row never can.
 

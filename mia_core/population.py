@@ -251,11 +251,13 @@ class TargetView:
     _ctx: "AttackContext" = field(repr=False)
 
     def ref_signal(self, name: str) -> np.ndarray:
-        """float ``[R, N]``: the signal of every reference model."""
+        """The signal of every reference model: float ``[R, N]`` (``[R, N, C]`` for ``logits``
+        and ``probs``)."""
         return self._ctx.signal(name)[self.references]
 
     def target_signal(self, name: str) -> np.ndarray:
-        """float ``[N]``: the target model's signal (what the attacker observes by querying it)."""
+        """The target model's signal, what the attacker observes by querying it: float ``[N]``
+        (``[N, C]`` for ``logits`` and ``probs``)."""
         return self._ctx.signal(name)[self.target]
 
 

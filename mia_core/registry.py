@@ -85,10 +85,24 @@ def _entry_points(kind: str):
 
 
 def refresh() -> None:
-    """Forget the in-process entry-point cache (after installing a plugin at run time)."""
-    ExtensionManager.ENTRY_POINT_CACHE.clear()
+    """Forget stevedore's in-process entry-point caches (after installing a plugin at run time).
+
+    stevedore keeps two: one per group on ``ExtensionManager`` and one per ``sys.path`` in its
+    cache module (private; cleared when present). Its on-disk cache is keyed by the ``sys.path``
+    entries and the modification times of their ``entry_points.txt`` files, so a newly installed
+    distribution is seen by a new process without any of this.
+    """
     import importlib
 
+    ExtensionManager.ENTRY_POINT_CACHE.clear()
+    try:
+        from stevedore import _cache
+
+        internal = getattr(getattr(_cache, "_c", None), "_internal", None)
+        if isinstance(internal, dict):
+            internal.clear()
+    except ImportError:  # a stevedore without that module caches nothing more
+        pass
     importlib.invalidate_caches()
 
 

@@ -19,6 +19,7 @@ Which access level reveals which signal (see :data:`mia_core.base.ACCESS_LEVELS`
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Dict, FrozenSet
 
@@ -43,7 +44,7 @@ class Signals:
     loss: np.ndarray  # float64 [M, N]
     correct: np.ndarray  # float64 [M, N]
 
-    @property
+    @functools.cached_property
     def probs(self) -> np.ndarray:
         z = self.logits.astype(np.float64)
         z = z - z.max(axis=-1, keepdims=True)

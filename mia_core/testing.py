@@ -77,7 +77,8 @@ def _planted(seed: int) -> ModelPopulation:
 def planted_population(seed: int = 0) -> ModelPopulation:
     """A fresh copy of the planted population: 8 MLPs (10-64-4) trained for 40 epochs on random
     halves of 240 records with random labels, so membership is all they learn (train accuracy
-    about 0.93, test accuracy about chance, 0.25). Built once per process and seed (~1 s)."""
+    about 0.93, test accuracy about chance, 0.25). Built once per process and seed (1-2 s on
+    an idle 2-core machine)."""
     return _planted(seed).clone()
 
 
