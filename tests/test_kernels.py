@@ -14,7 +14,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mia_core import kernels
+from mia_core import _native, kernels
 
 NATIVE = kernels.native_available()
 needs_native = pytest.mark.skipif(
@@ -156,7 +156,7 @@ def test_native_thread_splits_are_exact(num_threads):
     tensors, masks = make_case(11, torch.float32, "float", [1, 70001, 0, 3, 4099, 65536, 17])
     expected = [t.clone() for t in tensors]
     kernels.apply_masks_reference(expected, masks)
-    kernels._C.apply_masks([t.numpy() for t in tensors], [m.numpy() for m in masks],
+    _native._C.apply_masks([t.numpy() for t in tensors], [m.numpy() for m in masks],
                            num_threads=num_threads)
     for a, e in zip(tensors, expected):
         assert_bitwise_equal(a, e)
@@ -377,7 +377,7 @@ def test_aliased_tensors_fall_back_in_order():
 
 @needs_native
 def test_extension_validates_numpy_inputs():
-    C = kernels._C
+    C = _native._C
     a = np.ones((4, 5), dtype=np.float32)
     with pytest.raises(ValueError, match=r"1 tensors but 2 masks"):
         C.apply_masks([a], [a, a])
@@ -407,9 +407,9 @@ def test_extension_validates_numpy_inputs():
 
 
 def test_auto_without_extension_warns_exactly_once(monkeypatch):
-    monkeypatch.setattr(kernels, "_C", None)
-    monkeypatch.setattr(kernels, "_IMPORT_ERROR", ImportError("simulated: _C.so missing"))
-    monkeypatch.setattr(kernels, "_warned_missing", False)
+    monkeypatch.setattr(_native, "_C", None)
+    monkeypatch.setattr(_native, "_IMPORT_ERROR", ImportError("simulated: _C.so missing"))
+    monkeypatch.setattr(_native, "_warned_missing", False)
     assert not kernels.native_available()
     tensors, masks = make_case(8, torch.float32, "float", [100, 200])
     expected = [t.clone() for t in tensors]

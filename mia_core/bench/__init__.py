@@ -1,0 +1,33 @@
+"""Kernel benchmarks, shared by ``miafw bench`` and ``benchmarks/kernels.py``.
+
+Each op family has a module here exposing
+``run(*, sizes, dtypes, backends, repeat) -> list[Measurement]``; :data:`KERNELS` maps the
+names accepted by ``miafw bench --kernel`` to those modules.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Dict, List, Sequence
+
+from mia_core.bench.common import Measurement, format_table
+
+#: ``miafw bench --kernel`` name -> module under mia_core.bench.
+KERNELS: Dict[str, str] = {
+    "mask": "mia_core.bench.mask",
+}
+
+
+def run(kernels: Sequence[str], *, sizes: Sequence[int], dtypes: Sequence[str], backends: Sequence[str],
+        repeat: int = 21) -> List[Measurement]:
+    """Run the named kernels' benchmarks; unknown names raise ValueError listing the valid ones."""
+    rows: List[Measurement] = []
+    for k in kernels:
+        if k not in KERNELS:
+            raise ValueError(f"unknown kernel {k!r}; valid: {', '.join(KERNELS)}")
+        mod = importlib.import_module(KERNELS[k])
+        rows += mod.run(sizes=list(sizes), dtypes=list(dtypes), backends=list(backends), repeat=repeat)
+    return rows
+
+
+__all__ = ["KERNELS", "Measurement", "format_table", "run"]

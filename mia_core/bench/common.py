@@ -1,0 +1,141 @@
+"""Shared benchmark machinery: robust timing, the stream-copy bandwidth probe, result rows.
+
+Every kernel benchmark compares, in one process: the native kernel, the torch baseline(s) and
+a memory-bandwidth probe (``dst.copy_(src)`` into a preallocated buffer of the same size), and
+reports ratios, never bare times. Outputs are preallocated wherever the kernel offers ``out=``,
+so page faults on fresh buffers are not what is measured.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+
+@dataclass
+class Measurement:
+    """One timed variant of one benchmark case.
+
+    Attributes:
+        kernel: the op family (``mask``, ``kl``, ``fake_quantize``).
+        case: the case within it (e.g. ``univariate``, ``per-channel-affine``).
+        size: elements (or pairs) processed per call.
+        dtype: element dtype, e.g. ``float32``.
+        variant: what ran (``native``, ``torch-reference``, or the baseline's name).
+        seconds: median wall time of one call.
+        baseline: the variant ``ratio`` compares against.
+        ratio: ``baseline seconds / seconds`` (> 1 means faster than the baseline).
+        bytes_moved: minimum bytes read + written by one call, when meaningful.
+        gbps: ``bytes_moved / seconds / 1e9``.
+        bandwidth_fraction: ``gbps`` over the stream-copy GB/s measured in the same process on
+            a buffer of the same byte size.
+        note: anything the reader needs (e.g. "allocates its output").
+    """
+
+    kernel: str
+    case: str
+    size: int
+    dtype: str
+    variant: str
+    seconds: float
+    baseline: str = ""
+    ratio: Optional[float] = None
+    bytes_moved: Optional[int] = None
+    gbps: Optional[float] = None
+    bandwidth_fraction: Optional[float] = None
+    note: str = ""
+    extra: Dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> Dict:
+        return asdict(self)
+
+
+def median_time(fn: Callable[[], object], *, repeat: int = 21, warmup: int = 3, min_batch_s: float = 2e-4) -> float:
+    """Median seconds per call of ``fn``; fast calls are timed in batches so the clock's
+    resolution does not dominate."""
+    for _ in range(warmup):
+        fn()
+    t0 = time.perf_counter()
+    fn()
+    once = time.perf_counter() - t0
+    batch = max(1, int(min_batch_s / max(once, 1e-9)))
+    samples = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        for _ in range(batch):
+            fn()
+        samples.append((time.perf_counter() - t0) / batch)
+    return statistics.median(samples)
+
+
+_COPY_CACHE: Dict[int, float] = {}
+
+
+def stream_copy_gbps(n_bytes: int, *, repeat: int = 21) -> float:
+    """GB/s of ``dst.copy_(src)`` on preallocated float32 buffers of ``n_bytes`` each, counting
+    bytes read + bytes written. Cached per size for the life of the process."""
+    n_bytes = max(int(n_bytes), 4)
+    if n_bytes not in _COPY_CACHE:
+        n = n_bytes // 4
+        src = torch.rand(n)
+        dst = torch.empty_like(src)
+        dst.copy_(src)  # fault the pages in
+        t = median_time(lambda: dst.copy_(src), repeat=repeat)
+        _COPY_CACHE[n_bytes] = 2 * n * 4 / t / 1e9
+    return _COPY_CACHE[n_bytes]
+
+
+def compare(rows: List[Measurement], baseline: str) -> List[Measurement]:
+    """Fill ``baseline`` and ``ratio`` of rows sharing (kernel, case, size, dtype) with ``baseline``."""
+    by_key: Dict[tuple, float] = {}
+    for r in rows:
+        if r.variant == baseline:
+            by_key[(r.kernel, r.case, r.size, r.dtype)] = r.seconds
+    for r in rows:
+        base = by_key.get((r.kernel, r.case, r.size, r.dtype))
+        if base is not None:
+            r.baseline = baseline
+            r.ratio = base / r.seconds
+    return rows
+
+
+def with_bandwidth(row: Measurement, bytes_moved: int, *, probe_bytes: Optional[int] = None) -> Measurement:
+    """Set ``bytes_moved``, ``gbps`` and ``bandwidth_fraction`` (probe on ``probe_bytes``,
+    default: the output's size, half of a read+write pair)."""
+    row.bytes_moved = int(bytes_moved)
+    row.gbps = bytes_moved / row.seconds / 1e9
+    row.bandwidth_fraction = row.gbps / stream_copy_gbps(probe_bytes or bytes_moved // 2)
+    return row
+
+
+def format_table(rows: List[Measurement]) -> str:
+    """A fixed-width table of measurements."""
+    head = ["kernel", "case", "size", "dtype", "variant", "time", "ratio", "GB/s", "of copy"]
+    body = []
+    for r in rows:
+        body.append([
+            r.kernel, r.case, f"{r.size:.0e}" if r.size >= 1e4 else str(r.size), r.dtype, r.variant,
+            _fmt_time(r.seconds),
+            f"{r.ratio:.2f}x vs {r.baseline}" if r.ratio is not None and r.variant != r.baseline else ("baseline" if r.variant == r.baseline else ""),
+            f"{r.gbps:.1f}" if r.gbps is not None else "",
+            f"{100 * r.bandwidth_fraction:.0f}%" if r.bandwidth_fraction is not None else "",
+        ])
+    widths = [max(len(x[i]) for x in [head] + body) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(head, widths)), "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in body]
+    return "\n".join(lines)
+
+
+def _fmt_time(s: float) -> str:
+    if s < 1e-3:
+        return f"{s * 1e6:.1f} us"
+    if s < 1:
+        return f"{s * 1e3:.2f} ms"
+    return f"{s:.2f} s"
+
+
+__all__ = ["Measurement", "compare", "format_table", "median_time", "stream_copy_gbps", "with_bandwidth"]
