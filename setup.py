@@ -71,6 +71,35 @@ def probe_openmp(compiler, compile_args, link_args):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def openmp_symbol_report(path):
+    """One line: the newest GOMP_/OMP_ symbol versions the built library imports.
+
+    torch's bundled libgomp exports up to GOMP_5.0 / OMP_5.0, and only one libgomp is loaded per
+    process, so anything newer would fail to resolve beside torch. Informational: never fails
+    the build (tests/test_threading.py asserts it).
+    """
+    import re
+    import subprocess
+
+    tool = shutil.which("readelf")
+    if tool is None:
+        return "not checked (readelf not found)"
+    try:
+        out = subprocess.run([tool, "--dyn-syms", "-W", path], capture_output=True, text=True,
+                             check=True).stdout
+    except (OSError, subprocess.CalledProcessError) as exc:
+        return f"not checked ({exc})"
+    newest = {}
+    for fam, ver in re.findall(r"@{1,2}((?:GOMP|OMP))_([0-9.]+)", out):
+        key = tuple(int(x) for x in ver.split("."))
+        newest[fam] = max(newest.get(fam, key), key)
+    if not newest:
+        return "none imported"
+    parts = [f"{fam}_{'.'.join(map(str, v))}" for fam, v in sorted(newest.items())]
+    ok = all(v <= (5, 0) for v in newest.values())
+    return f"newest {', '.join(parts)} ({'OK: <= GOMP_5.0/OMP_5.0' if ok else 'WARNING: newer than GOMP_5.0/OMP_5.0, which torch bundles'})"
+
+
 class MiafwBuildExt(build_ext):
     """pybind11's build_ext plus an OpenMP probe; prints the final decision and flags."""
 
@@ -92,6 +121,8 @@ class MiafwBuildExt(build_ext):
                 f"extra_link_args={ext.extra_link_args}")
         log(f"CUDA: {cuda_decision()}")
         super().build_extensions()
+        for ext in self.extensions:
+            log(f"OpenMP symbol versions of {ext.name}: {openmp_symbol_report(self.get_ext_fullpath(ext.name))}")
 
 
 # Relative, sorted paths: the same inputs in the same order on every machine.

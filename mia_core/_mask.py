@@ -1,8 +1,25 @@
-"""Multi-tensor mask application (the prune defense's kernel); public through :mod:`mia_core.kernels`."""
+"""Mask kernels of the prune defense; public through :mod:`mia_core.kernels`.
+
+* :func:`apply_masks` -- one mask per tensor, in place, a whole model in one call;
+* :class:`MaskPlan` -- the same, validated once and re-applied cheaply (after every
+  fine-tuning step);
+* :func:`magnitude_masks` -- keep-masks that remove exactly ``round(sparsity * count)``
+  smallest-magnitude weights, per model for stacked ensembles.
+
+Threading and processes (verified by tests/test_threading.py on the 2-core CI machine): the
+native kernels use OpenMP through the one libgomp already in the process (torch's bundled
+copy, whichever of torch and ``mia_core._C`` is imported first), with
+``torch.get_num_threads()`` threads, so ``torch.set_num_threads(n)`` governs them too. Do not
+``fork`` a process that has run an OpenMP region (any torch op or native kernel that used
+threads): GNU libgomp's thread pool does not survive a fork, and the child can hang in its
+first parallel region. Use the ``spawn`` (or ``forkserver``) multiprocessing context, or
+joblib's default loky backend, which is what miafw's executors do.
+"""
 
 from __future__ import annotations
 
 import bisect
+import numbers
 from typing import Iterable, List, Optional, Sequence, Tuple
 
 import torch
@@ -12,7 +29,14 @@ from mia_core._native import bump_versions as _bump_versions
 from mia_core._native import numpy_view as _numpy_view
 from mia_core._native import warn_missing_once as _warn_missing_once
 
-__all__ = ["apply_masks", "apply_masks_reference"]
+__all__ = [
+    "MaskPlan",
+    "StaleMaskPlanError",
+    "apply_masks",
+    "apply_masks_reference",
+    "magnitude_masks",
+    "magnitude_masks_reference",
+]
 
 _NATIVE_DTYPES = (torch.float32, torch.float64)
 
@@ -84,7 +108,9 @@ def apply_masks(
 
     Cost: the native path pays about 1 us per tensor and per mask to build zero-copy numpy
     views, so for many tiny tensors a Python loop of ``mul_`` can be faster; it wins on large
-    tensors and bool masks (see benchmarks/RESULTS.md).
+    tensors and bool masks. To apply the same masks repeatedly (e.g. after every fine-tuning
+    step) build a :class:`MaskPlan` once: its ``apply()`` beats the loop (see
+    ``mia_core/bench/mask.py``).
 
     Raises:
         ValueError: unknown ``backend``; different numbers of tensors and masks; a shape or
@@ -127,6 +153,327 @@ def apply_masks(
         return "torch"
     _bump_versions(tensors)
     return "native"
+
+
+# --------------------------------------------------------------------------------------
+# Cached plans
+# --------------------------------------------------------------------------------------
+
+
+class StaleMaskPlanError(RuntimeError):
+    """A :class:`MaskPlan`'s tensor no longer uses the storage the plan was built for."""
+
+
+class MaskPlan:
+    """Masks for a fixed list of tensors, validated once and re-applied with one cheap call.
+
+    ``plan = MaskPlan(tensors, masks)`` validates exactly as :func:`apply_masks` (same errors),
+    takes a private contiguous copy of every mask (the plan owns its masks: later changes to
+    the mask tensors do not reach it), and, on the native backend, hands the extension a
+    prepared ``mia_core._C.MaskSet`` holding the zero-copy numpy views and the kernel's
+    segment lists. ``plan.apply()`` then costs one call plus a ``data_ptr()`` check per
+    tensor, so it beats a Python loop of ``w.mul_(m)`` even for many small tensors (see
+    ``mia_core/bench/mask.py``, case ``model-50-tensors``).
+
+    Args:
+        tensors (Sequence[Tensor[...]]): floating-point tensors masked in place at every
+            :meth:`apply` (e.g. ``model.parameters()``). The plan keeps references to them.
+        masks (Sequence[Tensor[...]]): as for :func:`apply_masks`; copied at construction.
+        backend (str): ``"auto"`` (native when :func:`apply_masks` would run natively on these
+            inputs, else torch), ``"native"`` (raises ``RuntimeError`` naming the reason when
+            it cannot) or ``"torch"`` (a plain loop over the reference ops).
+
+    Validity: the plan is tied to the tensors' storage. In-place updates (optimizer steps,
+    ``copy_``, ``load_state_dict``) keep it valid; anything that reallocates a tensor's
+    storage (``p.data = ...``, ``p.set_(...)``, a growing ``resize_``) makes the native plan
+    stale: :meth:`apply` detects the changed ``data_ptr()``, writes nothing and raises
+    :class:`StaleMaskPlanError`; :meth:`rebuild` re-validates against the tensors' current
+    storage (same masks). The plan's views keep the storage they were built on alive, so a
+    stale plan never touches freed memory (it holds that memory until rebuilt or dropped).
+    The torch plan always acts on the tensors' current storage. Shrinking a tensor in place
+    (``resize_`` to fewer elements keeps the storage) is not detected: rebuild after any
+    shape change.
+
+    Attributes:
+        backend (str): ``"native"`` or ``"torch"``, what :meth:`apply` runs.
+        tensors (list[Tensor]): the tensors, in order.
+        masks (list[Tensor]): the plan's private mask copies.
+    """
+
+    def __init__(self, tensors: Iterable[torch.Tensor], masks: Iterable[torch.Tensor], *,
+                 backend: str = "auto"):
+        _native.check_backend(backend)
+        tensors, masks = _as_lists(tensors, masks)
+        _validate_masks(tensors, masks)
+        self.tensors: List[torch.Tensor] = tensors
+        # Private copies; a mask shared by several tensors is copied once.
+        copies = {}
+        self.masks: List[torch.Tensor] = []
+        for m in masks:
+            key = id(m)
+            if key not in copies:
+                copies[key] = m.detach().clone(memory_format=torch.contiguous_format)
+            self.masks.append(copies[key])
+        self._requested = backend
+        self._set = None
+        self.backend = "torch"
+        self._build()
+
+    def _build(self) -> None:
+        self._set = None
+        self.backend = "torch"
+        _C = _native._C
+        if self._requested == "torch":
+            return
+        if _C is None:
+            if self._requested == "native":
+                raise RuntimeError(_native.missing_message())
+            _warn_missing_once()
+            return
+        reason = _native_mask_unsupported(self.tensors, self.masks)
+        if reason is None:
+            try:
+                # Views of detached aliases: their base tensors hold the storage, so the
+                # arrays stay valid even if a user's tensor is later re-pointed (the owner
+                # check then reports the plan stale instead of writing freed memory).
+                self._set = _C.MaskSet(
+                    [t.detach().numpy() for t in self.tensors],
+                    [m.detach().numpy() for m in self.masks],
+                    self.tensors,
+                )
+            except (TypeError, ValueError) as exc:  # pragma: no cover - Python checks agree
+                reason = f"the extension refused the inputs: {exc}"
+        if self._set is None:
+            if self._requested == "native":
+                raise RuntimeError(f"backend='native' cannot run: {reason}; use backend='auto' or 'torch'")
+            return
+        self.backend = "native"
+
+    def rebuild(self) -> "MaskPlan":
+        """Re-validate against the tensors' current storage (after a reallocation); returns self.
+
+        Raises the errors of the constructor if the tensors no longer match their masks.
+        """
+        _validate_masks(self.tensors, self.masks)
+        self._build()
+        return self
+
+    def stale_index(self) -> Optional[int]:
+        """Index of the first tensor whose storage moved since the plan was built, or None."""
+        if self._set is None:
+            return None
+        i = self._set.moved()
+        return None if i < 0 else int(i)
+
+    def apply(self) -> str:
+        """Apply every mask in place; returns the backend that ran (``"native"``/``"torch"``).
+
+        Bit-identical to :func:`apply_masks_reference` with the plan's masks. Autograd is told
+        the tensors changed (version counters bumped), as for ``mul_`` under ``no_grad``.
+
+        Raises:
+            StaleMaskPlanError: a tensor's storage was reallocated since the plan was built
+                (nothing is written); call :meth:`rebuild`.
+        """
+        s = self._set
+        if s is None:
+            _reference_unchecked(self.tensors, self.masks)
+            return "torch"
+        try:
+            s.apply(num_threads=torch.get_num_threads())
+        except RuntimeError as exc:
+            if type(exc).__name__ != "StaleMaskSetError":
+                raise
+            i = s.moved()
+            raise StaleMaskPlanError(
+                f"tensors[{i}] was reallocated since this MaskPlan was built (its data_ptr() "
+                "changed, e.g. by `p.data = ...` or `set_`); nothing was written; call "
+                "plan.rebuild()") from None
+        _bump_versions(self.tensors)
+        return "native"
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    def __repr__(self) -> str:
+        n = sum(t.numel() for t in self.tensors)
+        return f"MaskPlan({len(self.tensors)} tensors, {n} elements, backend={self.backend!r})"
+
+
+# --------------------------------------------------------------------------------------
+# Magnitude masks
+# --------------------------------------------------------------------------------------
+
+_SCOPES = ("global", "tensor")
+
+
+def magnitude_masks_reference(
+    tensors: Sequence[torch.Tensor], sparsity: float, *, scope: str = "global", stacked: bool = False
+) -> List[torch.Tensor]:
+    """Pure-torch magnitude masks (a stable argsort): the fallback and the test oracle.
+
+    Same arguments, validation and result as :func:`magnitude_masks`; float16/bfloat16 and
+    non-CPU tensors work here too. Global scope with mixed dtypes ranks in the promoted dtype
+    (``torch.cat``), which is exact for float32 -> float64.
+    """
+    tensors = _validate_magnitude(tensors, sparsity, scope, stacked)
+    return _magnitude_reference_unchecked(tensors, float(sparsity), scope, stacked)
+
+
+def _magnitude_reference_unchecked(tensors, sparsity, scope, stacked):
+    if not tensors:
+        return []
+    views = [t.detach() if stacked else t.detach().unsqueeze(0) for t in tensors]
+    m = views[0].shape[0]
+    if m == 0:  # no models: nothing to rank
+        return [torch.ones(t.shape, dtype=torch.bool, device=t.device) for t in tensors]
+    if scope == "global":
+        flat = torch.cat([v.reshape(m, -1).abs() for v in views], dim=1)
+        groups = [(flat, list(range(len(views))))]
+    else:
+        groups = [(v.reshape(m, -1).abs(), [i]) for i, v in enumerate(views)]
+    masks: List[Optional[torch.Tensor]] = [None] * len(views)
+    for mags, idx in groups:
+        count = mags.shape[1]
+        k = int(round(sparsity * count))
+        keep = torch.ones(mags.shape, dtype=torch.bool, device=mags.device)
+        if k > 0 and mags.numel():
+            # Stable: equal magnitudes are removed in position order; torch sorts NaN last.
+            order = torch.argsort(mags, dim=1, stable=True)
+            keep.scatter_(1, order[:, :k], False)
+        offset = 0
+        for i in idx:
+            size = views[i][0].numel() if m else 0
+            masks[i] = keep[:, offset: offset + size].reshape(views[i].shape).contiguous()
+            offset += size
+    if not stacked:
+        masks = [mk[0] for mk in masks]  # type: ignore[index]
+    return masks  # type: ignore[return-value]
+
+
+def magnitude_masks(
+    tensors: Sequence[torch.Tensor],
+    sparsity: float,
+    *,
+    scope: str = "global",
+    stacked: bool = False,
+    backend: str = "auto",
+) -> List[torch.Tensor]:
+    """Keep-masks (``True`` = kept) that remove the smallest-magnitude weights.
+
+    Exactly ``k = round(sparsity * count)`` entries are removed per problem (Python's
+    ``round``, half to even), where a problem is:
+
+    * ``scope="global"``: all tensors together, in list order (one threshold per model);
+    * ``scope="tensor"``: each tensor on its own (``k`` per tensor).
+
+    With ``stacked=True`` every tensor is ``Tensor[M, ...]`` with the same leading model
+    dimension ``M`` and each model ``m`` (``tensors[i][m]``) is an independent problem: this
+    is how the prune defense masks a whole vmap ensemble in one call.
+
+    Order: by ``|w|``; equal magnitudes (including ``-0.0`` and ``+0.0``) are broken by
+    position, the lower flat position (in concatenation order for global scope) removed
+    first. NaN (any sign or payload) counts as the LARGEST magnitude, larger than ``inf``, so
+    NaNs are kept unless ``k`` exceeds the number of non-NaN entries (then the first NaNs by
+    position go). This is exactly a stable ``argsort`` of ``|w|``
+    (:func:`magnitude_masks_reference`); the native result is bit-identical to it.
+
+    Args:
+        tensors (Sequence[Tensor[...]] or Sequence[Tensor[M, ...]]): floating-point tensors on
+            one device; read only.
+        sparsity (float): fraction in ``[0, 1)`` to remove.
+        scope (str): ``"global"`` (default) or ``"tensor"``.
+        stacked (bool): tensors carry a leading model dimension ``M`` (see above).
+        backend (str): ``"auto"``, ``"native"`` or ``"torch"``. The native kernel (O(n):
+            a histogram of the magnitudes' top bits, then ``nth_element`` on one bin; models /
+            tensors in parallel, or one large problem split over ``torch.get_num_threads()``
+            threads) takes CPU float32/float64 tensors of one dtype (non-contiguous ones are
+            read through a contiguous copy); ``auto`` falls back to the reference otherwise.
+
+    Returns:
+        list[Tensor]: bool masks, ``masks[i]`` with ``tensors[i].shape``, contiguous, on the
+        tensors' device. ``[]`` for an empty list.
+
+    Raises:
+        ValueError: ``sparsity`` outside ``[0, 1)`` (or NaN); unknown ``scope``/``backend``;
+            tensors on different devices; ``stacked=True`` with a 0-d tensor or differing
+            leading dimensions.
+        TypeError: ``sparsity`` not a real number; a non-tensor or non-floating-point entry.
+        RuntimeError: ``backend="native"`` with the extension missing or inputs it cannot take.
+    """
+    _native.check_backend(backend)
+    tensors = _validate_magnitude(tensors, sparsity, scope, stacked)
+    sparsity = float(sparsity)
+    _C = _native._C
+    if backend == "torch" or _C is None:
+        if backend == "native":
+            raise RuntimeError(_native.missing_message())
+        if backend == "auto" and _C is None:
+            _warn_missing_once()
+        return _magnitude_reference_unchecked(tensors, sparsity, scope, stacked)
+    reason = _native_magnitude_unsupported(tensors)
+    if reason is not None:
+        if backend == "native":
+            raise RuntimeError(f"backend='native' cannot run: {reason}; use backend='auto' or 'torch'")
+        return _magnitude_reference_unchecked(tensors, sparsity, scope, stacked)
+    if not tensors:
+        return []
+    models = tensors[0].shape[0] if stacked else 1
+    inner = [(t[0].numel() if models else 0) if stacked else t.numel() for t in tensors]
+    if scope == "global":
+        ks = [int(round(sparsity * sum(inner)))]
+    else:
+        ks = [int(round(sparsity * n)) for n in inner]
+    keeps = [torch.empty(t.shape, dtype=torch.bool) for t in tensors]
+    _C.magnitude_masks(
+        [_numpy_view(t.detach().contiguous()) for t in tensors],
+        [k.numpy() for k in keeps],
+        ks,
+        models=models,
+        global_scope=scope == "global",
+        num_threads=torch.get_num_threads(),
+    )
+    return keeps
+
+
+def _validate_magnitude(tensors, sparsity, scope, stacked) -> List[torch.Tensor]:
+    if isinstance(tensors, torch.Tensor) or not isinstance(tensors, Iterable):
+        raise TypeError(f"tensors must be a sequence of tensors (e.g. a list), got {type(tensors).__name__}")
+    tensors = list(tensors)
+    if isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real):
+        raise TypeError(f"sparsity must be a real number in [0, 1), got {type(sparsity).__name__}")
+    if not 0.0 <= float(sparsity) < 1.0:  # also rejects NaN
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity!r}")
+    if scope not in _SCOPES:
+        raise ValueError(f"unknown scope {scope!r}; allowed: {', '.join(map(repr, _SCOPES))}")
+    for i, t in enumerate(tensors):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"tensors[{i}] must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"tensors[{i}] has dtype {t.dtype}; allowed: a floating-point dtype "
+                            "(float32 and float64 run natively)")
+        if t.device != tensors[0].device:
+            raise ValueError(f"tensors[{i}] is on {t.device} but tensors[0] is on "
+                             f"{tensors[0].device}; all tensors must be on one device")
+        if stacked:
+            if t.ndim == 0:
+                raise ValueError(f"tensors[{i}] is 0-d; stacked=True needs a leading model dimension")
+            if t.shape[0] != tensors[0].shape[0]:
+                raise ValueError(f"tensors[{i}] has {t.shape[0]} models (leading dimension) but "
+                                 f"tensors[0] has {tensors[0].shape[0]}; stacked tensors must agree")
+    return tensors
+
+
+def _native_magnitude_unsupported(tensors: List[torch.Tensor]) -> Optional[str]:
+    for i, t in enumerate(tensors):
+        if t.dtype not in _NATIVE_DTYPES:
+            return f"tensors[{i}] has dtype {t.dtype}; the native kernel supports float32 and float64"
+        if not t.is_cpu:
+            return f"tensors[{i}] is on {t.device}; the native kernel is CPU-only"
+        if t.dtype != tensors[0].dtype:
+            return (f"tensors[{i}] has dtype {t.dtype} but tensors[0] has {tensors[0].dtype}; "
+                    "the native kernel ranks one dtype at a time")
+    return None
 
 
 # --------------------------------------------------------------------------------------

@@ -446,3 +446,314 @@ def test_native_backend_is_used_when_available():
         assert kernels.apply_masks([t], [m], backend="native") == "native"
     assert t.data_ptr() == ptr
     assert t.tolist() == [1, 0, 3, 0, 5, 0, 7, 0]
+
+
+# ============================================================================== MaskPlan
+
+
+PLAN_BACKENDS = [_backend_param(b) for b in BACKENDS]
+
+
+@pytest.mark.parametrize("backend", PLAN_BACKENDS)
+@pytest.mark.parametrize("kind", ["bool", "float"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_mask_plan_matches_reference_repeatedly(dtype, kind, backend):
+    sizes = [0, 1, 7, 1023, 70001, 3]
+    tensors, masks = make_case(zlib.crc32(f"plan-{dtype}-{kind}".encode()), dtype, kind, sizes)
+    expected = [t.clone() for t in tensors]
+    plan = kernels.MaskPlan(tensors, masks, backend=backend)
+    assert plan.backend == ("torch" if backend == "torch" or not NATIVE else "native")
+    assert len(plan) == len(sizes)
+    for step in range(3):  # re-applied, as after every fine-tuning step
+        kernels.apply_masks_reference(expected, masks)
+        assert plan.apply() == plan.backend
+        for a, e in zip(tensors, expected):
+            assert_bitwise_equal(a, e)
+        for t, e in zip(tensors, expected):  # weights change in place between applications
+            t.add_(1.0)
+            e.add_(1.0)
+
+
+def test_mask_plan_snapshots_masks_and_shares_copies():
+    t = torch.ones(10)
+    m = torch.zeros(10)
+    plan = kernels.MaskPlan([t, t.clone().view(2, 5)], [m, m.view(2, 5)])
+    m.fill_(1.0)  # later changes do not reach the plan
+    plan.apply()
+    assert t.eq(0).all()
+    assert plan.masks[0].data_ptr() != m.data_ptr()
+
+
+@needs_native
+def test_mask_plan_detects_reallocated_storage_and_rebuilds():
+    tensors, masks = make_case(21, torch.float32, "bool", [500, 600, 700])
+    params = [torch.nn.Parameter(t) for t in tensors]
+    plan = kernels.MaskPlan(params, masks, backend="native")
+    assert plan.stale_index() is None
+    old = params[1].detach().clone()
+    params[1].data = torch.randn(600)  # new storage
+    new = params[1].detach().clone()
+    before0 = params[0].detach().clone()
+    with pytest.raises(kernels.StaleMaskPlanError, match=r"tensors\[1\] was reallocated"):
+        plan.apply()
+    assert plan.stale_index() == 1
+    assert_bitwise_equal(params[0].detach(), before0)  # nothing written
+    assert_bitwise_equal(params[1].detach(), new)
+    del old
+    plan.rebuild()
+    assert plan.stale_index() is None and plan.apply() == "native"
+    assert_bitwise_equal(params[1].detach(), new.masked_fill(~masks[1], 0))
+    # A rebuild re-validates: a reallocation to another shape is an error.
+    params[2].data = torch.randn(3)
+    with pytest.raises(ValueError, match=r"masks\[2\] has shape \(700,\) but tensors\[2\] has shape \(3,\)"):
+        plan.rebuild()
+
+
+@needs_native
+def test_mask_plan_bumps_versions_and_writes_in_place():
+    model = torch.nn.Sequential(torch.nn.Linear(20, 30), torch.nn.Linear(30, 4))
+    params = list(model.parameters())
+    masks = [torch.rand(p.shape) < 0.5 for p in params]
+    plan = kernels.MaskPlan(model.parameters(), masks)
+    versions = [p._version for p in params]
+    ptrs = [p.data_ptr() for p in params]
+    assert plan.apply() == "native"
+    for p, v, ptr, m in zip(params, versions, ptrs, masks):
+        assert p._version > v and p.data_ptr() == ptr and p.grad_fn is None
+        assert not p.detach()[~m].any()
+
+
+def test_mask_plan_input_errors():
+    t, m = _pair()
+    with pytest.raises(ValueError, match=r"2 tensors but 1 masks"):
+        kernels.MaskPlan([t, t.clone()], [m])
+    with pytest.raises(TypeError, match=r"masks\[0\] has dtype torch.uint8"):
+        kernels.MaskPlan([t], [torch.ones(4, dtype=torch.uint8)])
+    with pytest.raises(ValueError, match=r"unknown backend"):
+        kernels.MaskPlan([t], [m], backend="gpu")
+    # Valid inputs the kernel cannot take: auto falls back, native says why.
+    nc, nm = _noncontiguous()
+    assert kernels.MaskPlan([nc], [nm]).backend == "torch"
+    if NATIVE:
+        with pytest.raises(RuntimeError, match=r"tensors\[0\] is not contiguous"):
+            kernels.MaskPlan([nc], [nm], backend="native")
+        with pytest.raises(RuntimeError, match=r"tensors\[0\] and tensors\[1\] share memory"):
+            kernels.MaskPlan([t, t], [m, m], backend="native")
+
+
+def test_mask_plan_without_extension(monkeypatch):
+    monkeypatch.setattr(_native, "_C", None)
+    monkeypatch.setattr(_native, "_IMPORT_ERROR", ImportError("simulated"))
+    monkeypatch.setattr(_native, "_warned_missing", True)
+    t, m = _pair()
+    assert kernels.MaskPlan([t], [m]).apply() == "torch"
+    with pytest.raises(RuntimeError, match=r"simulated"):
+        kernels.MaskPlan([t], [m], backend="native")
+
+
+# ============================================================================== magnitude masks
+
+
+def _mag_case(seed, dtype, shapes, *, ties=False, specials=False):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for shape in shapes:
+        n = math.prod(shape)
+        if ties:  # few distinct magnitudes of both signs: heavy ties at every threshold
+            w = (torch.randint(-3, 4, (n,), generator=g)).to(dtype)
+            w[torch.rand(n, generator=g) < 0.2] = -0.0
+        else:
+            w = make_weights(n, dtype, g, specials=specials)
+        out.append(w.reshape(shape))
+    return out
+
+
+def _check_mag(tensors, sparsity, scope, stacked, backend="native"):
+    expected = kernels.magnitude_masks_reference(tensors, sparsity, scope=scope, stacked=stacked)
+    got = kernels.magnitude_masks(tensors, sparsity, scope=scope, stacked=stacked, backend=backend)
+    assert len(got) == len(expected)
+    for g_, e, t in zip(got, expected, tensors):
+        assert g_.dtype == torch.bool and g_.shape == t.shape and g_.is_contiguous()
+        assert torch.equal(g_, e)
+    return got
+
+
+def _removed_counts(masks, scope, stacked):
+    if not masks:
+        return []
+    m = masks[0].shape[0] if stacked else 1
+    flat = [(~(mk if stacked else mk.unsqueeze(0))).reshape(m, -1).sum(1) for mk in masks]
+    return [sum(flat).tolist()] if scope == "global" else [f.tolist() for f in flat]
+
+
+def test_magnitude_reference_semantics():
+    w1 = torch.tensor([1.0, -5.0, 0.5, 3.0])
+    w2 = torch.tensor([0.1, -0.2, 4.0, 2.0])
+    g = kernels.magnitude_masks_reference([w1, w2], 0.5)
+    assert g[0].tolist() == [False, True, False, True] and g[1].tolist() == [False, False, True, True]
+    # ties by position (global: concatenation order), -0.0 == +0.0, NaN largest
+    a = torch.tensor([2.0, -0.0, math.nan, 1.0])
+    b = torch.tensor([0.0, -2.0, -math.nan, 1.0])
+    masks = kernels.magnitude_masks_reference([a, b], 0.75)  # remove 6 of 8: both NaNs kept
+    assert masks[0].tolist() == [False, False, True, False]
+    assert masks[1].tolist() == [False, False, True, False]
+    masks = kernels.magnitude_masks_reference([a, b], 0.875)  # remove 7: the first NaN goes
+    assert masks[0].tolist() == [False, False, False, False]
+    assert masks[1].tolist() == [False, False, True, False]
+    assert kernels.magnitude_masks_reference([a], 0.5)[0].tolist() == [True, False, True, False]
+
+
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+@pytest.mark.parametrize("stacked", [False, True])
+@pytest.mark.parametrize("scope", ["global", "tensor"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_magnitude_masks_match_reference(dtype, scope, stacked, backend):
+    shapes = [(3, 0), (3, 1), (3, 7, 5), (3, 1023), (3, 250, 90)]  # sizes 0, 1, odd, large
+    for seed, kw in enumerate([{}, {"ties": True}, {"specials": True}]):
+        tensors = _mag_case(seed, dtype, shapes, **kw)
+        for sparsity in [0.0, 0.1, 0.5, 0.9, 0.999]:
+            got = _check_mag(tensors, sparsity, scope, stacked, backend)
+            m = 3 if stacked else 1
+            inner = [math.prod(s) // m for s in shapes]
+            counts = _removed_counts(got, scope, stacked)
+            if scope == "global":
+                assert counts == [[round(sparsity * sum(inner))] * m]
+            else:
+                assert counts == [[round(sparsity * n)] * m for n in inner]
+
+
+@needs_native
+@pytest.mark.parametrize("num_threads", [1, 2, 3])
+def test_magnitude_native_thread_counts_agree(num_threads):
+    # One large problem (split over threads, with a tie run crossing the thread boundary)
+    # and many problems (one thread each).
+    big = _mag_case(5, torch.float32, [(300_001,)], ties=True)
+    many = _mag_case(6, torch.float64, [(16, 9000), (16, 31)], ties=True)
+    try:
+        old = torch.get_num_threads()
+        torch.set_num_threads(num_threads)
+        for sparsity in [0.3, 0.61]:
+            _check_mag(big, sparsity, "global", False)
+            _check_mag(many, sparsity, "global", True)
+            _check_mag(many, sparsity, "tensor", True)
+    finally:
+        torch.set_num_threads(old)
+
+
+@needs_native
+def test_magnitude_all_equal_and_all_nan():
+    for fill in [0.0, -1.5, math.nan, math.inf]:
+        t = torch.full((2, 70000), fill)
+        got = _check_mag([t], 0.25, "global", True)
+        assert got[0][:, :17500].logical_not().all() and got[0][:, 17500:].all()
+
+
+def test_magnitude_rounding_and_edges():
+    t = torch.arange(1.0, 11.0)
+    for backend in ["torch"] + (["native"] if NATIVE else []):
+        # round() is Python's: 0.25 * 10 = 2.5 -> 2 (half to even); 0.35 * 10 = 3.5 -> 4
+        assert (~kernels.magnitude_masks([t], 0.25, backend=backend)[0]).sum() == 2
+        assert (~kernels.magnitude_masks([t], 0.35, backend=backend)[0]).sum() == 4
+        assert kernels.magnitude_masks([], 0.5, backend=backend) == []
+        empty = kernels.magnitude_masks([torch.empty(0, 4)], 0.5, stacked=True, backend=backend)
+        assert empty[0].shape == (0, 4)
+        one = kernels.magnitude_masks([torch.tensor(3.0)], 0.9, backend=backend)  # 0-d, unstacked
+        assert one[0].shape == () and not one[0].item()
+
+
+def test_magnitude_auto_backend_and_fallbacks():
+    t = torch.randn(4, 100)
+    ref = kernels.magnitude_masks_reference([t], 0.5, stacked=True)
+    assert torch.equal(kernels.magnitude_masks([t], 0.5, stacked=True)[0], ref[0])
+    # Non-contiguous input: read through a contiguous copy natively.
+    assert torch.equal(kernels.magnitude_masks([t.t()], 0.5)[0],
+                       kernels.magnitude_masks_reference([t.t()], 0.5)[0])
+    # Half precision and mixed dtypes: the reference runs under auto; native refuses.
+    h = [t.half(), t.double()]
+    got = kernels.magnitude_masks(h, 0.3, stacked=True)
+    for a, b in zip(got, kernels.magnitude_masks_reference(h, 0.3, stacked=True)):
+        assert torch.equal(a, b)
+    if NATIVE:
+        with pytest.raises(RuntimeError, match=r"tensors\[0\] has dtype torch.float16"):
+            kernels.magnitude_masks(h, 0.3, backend="native")
+        with pytest.raises(RuntimeError, match=r"tensors\[1\] has dtype torch.float64 but tensors\[0\]"):
+            kernels.magnitude_masks([t, t.double()], 0.3, backend="native")
+
+
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+def test_magnitude_input_errors(backend):
+    t = torch.randn(2, 5)
+    cases = [
+        (([t], 1.0), ValueError, r"sparsity must be in \[0, 1\), got 1.0"),
+        (([t], -0.1), ValueError, r"sparsity must be in \[0, 1\)"),
+        (([t], math.nan), ValueError, r"sparsity must be in \[0, 1\)"),
+        (([t], "0.5"), TypeError, r"sparsity must be a real number"),
+        (([t], True), TypeError, r"sparsity must be a real number"),
+        (([torch.ones(3, dtype=torch.int64)], 0.5), TypeError,
+         r"tensors\[0\] has dtype torch.int64; allowed: a floating-point dtype"),
+        (([t, np.ones(3)], 0.5), TypeError, r"tensors\[1\] must be a torch.Tensor, got ndarray"),
+        ((t, 0.5), TypeError, r"tensors must be a sequence of tensors"),
+        (([t, torch.randn(3, 5, device="meta")], 0.5), ValueError,
+         r"tensors\[1\] is on meta but tensors\[0\] is on cpu; all tensors must be on one device"),
+    ]
+    for (tensors, sparsity), exc, match in cases:
+        with pytest.raises(exc, match=match):
+            kernels.magnitude_masks(tensors, sparsity, backend=backend)
+    with pytest.raises(ValueError, match=r"unknown scope 'layer'"):
+        kernels.magnitude_masks([t], 0.5, scope="layer", backend=backend)
+    with pytest.raises(ValueError, match=r"tensors\[1\] has 3 models \(leading dimension\) but tensors\[0\] has 2"):
+        kernels.magnitude_masks([t, torch.randn(3, 5)], 0.5, stacked=True, backend=backend)
+    with pytest.raises(ValueError, match=r"tensors\[0\] is 0-d"):
+        kernels.magnitude_masks([torch.tensor(1.0)], 0.5, stacked=True, backend=backend)
+
+
+@st.composite
+def magnitude_problems(draw):
+    stacked = draw(st.booleans())
+    m = draw(st.integers(0, 3)) if stacked else None
+    count = draw(st.integers(0, 4))
+    shapes = []
+    for _ in range(count):
+        inner = tuple(draw(st.lists(st.integers(0, 40), min_size=0, max_size=2)))
+        shapes.append(((m,) + inner) if stacked else inner)
+    return (shapes, stacked, draw(st.sampled_from([torch.float32, torch.float64])),
+            draw(st.sampled_from(["global", "tensor"])),
+            draw(st.floats(0.0, 1.0, exclude_max=True)), draw(st.booleans()),
+            draw(st.integers(0, 2**31 - 1)))
+
+
+@settings(max_examples=80, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(problem=magnitude_problems())
+def test_magnitude_property_matches_reference(problem):
+    shapes, stacked, dtype, scope, sparsity, ties, seed = problem
+    tensors = _mag_case(seed, dtype, shapes, ties=ties, specials=not ties)
+    got = _check_mag(tensors, sparsity, scope, stacked, backend="auto")
+    removed = sum(int((~g_).sum()) for g_ in got)
+    m = (shapes[0][0] if shapes else 0) if stacked else 1
+    inner = [math.prod(s) // m if m else 0 for s in shapes] if stacked else [math.prod(s) for s in shapes]
+    want = m * (round(sparsity * sum(inner)) if scope == "global" else sum(round(sparsity * n) for n in inner))
+    assert removed == (want if shapes else 0)
+
+
+@needs_native
+def test_extension_mask_set_direct():
+    C = _native._C
+    t = torch.arange(1.0, 7.0)
+    m = np.array([1, 0, 1, 0, 1, 0], dtype=bool)
+    s = C.MaskSet([t.numpy()], [m], [t])
+    assert len(s) == 1 and s.total == 6 and s.moved() == -1
+    s.apply(num_threads=1)
+    assert t.tolist() == [1, 0, 3, 0, 5, 0]
+    with pytest.raises(ValueError, match=r"owners\[0\]\.data_ptr\(\) differs"):
+        C.MaskSet([t.numpy()], [m], [torch.ones(6)])
+    with pytest.raises(ValueError, match=r"got 2 owners for 1 tensors"):
+        C.MaskSet([t.numpy()], [m], [t, t])
+    with pytest.raises(ValueError, match=r"tensors\[0\] and tensors\[1\] share memory"):
+        C.MaskSet([t.numpy(), t.numpy()], [m, m])
+    t.set_(torch.ones(6))
+    assert s.moved() == 0
+    with pytest.raises(RuntimeError, match=r"tensors\[0\] no longer uses the storage") as info:
+        s.apply()
+    assert type(info.value).__name__ == "StaleMaskSetError"
+    assert t.tolist() == [1.0] * 6

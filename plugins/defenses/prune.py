@@ -14,6 +14,10 @@ from mia_core.base import Defense
 def magnitude_masks(weights: List[torch.Tensor], sparsity: float, *, scope: str) -> List[torch.Tensor]:
     """Keep-masks that zero the smallest-magnitude weights of every model.
 
+    A thin wrapper over :func:`mia_core.kernels.magnitude_masks` with ``stacked=True`` (native
+    O(n) selection, bit-identical to the stable-argsort reference
+    :func:`mia_core.kernels.magnitude_masks_reference`).
+
     Args:
         weights: stacked tensors ``[M, ...]``, one per prunable parameter.
         sparsity: fraction in ``[0, 1)`` of the weights to remove, per model.
@@ -23,30 +27,14 @@ def magnitude_masks(weights: List[torch.Tensor], sparsity: float, *, scope: str)
     Returns:
         bool masks with the shapes of ``weights`` (True = kept). Exactly
         ``round(sparsity * count)`` weights are removed per model (per tensor for ``layer``);
-        magnitude ties are broken by position, so the result is deterministic.
+        magnitude ties are broken by position (lower position removed first) and NaN counts as
+        the largest magnitude, so the result is deterministic.
     """
-    if not weights:
-        return []
-    m = weights[0].shape[0]
-    if scope == "global":
-        flat = torch.cat([w.detach().reshape(m, -1).abs() for w in weights], dim=1)
-        groups = [(flat, list(range(len(weights))))]
-    else:
-        groups = [(w.detach().reshape(m, -1).abs(), [i]) for i, w in enumerate(weights)]
-    masks: List[Optional[torch.Tensor]] = [None] * len(weights)
-    for mags, idx in groups:
-        count = mags.shape[1]
-        k = int(round(sparsity * count))
-        keep = torch.ones_like(mags, dtype=torch.bool)
-        if k > 0:
-            order = torch.argsort(mags, dim=1, stable=True)
-            keep.scatter_(1, order[:, :k], False)
-        offset = 0
-        for i in idx:
-            size = weights[i][0].numel()
-            masks[i] = keep[:, offset : offset + size].reshape(weights[i].shape).contiguous()
-            offset += size
-    return masks  # type: ignore[return-value]
+    if scope not in ("global", "layer"):
+        raise ValueError(f"scope must be 'global' or 'layer', got {scope!r}")
+    return kernels.magnitude_masks(
+        weights, sparsity, scope="global" if scope == "global" else "tensor", stacked=True
+    )
 
 
 class Prune(Defense):
@@ -116,12 +104,23 @@ class Prune(Defense):
             raise ValueError("the model has no prunable parameters (set include_bias=true to prune 1-D ones)")
         tensors = [ctx.params[n] for n in names]
         masks = magnitude_masks(tensors, self.sparsity, scope=self.scope)
+        # Validated once; re-applied after every fine-tuning step with one cheap call (the
+        # optimizer updates the stacked parameters in place, so the plan stays valid).
+        plan = kernels.MaskPlan(tensors, masks)
         with torch.no_grad():
-            backend = kernels.apply_masks(tensors, masks)
+            backend = plan.apply()
         if self.finetune_epochs:
 
             def reapply(params):
-                kernels.apply_masks([params[n] for n in names], masks)
+                current = [params[n] for n in names]
+                if all(c is t for c, t in zip(current, tensors)):
+                    try:
+                        plan.apply()
+                        return
+                    except kernels.StaleMaskPlanError:
+                        plan.rebuild().apply()
+                        return
+                kernels.apply_masks(current, masks)  # different tensor objects: no plan
 
             ctx.finetune(self.finetune_epochs, lr=self.finetune_lr, post_step=reapply)
         ctx.changed()
