@@ -4,6 +4,7 @@
 ``miafw list``   every registered plugin, with broken and incompatible ones flagged.
 ``miafw info``   one plugin's parameters, defaults, threat model and reference.
 ``miafw runs``   the runs recorded in an output directory's index.
+``miafw bench``  the native kernels against torch and the memory bandwidth.
 
 Usage errors (unknown names, malformed ``key=value``, out-of-range values, unusable data) print
 one line, ``Error: ...``, and exit with status 2; a plugin that fails while running exits with
@@ -209,6 +210,60 @@ def runs_cmd(out, limit, as_json):
             click.echo("    " + "; ".join(parts))
         if r["error"]:
             click.echo(f"    error: {r['error']}")
+
+
+def _bench_names():
+    from mia_core.bench import KERNELS
+
+    return list(KERNELS)
+
+
+@main.command("bench")
+@click.option("--kernel", "kernels", multiple=True, metavar="NAME",
+              help=f"Kernel family to benchmark; repeatable. Default: all of {', '.join(_bench_names())}.")
+@click.option("--size", "sizes", multiple=True, metavar="N",
+              help="Elements (or pairs) per call, e.g. 1e4 or 10000000; repeatable. Default: 1e4 and 1e7.")
+@click.option("--dtype", "dtypes", multiple=True, type=click.Choice(["float32", "float64"]),
+              help="Element dtype; repeatable. Default: float32.")
+@click.option("--backend", "backends", multiple=True, type=click.Choice(["native", "torch"]),
+              help="Backends to time besides the torch baselines; repeatable. Default: both.")
+@click.option("--repeat", default=21, show_default=True, type=click.IntRange(min=3),
+              help="Timed repetitions per variant (the median is reported).")
+@click.option("--format", "fmt", default="table", show_default=True, type=click.Choice(["table", "json"]))
+def bench_cmd(kernels, sizes, dtypes, backends, repeat, fmt):
+    """Benchmark the native kernels against their torch baselines and the memory bandwidth.
+
+    Each case runs the native kernel, the torch baseline and a stream-copy probe in this one
+    process and prints ratios (baseline time / variant time) and the fraction of the measured
+    copy bandwidth. Numbers depend on the machine and on other load: run on an idle machine.
+    """
+    from mia_core import bench, kernels as K
+
+    names = list(kernels) or list(bench.KERNELS)
+    bad = [k for k in names if k not in bench.KERNELS]
+    if bad:
+        _fail(f"unknown kernel {bad[0]!r}; valid: {', '.join(bench.KERNELS)}")
+    parsed = []
+    for text in sizes or ("1e4", "1e7"):
+        try:
+            value = float(text)
+        except ValueError:
+            _fail(f"--size {text!r} is not a number; use e.g. 1e4 or 10000000")
+        if not (value >= 1 and value == int(value) and value <= 2e9):
+            _fail(f"--size {text!r} must be a whole number between 1 and 2e9")
+        parsed.append(int(value))
+    if "native" in (backends or ("native",)) and not K.native_available():
+        click.echo("Warning: the native extension is not available; only torch variants will run", err=True)
+    rows = bench.run(names, sizes=parsed, dtypes=list(dtypes) or ["float32"],
+                     backends=list(backends) or ["native", "torch"], repeat=repeat)
+    if fmt == "json":
+        import torch
+
+        doc = {"machine": {"torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+                           "native": K.backend_info()}, "results": [r.to_dict() for r in rows]}
+        click.echo(json.dumps(doc, indent=2, default=str))
+    else:
+        click.echo(bench.format_table(rows))
 
 
 @main.command("list")

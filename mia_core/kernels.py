@@ -30,9 +30,14 @@ from mia_core._native import BACKENDS, NativeKernelWarning
 # Op families, each in its own module, all reached through this one.
 from mia_core._mask import *  # noqa: E402,F401,F403
 from mia_core._mask import __all__ as _mask_all
+from mia_core._quant import *  # noqa: E402,F401,F403
+from mia_core._quant import __all__ as _quant_all
+from mia_core._kl import *  # noqa: E402,F401,F403
+from mia_core._kl import __all__ as _kl_all
 # (op families end)
 
-__all__ = ["BACKENDS", "NativeKernelWarning", "backend_info", "native_available", *_mask_all]
+__all__ = ["BACKENDS", "NativeKernelWarning", "backend_info", "native_available", *_mask_all,
+           *_quant_all, *_kl_all]
 
 
 def native_available() -> bool:

@@ -122,3 +122,17 @@ def test_installed_command_with_broken_third_party_plugin(tmp_path):
                                 "--attack", "lira"], env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "confidence" in out.stdout
+
+
+def test_bench_command_json_and_errors():
+    res = CliRunner().invoke(main, ["bench", "--kernel", "mask", "--size", "2000", "--repeat", "3", "--format", "json"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    rows = doc["results"]
+    assert rows and {r["kernel"] for r in rows} == {"mask"}
+    assert all(r["seconds"] > 0 for r in rows)
+    assert any(r["ratio"] is not None and r["variant"] != r["baseline"] for r in rows)
+    for bad, msg in ((["--kernel", "nope"], "unknown kernel 'nope'"), (["--size", "abc"], "is not a number"),
+                     (["--size", "0"], "whole number")):
+        res = CliRunner().invoke(main, ["bench", *bad])
+        assert res.exit_code == 2 and msg in res.stderr

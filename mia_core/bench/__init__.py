@@ -8,20 +8,21 @@ names accepted by ``miafw bench --kernel`` to those modules.
 from __future__ import annotations
 
 import importlib
-from typing import Dict, List, Sequence
+from typing import Dict, Sequence
 
-from mia_core.bench.common import Measurement, format_table
 
 #: ``miafw bench --kernel`` name -> module under mia_core.bench.
 KERNELS: Dict[str, str] = {
     "mask": "mia_core.bench.mask",
+    "kl": "mia_core.bench.kl",
+    "fake_quantize": "mia_core.bench.quant",
 }
 
 
 def run(kernels: Sequence[str], *, sizes: Sequence[int], dtypes: Sequence[str], backends: Sequence[str],
-        repeat: int = 21) -> List[Measurement]:
+        repeat: int = 21) -> list:
     """Run the named kernels' benchmarks; unknown names raise ValueError listing the valid ones."""
-    rows: List[Measurement] = []
+    rows: list = []
     for k in kernels:
         if k not in KERNELS:
             raise ValueError(f"unknown kernel {k!r}; valid: {', '.join(KERNELS)}")
@@ -30,4 +31,11 @@ def run(kernels: Sequence[str], *, sizes: Sequence[int], dtypes: Sequence[str], 
     return rows
 
 
-__all__ = ["KERNELS", "Measurement", "format_table", "run"]
+def format_table(rows) -> str:
+    """See :func:`mia_core.bench.common.format_table` (imported lazily: it needs torch)."""
+    from mia_core.bench.common import format_table as _fmt
+
+    return _fmt(rows)
+
+
+__all__ = ["KERNELS", "format_table", "run"]
