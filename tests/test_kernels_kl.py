@@ -231,6 +231,90 @@ def test_native_thread_splits_are_exact(num_threads):
     assert torch.equal(out, expected)  # the split does not change any element's arithmetic
 
 
+# The full-covariance kernel runs covariance input W pairs at a time, one pair per SIMD lane
+# (W = 2, 4 or 8 by instruction set; a short last batch repeats its last pair in the spare
+# lanes), and redoes a batch with a failing lane on the scalar path. The tests below use N
+# that are not multiples of 8 and failures inside a batch.
+ISAS = ["baseline", "avx2", "avx512"]
+
+
+@needs_native
+@pytest.mark.parametrize("d", [3, 40])
+@pytest.mark.parametrize("num_threads", [2, 3, 7])
+def test_native_full_thread_splits_are_exact(d, num_threads):
+    C = _native._C
+    n = 203 if d == 3 else 29
+    arrays = [t.numpy() for t in make_full(n, d, torch.float64, _seed("split", d))]
+    for isa in ISAS:
+        for direction in DIRECTIONS:
+            one, many = np.empty(n), np.empty(n)
+            C.gaussian_kl_full(*arrays, one, direction=direction, num_threads=1, isa=isa)
+            C.gaussian_kl_full(*arrays, many, direction=direction, num_threads=num_threads, isa=isa)
+            assert np.array_equal(one, many)  # each pair's arithmetic is independent of the split
+
+
+@needs_native
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_native_full_lane_batches(dtype, isa):
+    C = _native._C
+    for n, d in ((37, 6), (19, 40), (11, 64)):
+        mu0, cov0, mu1, cov1 = make_full(n, d, torch.float64, _seed("lanes", isa, n, d))
+        for direction in DIRECTIONS:
+            # Garbage in the upper triangle is ignored (only the lower one is read).
+            up = torch.triu(torch.full_like(cov0, 5.0), diagonal=1)
+            args = [t.to(dtype) for t in (mu0, cov0 - up, mu1, cov1 + up)]
+            out = torch.empty(n, dtype=dtype)
+            C.gaussian_kl_full(*(t.numpy() for t in args), out.numpy(), direction=direction, isa=isa)
+            expected = kernels.gaussian_kl_full_reference(*(t.to(dtype) for t in (mu0, cov0, mu1, cov1)),
+                                                          direction=direction)
+            assert_full_close(out, expected)
+    # A failure inside a batch names the first failing index (arg 0 before arg 1).
+    n, d = 37, 5
+    mu0, cov0, mu1, cov1 = make_full(n, d, torch.float64, _seed("lanes-bad", isa))
+    ones = torch.ones(d, d, dtype=torch.float64)  # rank one: the factorisation hits a 0 pivot
+    cov1[21] = ones
+    cov0[30, 2, 1] = float("nan")
+    out = torch.empty(n, dtype=dtype)
+
+    def run(c0, c1, **kw):
+        C.gaussian_kl_full(*(t.to(dtype).numpy() for t in (mu0, c0, mu1, c1)), out.numpy(), isa=isa, **kw)
+
+    with pytest.raises(ValueError, match=r"cov1\[21\] is not positive definite"):
+        run(cov0, cov1)
+    c0 = cov0.clone()
+    c0[21, 0, 0] = -1.0
+    with pytest.raises(ValueError, match=r"cov0\[21\] is not positive definite"):
+        run(c0, cov1)
+    c1 = cov1.clone()
+    c1[21] = cov0[21]
+    with pytest.raises(ValueError, match=r"cov0\[30\] is not positive definite"):
+        run(cov0, c1)
+    c0 = cov0.clone()
+    c0[30] = cov1[30]
+    run(c0, cov1, jitter=1e-3)  # jitter rescues the rank-one matrix
+    assert_full_close(out, kernels.gaussian_kl_full_reference(*(t.to(dtype) for t in (mu0, c0, mu1, cov1)),
+                                                              jitter=1e-3))
+
+
+@needs_native
+@pytest.mark.parametrize("isa", ISAS)
+def test_native_full_log_det_out_of_range(isa):
+    # prod of the pivots over/underflows double: the kernel falls back to a sum of logs.
+    C = _native._C
+    n, d = 21, 8
+    mu0, cov0, mu1, cov1 = make_full(n, d, torch.float64, _seed("logdet", isa))
+    scale = torch.tensor([1e100, 1e-100, 1.0], dtype=torch.float64).repeat(7)
+    cov0 = cov0 * scale[:, None, None]
+    cov1 = cov1 * scale.flip(0)[:, None, None]
+    mu1 = mu0 + (mu1 - mu0) * 1e-50
+    for direction in DIRECTIONS:
+        out = np.empty(n)
+        C.gaussian_kl_full(*(t.numpy() for t in (mu0, cov0, mu1, cov1)), out, direction=direction, isa=isa)
+        expected = kernels.gaussian_kl_full_reference(mu0, cov0, mu1, cov1, direction=direction)
+        torch.testing.assert_close(torch.from_numpy(out), expected, rtol=1e-9, atol=1e-9)
+
+
 def test_extreme_variance_ratios_stay_finite():
     # The ratio v0/v1 under/overflows float32's normal range: the kernel falls back to two logs.
     var0 = torch.tensor([1e-30, 1e30, 1e-44, 3.0] * 200, dtype=torch.float32)
