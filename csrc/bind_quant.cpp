@@ -126,10 +126,49 @@ void check_range(int64_t quant_min, int64_t quant_max) {
   }
 }
 
+const char* quant_isa_name(mk::QuantIsa isa) {
+  switch (isa) {
+    case mk::QuantIsa::avx512:
+      return "avx512";
+    case mk::QuantIsa::avx2:
+      return "avx2";
+    default:
+      return "baseline";
+  }
+}
+
+// "auto" or a named instruction set this CPU supports (ValueError otherwise).
+mk::QuantIsa parse_quant_isa(const std::string& s) {
+  mk::QuantIsa isa;
+  if (s == "auto") return mk::QuantIsa::automatic;
+  if (s == "baseline") {
+    isa = mk::QuantIsa::baseline;
+  } else if (s == "avx2") {
+    isa = mk::QuantIsa::avx2;
+  } else if (s == "avx512") {
+    isa = mk::QuantIsa::avx512;
+  } else {
+    throw py::value_error("unknown isa '" + s + "'; allowed: 'auto', 'avx512', 'avx2', 'baseline'");
+  }
+  if (!mk::quant_isa_supported(isa)) {
+    throw py::value_error("isa '" + s + "' is not supported by this CPU / build (best: '" +
+                          quant_isa_name(mk::quant_best_isa()) + "')");
+  }
+  return isa;
+}
+
+mk::QuantStore parse_quant_store(const std::string& s) {
+  if (s == "auto") return mk::QuantStore::automatic;
+  if (s == "regular") return mk::QuantStore::regular;
+  if (s == "streaming") return mk::QuantStore::streaming;
+  throw py::value_error("unknown store '" + s + "'; allowed: 'auto', 'regular', 'streaming'");
+}
+
 template <typename T>
 py::object run_fq(const py::array& x, const py::object& mask_obj, py::array out,
                   const py::object& codes_obj, mk::QuantLayout L, py::array scale,
-                  py::array zero_point, const mk::QuantSpec& spec, int num_threads) {
+                  py::array zero_point, const mk::QuantSpec& spec, int num_threads,
+                  mk::QuantIsa isa, mk::QuantStore store) {
   const int64_t C = L.channels;
   T* s = static_cast<T*>(scale.mutable_data());
   T* z = static_cast<T*>(zero_point.mutable_data());
@@ -167,7 +206,7 @@ py::object run_fq(const py::array& x, const py::object& mask_obj, py::array out,
   if (mask_obj.is_none()) {
     py::gil_scoped_release release;
     ok = mk::fake_quantize<T, mk::qdetail::NoMask>(xp, nullptr, op, cp, L, params, spec,
-                                                   num_threads);
+                                                   num_threads, isa, store);
   } else {
     py::array m = as_array(mask_obj, "mask");
     const bool is_bool = m.dtype().equal(py::dtype::of<bool>());
@@ -189,11 +228,12 @@ py::object run_fq(const py::array& x, const py::object& mask_obj, py::array out,
     if (is_bool) {
       const uint8_t* mp = static_cast<const uint8_t*>(m.data());
       py::gil_scoped_release release;
-      ok = mk::fake_quantize<T, uint8_t>(xp, mp, op, cp, L, params, spec, num_threads);
+      ok = mk::fake_quantize<T, uint8_t>(xp, mp, op, cp, L, params, spec, num_threads, isa,
+                                         store);
     } else {
       const T* mp = static_cast<const T*>(m.data());
       py::gil_scoped_release release;
-      ok = mk::fake_quantize<T, T>(xp, mp, op, cp, L, params, spec, num_threads);
+      ok = mk::fake_quantize<T, T>(xp, mp, op, cp, L, params, spec, num_threads, isa, store);
     }
   }
   return py::bool_(ok);
@@ -203,7 +243,10 @@ py::object fake_quantize(const py::handle& x_obj, const py::handle& out_obj,
                          const py::object& axis, int64_t quant_min, int64_t quant_max,
                          int scheme, const py::handle& scale_obj, const py::handle& zp_obj,
                          bool derive, bool stochastic, uint64_t seed, const py::object& codes,
-                         const py::object& mask, int num_threads) {
+                         const py::object& mask, int num_threads, const std::string& isa_name,
+                         const std::string& store_name) {
+  const mk::QuantIsa isa = parse_quant_isa(isa_name);
+  const mk::QuantStore store = parse_quant_store(store_name);
   py::array x = check_x(x_obj);
   py::array out = check_out(out_obj, "out", x, x.dtype());
   if (overlaps(out, x) && !same_buffer(out, x)) {
@@ -222,8 +265,10 @@ py::object fake_quantize(const py::handle& x_obj, const py::handle& out_obj,
   mk::QuantSpec spec{quant_min, quant_max,
                      scheme == 1 ? mk::QuantScheme::symmetric : mk::QuantScheme::affine, derive,
                      stochastic, seed};
-  if (is_f32(x)) return run_fq<float>(x, mask, out, codes, L, scale, zp, spec, num_threads);
-  return run_fq<double>(x, mask, out, codes, L, scale, zp, spec, num_threads);
+  if (is_f32(x)) {
+    return run_fq<float>(x, mask, out, codes, L, scale, zp, spec, num_threads, isa, store);
+  }
+  return run_fq<double>(x, mask, out, codes, L, scale, zp, spec, num_threads, isa, store);
 }
 
 void fake_quantize_sign(const py::handle& x_obj, const py::handle& out_obj, const py::object& axis,
@@ -299,11 +344,14 @@ py::object fake_quantize_ternary(const py::handle& x_obj, const py::handle& out_
 MIAFW_BINDER(quant) {
   m.attr("quant_parallel_threshold") = mk::kQuantParallelThreshold;
   m.attr("quant_scale_floor") = mk::kQuantScaleFloor;
+  m.def("quant_best_isa", [] { return std::string(quant_isa_name(mk::quant_best_isa())); },
+        "Instruction set fake_quantize(isa='auto') runs: 'avx512', 'avx2' or 'baseline'.");
   m.def("fake_quantize", &fake_quantize, py::arg("x"), py::arg("out"), py::kw_only(),
         py::arg("axis") = py::none(), py::arg("quant_min"), py::arg("quant_max"),
         py::arg("scheme") = 0, py::arg("scale"), py::arg("zero_point"), py::arg("derive"),
         py::arg("stochastic") = false, py::arg("seed") = 0, py::arg("codes") = py::none(),
-        py::arg("mask") = py::none(), py::arg("num_threads") = 0,
+        py::arg("mask") = py::none(), py::arg("num_threads") = 0, py::arg("isa") = "auto",
+        py::arg("store") = "auto",
         R"doc(Fake-quantize x into out (optionally masked), one parallel region.
 
 x: C-contiguous float32/float64 array. out: same dtype and shape, C-contiguous, writeable;
@@ -316,6 +364,10 @@ stochastic, seed: stochastic rounding from a counter-based hash of (seed, flat i
 codes: optional int32 array like x that receives the integer codes.
 mask: optional bool or x-dtype array like x: the quantized value is mask ? x : 0 (bool) or x * mask.
 num_threads: OpenMP threads; 0 means omp_get_max_threads().
+isa: instruction set of the quantization loop: 'auto' (best supported), 'avx512', 'avx2' or
+    'baseline' (ValueError when unsupported here); results are bit-identical for every isa.
+store: how out is written: 'auto' (non-temporal stores when out has >= 16 MiB), 'regular' or
+    'streaming' (non-temporal for every long span); results are identical.
 
 Returns False (nothing written) when derive is True and the data hold NaN or inf; else True.
 Raises TypeError / ValueError naming the argument; releases the GIL while the kernel runs.)doc");

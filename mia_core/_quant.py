@@ -48,6 +48,7 @@ import math
 import numbers
 from typing import Optional, Tuple, Union
 
+import numpy as np
 import torch
 
 from mia_core import _native
@@ -202,8 +203,41 @@ def _param_tensor(value, name: str, x: Tensor, axis: Optional[int], dtype) -> Te
     return t.to(dtype).expand(C).contiguous() if t.dim() == 0 else t.to(dtype).contiguous()
 
 
+_NP_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
+
+
+def _given_numbers_fast(x, axis, scale, zero_point, qmin, qmax, scheme):
+    """(scale [C], zero_point [C]) for a VALID plain-number scale / int zero_point without any
+    tensor arithmetic (the common per-tensor call), else None (then _given_params validates and
+    raises with its messages). Same values: the scale rounded once to x.dtype."""
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        return None
+    if zero_point is not None and (isinstance(zero_point, bool) or not isinstance(zero_point, int)):
+        return None
+    try:
+        with np.errstate(all="ignore"):
+            st = _NP_DTYPES[x.dtype](scale)
+            inv = st.dtype.type(1) / st
+    except (OverflowError, ValueError, TypeError):
+        return None
+    if not (math.isfinite(st) and st > 0 and math.isfinite(inv)):
+        return None
+    if zero_point is None:
+        if scheme == "affine":
+            return None
+        zero_point = 0
+    if not qmin <= zero_point <= qmax or (scheme == "symmetric" and zero_point != 0):
+        return None
+    C = _channels(x, axis)
+    return (torch.full((C,), float(st), dtype=x.dtype, device=x.device),
+            torch.full((C,), float(zero_point), dtype=x.dtype, device=x.device))
+
+
 def _given_params(x, axis, scale, zero_point, qmin, qmax, scheme, bits):
     """Validated (scale [C] in x.dtype, zero_point [C] in x.dtype) or None to derive."""
+    fast = _given_numbers_fast(x, axis, scale, zero_point, qmin, qmax, scheme)
+    if fast is not None:
+        return fast
     if scale is None:
         if zero_point is not None:
             raise ValueError("zero_point was given without scale; pass both or neither")

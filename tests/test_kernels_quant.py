@@ -147,6 +147,141 @@ def test_native_thread_splits_are_exact(num_threads):
     assert_bitwise_equal(out, ref)
 
 
+def supported_isas():
+    if not NATIVE:
+        return []
+    order = ["baseline", "avx2", "avx512"]
+    return order[: order.index(_native._C.quant_best_isa()) + 1]
+
+
+def adversarial_x(n, scale, zp, qmin, qmax, seed):
+    """Values at and around every rounding tie and clamp boundary, plus +-inf, -0.0, huge."""
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randint(qmin - zp - 3, qmax - zp + 4, (n,), generator=g).to(torch.float32)
+    frac = torch.tensor([0.0, 0.5, -0.5, 0.49999997, 0.50000006, 0.25], dtype=torch.float32)
+    f = frac[torch.randint(0, len(frac), (n,), generator=g)]
+    x = (k + f) * torch.tensor(scale, dtype=torch.float32)
+    x = torch.where(torch.rand(n, generator=g) < 0.3, torch.randn(n, generator=g) * 3, x)
+    special = torch.tensor([math.inf, -math.inf, -0.0, 0.0, 3e38, -3e38, 1e-40, -1e-40])
+    pick = torch.rand(n, generator=g) < 0.02
+    x[pick] = special[torch.randint(0, len(special), (int(pick.sum()),), generator=g)]
+    return x
+
+
+@needs_native
+@pytest.mark.parametrize("isa", supported_isas())
+@pytest.mark.parametrize("bits,scheme,zp_kind", [(8, "affine", "mid"), (8, "affine", "min"),
+                                                 (8, "affine", "max"), (16, "affine", "mid"),
+                                                 (1, "affine", "min"), (4, "symmetric", "zero"),
+                                                 (16, "symmetric", "zero")])
+@pytest.mark.parametrize("n", [1, 15, 1023, 70001])
+@pytest.mark.parametrize("store", ["regular", "streaming"])
+def test_every_isa_matches_torch_bitwise(isa, bits, scheme, zp_kind, n, store):
+    qmin, qmax = kernels.quant_range(bits, scheme)
+    zp = {"mid": (qmin + qmax + 1) // 2, "min": qmin, "max": qmax, "zero": 0}[zp_kind]
+    scale = 0.0371 if bits > 1 else 0.9
+    x = adversarial_x(n, scale, zp, qmin, qmax, seed_of(isa, bits, scheme, zp_kind, n))
+    C = _native._C
+    p = lambda v: np.array([v], dtype=np.float32)  # noqa: E731
+    out = np.empty(n + 3, dtype=np.float32)[3:]  # not 64-byte aligned: the streamed head
+    codes = np.empty(n, dtype=np.int32)
+    C.fake_quantize(x.numpy(), out, quant_min=qmin, quant_max=qmax, scale=p(scale),
+                    zero_point=p(zp), derive=False, codes=codes, isa=isa, store=store)
+    want = torch.fake_quantize_per_tensor_affine(x, scale, zp, qmin, qmax)
+    assert_bitwise_equal(torch.from_numpy(out), want)
+    _, wc = kernels.fake_quantize_reference(x, bits=bits, scheme=scheme, scale=scale,
+                                            zero_point=zp, return_codes=True)
+    assert torch.equal(torch.from_numpy(codes), wc)
+    # per channel, channels innermost (per-element parameters) and outermost (constant spans)
+    for shape, axis in [((n, 3), 1), ((3, n), 0)]:
+        xc = adversarial_x(3 * n, scale, zp, qmin, qmax, seed_of(isa, shape)).reshape(shape)
+        sc = torch.tensor([scale, scale * 0.5, scale * 3.0], dtype=torch.float32)
+        zc = torch.tensor([zp, qmin, qmax], dtype=torch.int32) if scheme == "affine" \
+            else torch.zeros(3, dtype=torch.int32)
+        oc = np.empty(shape, dtype=np.float32)
+        C.fake_quantize(xc.numpy(), oc, axis=axis, quant_min=qmin, quant_max=qmax,
+                        scale=sc.numpy(), zero_point=zc.to(torch.float32).numpy(), derive=False,
+                        isa=isa, store=store)
+        ref = torch.fake_quantize_per_channel_affine(xc, sc, zc, axis, qmin, qmax)
+        # torch's per-channel op sends +inf and values beyond the int64 range through an
+        # undefined float -> int cast (the documented exception); the reference covers them.
+        fin = xc.abs() < 1e30
+        assert_bitwise_equal(torch.from_numpy(oc)[fin], ref[fin])
+        assert_bitwise_equal(torch.from_numpy(oc), kernels.fake_quantize_reference(
+            xc, bits=bits, scheme=scheme, axis=axis, scale=sc, zero_point=zc))
+    # fused bool / float mask, NaN included: against the pure-torch reference
+    xn = x.clone()
+    xn[:: 7] = math.nan
+    for m in (torch.rand(n, generator=torch.Generator().manual_seed(n)) < 0.5,
+              torch.randn(n, generator=torch.Generator().manual_seed(n + 1))):
+        om = np.empty(n, dtype=np.float32)
+        cm = np.empty(n, dtype=np.int32)
+        C.fake_quantize(xn.numpy(), om, quant_min=qmin, quant_max=qmax, scale=p(scale),
+                        zero_point=p(zp), derive=False, codes=cm, mask=m.numpy(), isa=isa,
+                        store=store)
+        wm, wmc = kernels.masked_fake_quantize_reference(xn, m, bits=bits, scheme=scheme,
+                                                         scale=scale, zero_point=zp,
+                                                         return_codes=True)
+        assert_bitwise_equal(torch.from_numpy(om), wm)
+        assert torch.equal(torch.from_numpy(cm), wmc)
+
+
+@needs_native
+@pytest.mark.parametrize("isa", supported_isas())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+@pytest.mark.parametrize("store", ["regular", "streaming"])
+@pytest.mark.parametrize("in_place", [False, True])
+def test_every_isa_matches_reference_float64_and_stochastic(isa, dtype, rounding, store,
+                                                            in_place):
+    x = make_x((70001,), dtype, seed=seed_of(isa, dtype, rounding), scale=40.0)
+    x[::11] = math.nan
+    kw = dict(bits=6, scale=0.3, zero_point=17, rounding=rounding,
+              seed=7 if rounding == "stochastic" else None, return_codes=True)
+    want, wc = kernels.fake_quantize_reference(x, **kw)
+    xa = x.numpy().copy()
+    out = xa if in_place else np.empty(x.shape, dtype=xa.dtype)
+    codes = np.empty(x.shape, dtype=np.int32)
+    one = lambda v: np.array([v], dtype=out.dtype)  # noqa: E731
+    _native._C.fake_quantize(xa, out, quant_min=0, quant_max=63,
+                             scale=want.new_tensor([0.3]).numpy(), zero_point=one(17),
+                             derive=False, stochastic=rounding == "stochastic", seed=7,
+                             codes=codes, isa=isa, store=store)
+    assert_bitwise_equal(torch.from_numpy(out), want)
+    assert torch.equal(torch.from_numpy(codes), wc)
+
+
+@needs_native
+def test_large_output_auto_streaming_matches_torch():
+    # >= 16 MiB of output: the default (store="auto") path writes with non-temporal stores
+    n = (16 << 20) // 4 + 21
+    x = adversarial_x(n, 0.0371, 128, 0, 255, seed=77)
+    out = torch.empty(n + 1)[1:]
+    kernels.fake_quantize(x, scale=0.0371, zero_point=128, out=out, backend="native")
+    assert_bitwise_equal(out, torch.fake_quantize_per_tensor_affine(x, 0.0371, 128, 0, 255))
+    m = torch.rand(n, generator=torch.Generator().manual_seed(3)) < 0.5
+    y = kernels.masked_fake_quantize(x, m, scale=0.0371, zero_point=128, backend="native")
+    assert_bitwise_equal(y, torch.fake_quantize_per_tensor_affine(x.masked_fill(~m, 0), 0.0371,
+                                                                  128, 0, 255))
+
+
+@needs_native
+def test_isa_argument_is_validated():
+    C = _native._C
+    assert C.quant_best_isa() in ("baseline", "avx2", "avx512")
+    a = np.ones(4, dtype=np.float32)
+    kw = dict(quant_min=0, quant_max=255, scale=np.ones(1, np.float32),
+              zero_point=np.zeros(1, np.float32), derive=False)
+    with pytest.raises(ValueError, match=r"unknown isa 'sse9'"):
+        C.fake_quantize(a, a.copy(), isa="sse9", **kw)
+    with pytest.raises(ValueError, match=r"unknown store 'fast'"):
+        C.fake_quantize(a, a.copy(), store="fast", **kw)
+    unsupported = [i for i in ("avx2", "avx512") if i not in supported_isas()]
+    for i in unsupported:
+        with pytest.raises(ValueError, match=rf"isa '{i}' is not supported"):
+            C.fake_quantize(a, a.copy(), isa=i, **kw)
+
+
 # ------------------------------------------------------------------------------ derived params
 
 

@@ -22,11 +22,18 @@
 // level. (q - zero_point) is an exact small integer, and equal values subtract to +0.0, so
 // no -0.0 is produced, exactly as torch's integer difference.
 //
-// nearbyint without SSE4.1: y is first clamped to [-2^22, 2^22] (which cannot change q, since
-// |quant_min|, |quant_max|, |zero_point| <= 65535), then rounded with the magic-number trick
-// (y + 1.5*2^m) - 1.5*2^m (m = mantissa bits), which is exact round-half-to-even in the
-// default rounding mode and vectorizes with plain SSE2. Requires the default FP environment
-// (round to nearest) and no -ffast-math (setup.py never adds it); torch assumes the same.
+// Evaluation order (nearest; same bits as above): y is first clamped to the integers
+// [quant_min - zero_point, quant_max - zero_point] (rounding is monotone and fixes integers, so
+// clamping before rounding equals clamping after, and |bounds| < 2^17), then rounded with the
+// magic-number trick n = (y + 1.5*2^m) - 1.5*2^m (m = mantissa bits), exact round-half-to-even
+// in the default rounding mode, vectorizing with plain SSE2; out = n * scale (n == q - zero_point
+// exactly, never -0.0), code = n + zero_point. 6 vector operations per element. Stochastic
+// rounding pre-clamps y to [-2^22, 2^22] (cannot change q) and clamps q after rounding.
+// Requires the default FP environment (round to nearest) and no -ffast-math (setup.py never
+// adds it); torch assumes the same. FMA contraction is disabled for this header.
+//
+// Stores: outputs of >= kQuantStreamBytes are computed in L1-sized chunks and written with
+// non-temporal stores (no read-for-ownership of out); see QuantStore.
 //
 // Stochastic rounding replaces nearbyint(y) by floor(y) + (u < y - floor(y)), with
 // u = uniform(seed, flat element index) from a counter-based hash (splitmix64 of the seeded
@@ -58,6 +65,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -66,19 +74,75 @@
 #include <omp.h>
 #endif
 
+#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 // The clamps below are float selects (`y < lo ? lo : y`); under GCC's default
 // -ftrapping-math they count as control flow that may trap, and the loops do not vectorize.
 // -fno-trapping-math changes no result (no reassociation, no contraction: it only stops
 // preserving FP exception flags), so it is enabled for this header's functions only.
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC push_options
-#pragma GCC optimize("no-trapping-math")
+#pragma GCC optimize("no-trapping-math", "fp-contract=off")
+#endif
+
+// SIMD: the extension is built for the baseline ISA (no -march). On x86-64 with GCC or clang
+// the quantization loop is also compiled for AVX2 and AVX-512 through function target
+// attributes and chosen at run time (quant_best_isa()), as in gaussian_kl.h. No FMA is
+// enabled and contraction is off, so every variant performs the same correctly rounded IEEE
+// operations and the results are bit-identical across variants.
+#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
+#define MIAFW_Q_X86_DISPATCH 1
+#define MIAFW_Q_INLINE inline __attribute__((always_inline))
+#define MIAFW_Q_TARGET_AVX2 __attribute__((target("avx2")))
+#define MIAFW_Q_TARGET_AVX512 __attribute__((target("avx512f,avx512dq,avx512vl,avx512bw,avx2")))
+#else
+#define MIAFW_Q_X86_DISPATCH 0
+#define MIAFW_Q_INLINE inline
 #endif
 
 namespace miafw {
 namespace kernels {
 
 constexpr int64_t kQuantParallelThreshold = 65536;
+
+// Outputs of at least this many bytes are written with non-temporal (streaming) stores: far
+// larger than the per-core caches, so the next reader finds them in memory either way, and
+// skipping the read-for-ownership of out cuts the memory traffic of a pass by about 1/3.
+constexpr int64_t kQuantStreamBytes = int64_t(16) << 20;  // 16 MiB
+
+// Instruction sets the quantization loop is compiled for; `automatic` picks the best one.
+enum class QuantIsa : int { automatic = -1, baseline = 0, avx2 = 1, avx512 = 2 };
+
+// Best instruction set this CPU (and OS) supports among those compiled in.
+inline QuantIsa quant_best_isa() {
+#if MIAFW_Q_X86_DISPATCH
+  static const QuantIsa best = [] {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw")) {
+      return QuantIsa::avx512;
+    }
+    if (__builtin_cpu_supports("avx2")) return QuantIsa::avx2;
+    return QuantIsa::baseline;
+  }();
+  return best;
+#else
+  return QuantIsa::baseline;
+#endif
+}
+
+// How fake_quantize writes `out`: non-temporal stores for outputs of at least
+// kQuantStreamBytes (automatic), never (regular) or for every long span (streaming).
+// Results do not depend on it.
+enum class QuantStore : int { automatic = 0, regular = 1, streaming = 2 };
+
+// Whether `isa` can run here (automatic always can).
+inline bool quant_isa_supported(QuantIsa isa) {
+  if (isa == QuantIsa::automatic || isa == QuantIsa::baseline) return true;
+  return static_cast<int>(isa) <= static_cast<int>(quant_best_isa());
+}
 
 // Documented floor of a derived scale (torch observers' eps for float32).
 constexpr double kQuantScaleFloor = 1.1920928955078125e-07;  // 2^-23
@@ -122,7 +186,7 @@ struct Magic<double> {
 template <typename T>
 constexpr T kPreClamp = T(4194304);  // 2^22
 
-inline uint64_t splitmix64(uint64_t z) {
+MIAFW_Q_INLINE uint64_t splitmix64(uint64_t z) {
   z += 0x9E3779B97F4A7C15ULL;
   z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
   z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
@@ -130,12 +194,12 @@ inline uint64_t splitmix64(uint64_t z) {
 }
 
 // Key of a seed: mixes it once so that neighbouring seeds give unrelated streams.
-inline uint64_t seed_key(uint64_t seed) { return splitmix64(seed); }
+MIAFW_Q_INLINE uint64_t seed_key(uint64_t seed) { return splitmix64(seed); }
 
 // Uniform in [0, 1) for element `idx`: splitmix64(key + idx * golden) (the finaliser applied to
 // the index-th state of a splitmix stream keyed by the seed).
 template <typename T>
-inline T uniform(uint64_t key, uint64_t idx) {
+MIAFW_Q_INLINE T uniform(uint64_t key, uint64_t idx) {
   const uint64_t h = splitmix64(key + idx * 0x9E3779B97F4A7C15ULL);
   if (std::is_same<T, float>::value) {
     return T(static_cast<float>(h >> 40) * 5.9604644775390625e-08f);  // 2^-24
@@ -145,7 +209,7 @@ inline T uniform(uint64_t key, uint64_t idx) {
 
 // Rounded (but not yet zero-pointed) value of y, nearest ties-to-even; NaN propagates.
 template <typename T>
-inline T round_nearest(T y) {
+MIAFW_Q_INLINE T round_nearest(T y) {
   y = y < -kPreClamp<T> ? -kPreClamp<T> : y;
   y = y > kPreClamp<T> ? kPreClamp<T> : y;
   const T M = Magic<T>::round;
@@ -153,7 +217,7 @@ inline T round_nearest(T y) {
 }
 
 template <typename T>
-inline T round_stochastic(T y, T u) {
+MIAFW_Q_INLINE T round_stochastic(T y, T u) {
   y = y < -kPreClamp<T> ? -kPreClamp<T> : y;
   y = y > kPreClamp<T> ? kPreClamp<T> : y;
   const T M = Magic<T>::round;
@@ -168,7 +232,7 @@ struct NoMask {};
 
 // The value that is quantized: x, m ? x : +0.0 (byte mask) or x * m (float mask).
 template <typename T, typename M>
-inline T masked_value(const T* x, const M* m, int64_t i) {
+MIAFW_Q_INLINE T masked_value(const T* x, const M* m, int64_t i) {
   if constexpr (std::is_same<M, uint8_t>::value) {
     const T v = x[i];  // loaded unconditionally: a conditional load blocks vectorization
     return m[i] ? v : T(0);
@@ -181,22 +245,36 @@ inline T masked_value(const T* x, const M* m, int64_t i) {
 }
 
 template <typename T, bool Stochastic, bool WithCodes>
-inline T quant_one(T v, T s, T iv, T z, T qmin, T qmax, uint64_t key, uint64_t idx,
-                   int32_t* code) {
+MIAFW_Q_INLINE T quant_one(T v, T s, T iv, T z, T qmin, T qmax, uint64_t key, uint64_t idx,
+                           int32_t* code) {
   const T y = v * iv;
-  T n;
-  if constexpr (Stochastic) {
-    n = round_stochastic<T>(y, uniform<T>(key, idx));
-  } else {
+  if constexpr (!Stochastic) {
+    // Nearest: clamp y to [qmin - z, qmax - z] (exact small integers) BEFORE rounding. Rounding
+    // is monotone and fixes integers, so round(clamp(y, lo, hi)) == clamp(round(y), lo, hi),
+    // and clamp(round(y), lo, hi) + z == clamp(round(y) + z, qmin, qmax) exactly (all values are
+    // integers below 2^18). Also |lo|, |hi| < 2^17 < 2^22, so the pre-clamp is implied. Then
+    // q - z == n exactly (n is never -0.0: the magic-number sum yields +0.0), so
+    // out = n * s == (q - z) * s bit for bit. NaN propagates through both selects.
     (void)key;
     (void)idx;
-    n = round_nearest<T>(y);
+    const T lo = qmin - z, hi = qmax - z;
+    T c = y < lo ? lo : y;
+    c = c > hi ? hi : c;
+    const T M = Magic<T>::round;
+    const T n = (c + M) - M;
+    if constexpr (WithCodes) {
+      const T q = n + z;
+      *code = static_cast<int32_t>(q == q ? q : qmin);
+    }
+    return n * s;
+  } else {
+    const T n = round_stochastic<T>(y, uniform<T>(key, idx));
+    T q = n + z;
+    q = q < qmin ? qmin : q;
+    q = q > qmax ? qmax : q;
+    if constexpr (WithCodes) *code = static_cast<int32_t>(q == q ? q : qmin);
+    return (q - z) * s;
   }
-  T q = n + z;
-  q = q < qmin ? qmin : q;
-  q = q > qmax ? qmax : q;
-  if constexpr (WithCodes) *code = static_cast<int32_t>(q == q ? q : qmin);
-  return (q - z) * s;
 }
 
 #if defined(__GNUC__) && !defined(__clang__)
@@ -210,14 +288,15 @@ inline T quant_one(T v, T s, T iv, T z, T qmin, T qmax, uint64_t key, uint64_t i
 // out may be x itself (each iteration reads element j before writing it): hence no
 // __restrict, and ivdep to keep the loop vectorized.
 template <typename T, typename M, bool Stochastic, bool PerElem, bool WithCodes>
-inline void quant_span(const T* x, const M* mask, T* out, int32_t* codes, const T* scale,
-                       const T* inv, const T* zp, T qmin, T qmax, int64_t off, int64_t len,
-                       uint64_t key) {
+// `dst` points at the destination of element `off` (out + off, or a chunk buffer).
+MIAFW_Q_INLINE void quant_span_body(const T* x, const M* mask, T* dst, int32_t* codes,
+                                    const T* scale, const T* inv, const T* zp, T qmin, T qmax,
+                                    int64_t off, int64_t len, uint64_t key) {
   if constexpr (PerElem) {
     MIAFW_IVDEP
     for (int64_t j = 0; j < len; ++j) {
       const T v = masked_value<T, M>(x, mask, off + j);
-      out[off + j] = quant_one<T, Stochastic, WithCodes>(
+      dst[j] = quant_one<T, Stochastic, WithCodes>(
           v, scale[j], inv[j], zp[j], qmin, qmax, key, static_cast<uint64_t>(off + j),
           WithCodes ? codes + off + j : nullptr);
     }
@@ -226,13 +305,122 @@ inline void quant_span(const T* x, const M* mask, T* out, int32_t* codes, const 
     MIAFW_IVDEP
     for (int64_t j = 0; j < len; ++j) {
       const T v = masked_value<T, M>(x, mask, off + j);
-      out[off + j] = quant_one<T, Stochastic, WithCodes>(
+      dst[j] = quant_one<T, Stochastic, WithCodes>(
           v, s, iv, z, qmin, qmax, key, static_cast<uint64_t>(off + j),
           WithCodes ? codes + off + j : nullptr);
     }
   }
 }
 
+
+#define MIAFW_QSPAN_PARAMS                                                                  \
+  const T *x, const M *mask, T *out, int32_t *codes, const T *scale, const T *inv,          \
+      const T *zp, T qmin, T qmax, int64_t off, int64_t len, uint64_t key, bool stream
+#define MIAFW_QSPAN_ARGS x, mask, out, codes, scale, inv, zp, qmin, qmax, off, len, key, stream
+
+// Elements per chunk of a streamed span (4 / 8 KiB: the chunk buffer stays in L1).
+constexpr int64_t kQuantChunk = 1024;
+
+// Non-temporal copy of n elements (n * sizeof(T) a multiple of 64) from the 64-byte aligned
+// src to the 64-byte aligned dst, with the widest stores of the ISA (Isa: 0 SSE2, 1 AVX2,
+// 2 AVX-512). Bit copies: values are unchanged.
+#if MIAFW_Q_X86_DISPATCH
+inline void stream_copy_sse2(char* dst, const char* src, int64_t bytes) {
+  for (int64_t b = 0; b < bytes; b += 16) {
+    _mm_stream_si128(reinterpret_cast<__m128i*>(dst + b),
+                     _mm_load_si128(reinterpret_cast<const __m128i*>(src + b)));
+  }
+}
+MIAFW_Q_TARGET_AVX2 inline void stream_copy_avx2(char* dst, const char* src, int64_t bytes) {
+  for (int64_t b = 0; b < bytes; b += 32) {
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(dst + b),
+                        _mm256_load_si256(reinterpret_cast<const __m256i*>(src + b)));
+  }
+}
+MIAFW_Q_TARGET_AVX512 inline void stream_copy_avx512(char* dst, const char* src, int64_t bytes) {
+  for (int64_t b = 0; b < bytes; b += 64) {
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(dst + b),
+                        _mm512_load_si512(reinterpret_cast<const void*>(src + b)));
+  }
+}
+#endif
+
+// A channel-constant span: directly into out, or (stream) in L1-resident chunks written to
+// out with non-temporal stores (no read-for-ownership of out's cache lines: ~1/3 less memory
+// traffic for a large output). Same arithmetic either way, so the same bits.
+template <typename T, typename M, bool Stochastic, bool PerElem, bool WithCodes, int Isa>
+MIAFW_Q_INLINE void quant_span_run(MIAFW_QSPAN_PARAMS) {
+#if MIAFW_Q_X86_DISPATCH
+  if constexpr (!PerElem) {
+    if (stream && len >= 4 * kQuantChunk) {
+      alignas(64) T buf[kQuantChunk];
+      const auto addr = reinterpret_cast<std::uintptr_t>(out + off);
+      int64_t head = std::min<int64_t>(
+          len, static_cast<int64_t>(((64 - (addr & 63)) & 63) / sizeof(T)));
+      if ((addr % sizeof(T)) != 0) head = len;  // never: the bindings check alignment
+      quant_span_body<T, M, Stochastic, PerElem, WithCodes>(x, mask, out + off, codes, scale,
+                                                            inv, zp, qmin, qmax, off, head, key);
+      int64_t j = head;
+      for (; j + kQuantChunk <= len; j += kQuantChunk) {
+        quant_span_body<T, M, Stochastic, PerElem, WithCodes>(
+            x, mask, buf, codes, scale, inv, zp, qmin, qmax, off + j, kQuantChunk, key);
+        char* d = reinterpret_cast<char*>(out + off + j);
+        const char* src = reinterpret_cast<const char*>(buf);
+        constexpr int64_t bytes = kQuantChunk * static_cast<int64_t>(sizeof(T));
+        if constexpr (Isa == 2) {
+          stream_copy_avx512(d, src, bytes);
+        } else if constexpr (Isa == 1) {
+          stream_copy_avx2(d, src, bytes);
+        } else {
+          stream_copy_sse2(d, src, bytes);
+        }
+      }
+      quant_span_body<T, M, Stochastic, PerElem, WithCodes>(
+          x, mask, out + off + j, codes, scale, inv, zp, qmin, qmax, off + j, len - j, key);
+      _mm_sfence();  // order the streamed stores before the caller's barrier
+      return;
+    }
+  }
+#endif
+  (void)stream;
+  quant_span_body<T, M, Stochastic, PerElem, WithCodes>(x, mask, out + off, codes, scale, inv,
+                                                        zp, qmin, qmax, off, len, key);
+}
+
+template <typename T, typename M, bool Stochastic, bool PerElem, bool WithCodes>
+void quant_span_baseline(MIAFW_QSPAN_PARAMS) {
+  quant_span_run<T, M, Stochastic, PerElem, WithCodes, 0>(MIAFW_QSPAN_ARGS);
+}
+#if MIAFW_Q_X86_DISPATCH
+template <typename T, typename M, bool Stochastic, bool PerElem, bool WithCodes>
+MIAFW_Q_TARGET_AVX2 void quant_span_avx2(MIAFW_QSPAN_PARAMS) {
+  quant_span_run<T, M, Stochastic, PerElem, WithCodes, 1>(MIAFW_QSPAN_ARGS);
+}
+template <typename T, typename M, bool Stochastic, bool PerElem, bool WithCodes>
+MIAFW_Q_TARGET_AVX512 void quant_span_avx512(MIAFW_QSPAN_PARAMS) {
+  quant_span_run<T, M, Stochastic, PerElem, WithCodes, 2>(MIAFW_QSPAN_ARGS);
+}
+#endif
+
+// One span, compiled for the instruction set `isa` (identical results: the arithmetic is
+// the same sequence of correctly rounded IEEE operations, no FMA contraction, only wider).
+template <typename T, typename M, bool Stochastic, bool PerElem, bool WithCodes>
+inline void quant_span(QuantIsa isa, MIAFW_QSPAN_PARAMS) {
+#if MIAFW_Q_X86_DISPATCH
+  if (isa == QuantIsa::avx512) {
+    quant_span_avx512<T, M, Stochastic, PerElem, WithCodes>(MIAFW_QSPAN_ARGS);
+    return;
+  }
+  if (isa == QuantIsa::avx2) {
+    quant_span_avx2<T, M, Stochastic, PerElem, WithCodes>(MIAFW_QSPAN_ARGS);
+    return;
+  }
+#endif
+  (void)isa;
+  quant_span_baseline<T, M, Stochastic, PerElem, WithCodes>(MIAFW_QSPAN_ARGS);
+}
+#undef MIAFW_QSPAN_PARAMS
+#undef MIAFW_QSPAN_ARGS
 
 // Interior split points rounded down to a multiple of 16 elements (see mask.h).
 inline int64_t qsplit(int64_t total, int nth, int tid) {
@@ -288,36 +476,56 @@ inline void minmax_span(const T* x, const M* m, int64_t off, int64_t len, bool p
     }
     return;
   }
-  // Lane-striped so the compiler can vectorize the comparisons (min/max are exact, so the
-  // order does not matter).
-  constexpr int W = 16;
-  T lmn[W], lmx[W];
-  uint8_t lbad[W];
-  for (int w = 0; w < W; ++w) {
-    lmn[w] = mn[c];
-    lmx[w] = mx[c];
-    lbad[w] = 0;
+  // Lane-striped in U 16-byte GCC/clang vectors (native SSE2 width, so the comparisons stay
+  // vector instructions); min/max are exact, so the order does not matter (a NaN never
+  // replaces a bound; it sets `bad`).
+  constexpr int L = static_cast<int>(16 / sizeof(T));
+  constexpr int U = 4;
+  constexpr int W = L * U;
+  using I = typename std::conditional<sizeof(T) == 4, int32_t, int64_t>::type;
+  typedef T V __attribute__((vector_size(16)));
+  typedef I VI __attribute__((vector_size(16)));
+  V vmn[U], vmx[U];
+  VI vbad[U];
+  for (int u = 0; u < U; ++u) {
+    for (int w = 0; w < L; ++w) {
+      vmn[u][w] = mn[c];
+      vmx[u][w] = mx[c];
+      vbad[u][w] = 0;
+    }
   }
   int64_t j = 0;
   for (; j + W <= len; j += W) {
-    for (int w = 0; w < W; ++w) {
-      const T v = masked_value<T, M>(x, m, off + j + w);
-      lbad[w] |= static_cast<uint8_t>(v != v);
-      lmn[w] = v < lmn[w] ? v : lmn[w];
-      lmx[w] = v > lmx[w] ? v : lmx[w];
+    for (int u = 0; u < U; ++u) {
+      V v;
+      if constexpr (std::is_same<M, NoMask>::value) {
+        std::memcpy(&v, x + off + j + u * L, sizeof(V));
+      } else {
+        for (int w = 0; w < L; ++w) v[w] = masked_value<T, M>(x, m, off + j + u * L + w);
+      }
+      vbad[u] |= (v != v);
+      vmn[u] = v < vmn[u] ? v : vmn[u];
+      vmx[u] = v > vmx[u] ? v : vmx[u];
+    }
+  }
+  T lmn = mn[c], lmx = mx[c];
+  bool lbad = false;
+  for (int u = 0; u < U; ++u) {
+    for (int w = 0; w < L; ++w) {
+      lmn = vmn[u][w] < lmn ? vmn[u][w] : lmn;
+      lmx = vmx[u][w] > lmx ? vmx[u][w] : lmx;
+      lbad = lbad || vbad[u][w] != 0;
     }
   }
   for (; j < len; ++j) {
     const T v = masked_value<T, M>(x, m, off + j);
-    lbad[0] |= static_cast<uint8_t>(v != v);
-    lmn[0] = v < lmn[0] ? v : lmn[0];
-    lmx[0] = v > lmx[0] ? v : lmx[0];
+    lbad = lbad || v != v;
+    lmn = v < lmn ? v : lmn;
+    lmx = v > lmx ? v : lmx;
   }
-  for (int w = 0; w < W; ++w) {
-    mn[c] = lmn[w] < mn[c] ? lmn[w] : mn[c];
-    mx[c] = lmx[w] > mx[c] ? lmx[w] : mx[c];
-    if (lbad[w]) *bad = true;
-  }
+  mn[c] = lmn;
+  mx[c] = lmx;
+  if (lbad) *bad = true;
 }
 
 }  // namespace qdetail
@@ -356,11 +564,21 @@ inline bool quant_params(T mn, T mx, int64_t quant_min, int64_t quant_max, Quant
 // M is qdetail::NoMask (mask ignored, pass nullptr), uint8_t (bool mask) or T (float mask).
 // params arrays have L.channels entries; read when !spec.derive, written when spec.derive.
 // Returns false only when spec.derive and the data hold NaN or inf (nothing written then).
-// num_threads <= 0 means omp_get_max_threads(). Never throws.
+// num_threads <= 0 means omp_get_max_threads(). isa: the quantization loop's instruction set
+// (automatic, or one not supported here: quant_best_isa()); store: how out is written (see
+// QuantStore). Results depend on neither.
+// Never throws.
 template <typename T, typename M>
 bool fake_quantize(const T* x, const M* mask, T* out, int32_t* codes, QuantLayout L,
-                   QuantParams<T> params, const QuantSpec& spec, int num_threads = 0) {
+                   QuantParams<T> params, const QuantSpec& spec, int num_threads = 0,
+                   QuantIsa isa = QuantIsa::automatic,
+                   QuantStore store = QuantStore::automatic) {
   static_assert(std::is_floating_point<T>::value, "T must be float or double");
+  if (isa == QuantIsa::automatic || !quant_isa_supported(isa)) isa = quant_best_isa();
+  const bool stream =
+      store == QuantStore::streaming ||
+      (store == QuantStore::automatic &&
+       L.total() * static_cast<int64_t>(sizeof(T)) >= kQuantStreamBytes);
   const int64_t total = L.total();
   const int64_t C = L.channels;
   const T qmin = static_cast<T>(spec.quant_min), qmax = static_cast<T>(spec.quant_max);
@@ -373,7 +591,8 @@ bool fake_quantize(const T* x, const M* mask, T* out, int32_t* codes, QuantLayou
       const T* z = params.zero_point + c;
       // Index shift so that per-channel arrays line up with the span's first element.
 #define MIAFW_QSPAN(ST, PE, CD)                                                            \
-  qdetail::quant_span<T, M, ST, PE, CD>(x, mask, out, codes, s, iv, z, qmin, qmax, off, len, key)
+  qdetail::quant_span<T, M, ST, PE, CD>(isa, x, mask, out, codes, s, iv, z, qmin, qmax, off, len, \
+                                       key, stream)
 #define MIAFW_QSPAN_CD(ST, PE) \
   if (codes) {                 \
     MIAFW_QSPAN(ST, PE, true); \
