@@ -89,6 +89,23 @@ def stream_copy_gbps(n_bytes: int, *, repeat: int = 21) -> float:
     return _COPY_CACHE[n_bytes]
 
 
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def dtype_of(name: str) -> torch.dtype:
+    """The torch dtype for a benchmark dtype name; ValueError listing the valid names."""
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; valid: {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def timed_row(kernel: str, case: str, size: int, dtype: str, variant: str, fn: Callable[[], object],
+              repeat: int, note: str = "") -> Measurement:
+    """Time ``fn`` (:func:`median_time`) into a :class:`Measurement`."""
+    return Measurement(kernel=kernel, case=case, size=int(size), dtype=dtype, variant=variant,
+                       seconds=median_time(fn, repeat=repeat), note=note)
+
+
 def compare(rows: List[Measurement], baseline: str) -> List[Measurement]:
     """Fill ``baseline`` and ``ratio`` of rows sharing (kernel, case, size, dtype) with ``baseline``."""
     by_key: Dict[tuple, float] = {}
@@ -138,4 +155,4 @@ def _fmt_time(s: float) -> str:
     return f"{s:.2f} s"
 
 
-__all__ = ["Measurement", "compare", "format_table", "median_time", "stream_copy_gbps", "with_bandwidth"]
+__all__ = ["DTYPES", "Measurement", "compare", "dtype_of", "timed_row", "format_table", "median_time", "stream_copy_gbps", "with_bandwidth"]

@@ -25,12 +25,11 @@ import torch
 from torch.distributions import MultivariateNormal, Normal, kl_divergence
 
 from mia_core import kernels
-from mia_core.bench.common import Measurement, compare, median_time, with_bandwidth
+from mia_core.bench.common import dtype_of, Measurement, compare, median_time, with_bandwidth
 
 #: Pairs per call for the full-covariance cases (before the max(sizes) cap).
 FULL_SIZES = {2: 200_000, 8: 50_000, 64: 2_000}
 
-_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 def _hand_formula(mu0, var0, mu1, var1):
@@ -51,7 +50,7 @@ def _spd(n: int, d: int, dtype, g) -> torch.Tensor:
 
 
 def _univariate(n: int, dtype_name: str, backends: Sequence[str], repeat: int) -> List[Measurement]:
-    dtype = _DTYPES[dtype_name]
+    dtype = dtype_of(dtype_name)
     g = torch.Generator().manual_seed(0)
     mu0 = torch.randn(n, generator=g).to(dtype)
     mu1 = torch.randn(n, generator=g).to(dtype)
@@ -97,7 +96,7 @@ def _univariate(n: int, dtype_name: str, backends: Sequence[str], repeat: int) -
 
 
 def _full(d: int, n: int, dtype_name: str, backends: Sequence[str], repeat: int) -> List[Measurement]:
-    dtype = _DTYPES[dtype_name]
+    dtype = dtype_of(dtype_name)
     g = torch.Generator().manual_seed(d)
     mu0 = torch.randn(n, d, generator=g).to(dtype)
     mu1 = torch.randn(n, d, generator=g).to(dtype)
@@ -136,8 +135,7 @@ def run(*, sizes: Sequence[int], dtypes: Sequence[str], backends: Sequence[str],
     Returns rows whose ``ratio`` is against ``torch.distributions`` (> 1: faster).
     """
     for name in dtypes:
-        if name not in _DTYPES:
-            raise ValueError(f"unknown dtype {name!r}; valid: {', '.join(_DTYPES)}")
+        dtype_of(name)  # ValueError for an unknown dtype
     rows: List[Measurement] = []
     cap = max(sizes) if sizes else max(FULL_SIZES.values())
     for dtype_name in dtypes:

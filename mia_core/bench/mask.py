@@ -27,21 +27,13 @@ from typing import Callable, List, Sequence
 import torch
 
 from mia_core import kernels
-from mia_core.bench.common import Measurement, compare, median_time, with_bandwidth
+from mia_core.bench.common import Measurement, compare, dtype_of, timed_row, median_time, with_bandwidth
 
 KERNEL = "mask"
-_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
-def _dtype(name: str) -> torch.dtype:
-    if name not in _DTYPES:
-        raise ValueError(f"unknown dtype {name!r}; valid: {', '.join(_DTYPES)}")
-    return _DTYPES[name]
-
-
-def _row(case, size, dtype, variant, fn: Callable[[], object], repeat, note="") -> Measurement:
-    return Measurement(kernel=KERNEL, case=case, size=int(size), dtype=dtype, variant=variant,
-                       seconds=median_time(fn, repeat=repeat), note=note)
+def _row(*args, **kwargs) -> Measurement:
+    return timed_row(KERNEL, *args, **kwargs)
 
 
 def model_sizes(n_tensors: int = 50, total: int = 100_000, seed: int = 0) -> List[int]:
@@ -53,7 +45,7 @@ def model_sizes(n_tensors: int = 50, total: int = 100_000, seed: int = 0) -> Lis
 
 
 def bench_model(dtype: str, backends: Sequence[str], repeat: int) -> List[Measurement]:
-    dt = _dtype(dtype)
+    dt = dtype_of(dtype)
     sizes = model_sizes()
     g = torch.Generator().manual_seed(1)
     ws = [torch.randn(n, generator=g, dtype=dt) for n in sizes]
@@ -87,7 +79,7 @@ def bench_model(dtype: str, backends: Sequence[str], repeat: int) -> List[Measur
 
 
 def bench_bool(n: int, dtype: str, backends: Sequence[str], repeat: int) -> List[Measurement]:
-    dt = _dtype(dtype)
+    dt = dtype_of(dtype)
     g = torch.Generator().manual_seed(2)
     w = torch.randn(n, generator=g, dtype=dt)
     m = torch.rand(n, generator=g) < 0.5
@@ -113,7 +105,7 @@ def bench_bool(n: int, dtype: str, backends: Sequence[str], repeat: int) -> List
 
 
 def bench_float(n: int, dtype: str, backends: Sequence[str], repeat: int) -> List[Measurement]:
-    dt = _dtype(dtype)
+    dt = dtype_of(dtype)
     g = torch.Generator().manual_seed(3)
     w = torch.randn(n, generator=g, dtype=dt)
     m = (torch.rand(n, generator=g) < 0.5).to(dt)
@@ -132,7 +124,7 @@ def bench_float(n: int, dtype: str, backends: Sequence[str], repeat: int) -> Lis
 
 
 def bench_magnitude(n: int, dtype: str, backends: Sequence[str], repeat: int) -> List[Measurement]:
-    dt = _dtype(dtype)
+    dt = dtype_of(dtype)
     g = torch.Generator().manual_seed(4)
     w = torch.randn(n, generator=g, dtype=dt)
     # The stable argsort reference is slow at large sizes: fewer repeats there.

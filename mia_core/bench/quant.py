@@ -23,23 +23,17 @@ from typing import Callable, List, Sequence
 import torch
 
 from mia_core import kernels
-from mia_core.bench.common import Measurement, compare, median_time, with_bandwidth
+from mia_core.bench.common import Measurement, compare, dtype_of, timed_row, median_time, with_bandwidth
 
 KERNEL = "fake_quantize"
-_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def _row(*args, **kwargs) -> Measurement:
+    return timed_row(KERNEL, *args, **kwargs)
 SCALE, ZERO_POINT, QMIN, QMAX = 0.02, 128, 0, 255
 CHANNELS = 64
 
 
-def _dtype(name: str) -> torch.dtype:
-    if name not in _DTYPES:
-        raise ValueError(f"unknown dtype {name!r}; valid: {', '.join(_DTYPES)}")
-    return _DTYPES[name]
-
-
-def _row(case, size, dtype, variant, fn: Callable[[], object], repeat, note="") -> Measurement:
-    return Measurement(kernel=KERNEL, case=case, size=int(size), dtype=dtype, variant=variant,
-                       seconds=median_time(fn, repeat=repeat), note=note)
 
 
 def _x(shape, dt) -> torch.Tensor:
@@ -48,7 +42,7 @@ def _x(shape, dt) -> torch.Tensor:
 
 
 def bench_per_tensor(size: int, dtype: str, backends: Sequence[str], repeat: int):
-    dt = _dtype(dtype)
+    dt = dtype_of(dtype)
     x = _x(size, dt)
     out = torch.empty_like(x)
     case = "per-tensor-affine"
@@ -74,7 +68,7 @@ def bench_per_tensor(size: int, dtype: str, backends: Sequence[str], repeat: int
 
 
 def bench_per_channel(size: int, dtype: str, backends: Sequence[str], repeat: int):
-    dt = _dtype(dtype)
+    dt = dtype_of(dtype)
     C = CHANNELS if size >= CHANNELS else 1
     n = (size // C) * C
     x = _x((C, n // C), dt)
@@ -102,7 +96,7 @@ def bench_per_channel(size: int, dtype: str, backends: Sequence[str], repeat: in
 def bench_fused(size: int, dtype: str, backends: Sequence[str], repeat: int):
     if not kernels.native_available():
         return []
-    dt = _dtype(dtype)
+    dt = dtype_of(dtype)
     x = _x(size, dt)
     g = torch.Generator().manual_seed(1)
     m = torch.rand(size, generator=g) < 0.5
