@@ -26,12 +26,75 @@ def log(msg):
     print(f"[miafw setup] {msg}", flush=True)
 
 
+def _cuda_requested():
+    return os.environ.get("MIAFW_CUDA", "0").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def find_nvcc():
+    """(nvcc path, CUDA home) or (None, None): CUDA_HOME/CUDA_PATH's bin/nvcc, else nvcc on PATH."""
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        home = os.environ.get(var)
+        if home:
+            cand = os.path.join(home, "bin", "nvcc")
+            if os.path.isfile(cand) and os.access(cand, os.X_OK):
+                return cand, home
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return None, None
+    # /usr/local/bin/nvcc may be a link or a wrapper script: ask nvcc where it lives.
+    home = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+    try:
+        import subprocess
+
+        dry = subprocess.run([nvcc, "--dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull],
+                             capture_output=True, text=True, timeout=60)
+        for line in (dry.stdout + dry.stderr).splitlines():
+            if line.startswith("#$ _HERE_="):
+                home = os.path.dirname(os.path.realpath(line.split("=", 1)[1].strip()))
+                break
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return nvcc, home
+
+
+def cuda_libdir(home):
+    """Directory holding libcudart.so under a CUDA home (None if not found)."""
+    for sub in ("lib64", "lib", os.path.join("targets", "x86_64-linux", "lib"),
+                os.path.join("targets", "sbsa-linux", "lib")):
+        d = os.path.join(home, sub)
+        if glob(os.path.join(d, "libcudart.so*")):
+            return d
+    return None
+
+
+def cuda_config():
+    """(build CUDA?, reason, nvcc, libdir). CUDA is built only with MIAFW_CUDA=1 and nvcc found."""
+    if not _cuda_requested():
+        return False, "not built (MIAFW_CUDA unset; set MIAFW_CUDA=1 with nvcc available to build the CUDA twins)", None, None
+    nvcc, home = find_nvcc()
+    if nvcc is None:
+        return (False, "WARNING: CUDA was requested (MIAFW_CUDA=1) but nvcc was not found (neither "
+                "$CUDA_HOME/bin/nvcc nor nvcc on PATH); building the CPU-only extension", None, None)
+    libdir = cuda_libdir(home)
+    if libdir is None:
+        return (False, f"WARNING: CUDA was requested (MIAFW_CUDA=1) and nvcc was found at {nvcc}, but "
+                f"libcudart.so was not found under {home}; building the CPU-only extension", None, None)
+    return True, f"yes (MIAFW_CUDA=1, nvcc {nvcc}, libcudart in {libdir})", nvcc, libdir
+
+
+CUDA_BUILD, CUDA_REASON, NVCC, CUDA_LIBDIR = cuda_config()
+
+# A100 (sm_80) and H100 (sm_90) machine code, plus compute_90 PTX for newer GPUs to JIT.
+NVCC_GENCODE = [
+    "-gencode", "arch=compute_80,code=sm_80",
+    "-gencode", "arch=compute_90,code=sm_90",
+    "-gencode", "arch=compute_90,code=compute_90",
+]
+NVCC_FLAGS = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-Xcompiler", "-fPIC"] + NVCC_GENCODE
+
+
 def cuda_decision():
-    requested = os.environ.get("MIAFW_CUDA", "0").strip().lower() in {"1", "true", "yes", "on"}
-    if requested:
-        return ("not built: MIAFW_CUDA=1 was set, but CUDA kernels are not part of this version "
-                "of miafw yet (CPU extension only)")
-    return "not built (CUDA kernels are not part of this version; MIAFW_CUDA unset)"
+    return CUDA_REASON
 
 
 def openmp_flags(compiler_type):
@@ -120,9 +183,52 @@ class MiafwBuildExt(build_ext):
                 f"extra_compile_args={ext.extra_compile_args}, "
                 f"extra_link_args={ext.extra_link_args}")
         log(f"CUDA: {cuda_decision()}")
+        stamp, config = self._force_on_config_change()
+        if CUDA_BUILD:
+            self._compile_cuda()
         super().build_extensions()
+        os.makedirs(self.build_temp, exist_ok=True)
+        with open(stamp, "w") as f:  # only after a successful build
+            f.write(config)
         for ext in self.extensions:
             log(f"OpenMP symbol versions of {ext.name}: {openmp_symbol_report(self.get_ext_fullpath(ext.name))}")
+
+    def _force_on_config_change(self):
+        """Rebuild everything when MIAFW_CUDA's outcome changed since the last build: the
+        sources' timestamps do not change with it, so distutils would keep the stale library."""
+        stamp = os.path.join(self.build_temp, "miafw_build_config")
+        config = f"cuda={int(CUDA_BUILD)}\n"
+        try:
+            with open(stamp) as f:
+                previous = f.read()
+        except OSError:
+            previous = None
+        if previous != config:
+            if previous is not None or any(os.path.exists(self.get_ext_fullpath(e.name))
+                                           for e in self.extensions):
+                log(f"build configuration changed ({(previous or 'unknown').strip()} -> "
+                    f"{config.strip()}): rebuilding")
+            self.force = True
+        return stamp, config
+
+    def _compile_cuda(self):
+        """nvcc-compile csrc/cuda/*.cu to objects and hand them to the linker as extra_objects."""
+        import subprocess
+
+        out_dir = os.path.join(self.build_temp, "miafw_cuda")
+        os.makedirs(out_dir, exist_ok=True)
+        objects = []
+        for src in cuda_sources:
+            obj = os.path.join(out_dir, os.path.splitext(os.path.basename(src))[0] + ".o")
+            deps = [src] + cuda_headers
+            if self.force or not os.path.exists(obj) or \
+                    os.path.getmtime(obj) < max(os.path.getmtime(d) for d in deps):
+                cmd = [NVCC] + NVCC_FLAGS + ["-I", CSRC, "-c", src, "-o", obj]
+                log("nvcc: " + " ".join(cmd))
+                subprocess.run(cmd, check=True)
+            objects.append(obj)
+        for ext in self.extensions:
+            ext.extra_objects = list(ext.extra_objects or []) + objects
 
 
 # Relative, sorted paths: the same inputs in the same order on every machine.
@@ -133,9 +239,33 @@ sources = sorted(
 if not sources:
     sys.exit(f"[miafw setup] no C++ sources found under {CSRC}/")
 
+
+def _globbed(pattern):
+    return sorted(os.path.relpath(p, ROOT).replace(os.sep, "/")
+                  for p in glob(os.path.join(ROOT, CSRC, pattern)))
+
+
+# CUDA twins: csrc/cuda/*.cu (nvcc) and their binding csrc/cuda/*.cpp (the C++ compiler).
+cuda_sources = _globbed(os.path.join("cuda", "*.cu")) if CUDA_BUILD else []
+cuda_headers = (_globbed(os.path.join("cuda", "*.h")) + _globbed(os.path.join("cuda", "*.cuh"))
+                if CUDA_BUILD else [])
+ext_kwargs = {}
+if CUDA_BUILD:
+    sources = sources + _globbed(os.path.join("cuda", "*.cpp"))
+    ext_kwargs = dict(
+        define_macros=[("MIAFW_WITH_CUDA", "1")],
+        library_dirs=[CUDA_LIBDIR],
+        runtime_library_dirs=[CUDA_LIBDIR],
+        libraries=["cudart"],
+    )
+
 log(f"sources: {sources}")
 log(f"include_dirs: ['{CSRC}']")
 log(f"CUDA: {cuda_decision()}")
+if CUDA_BUILD:
+    log(f"CUDA sources: {cuda_sources}")
+    log(f"nvcc flags: {NVCC_FLAGS}")
+    log(f"CUDA link: -L{CUDA_LIBDIR} -Wl,-rpath,{CUDA_LIBDIR} -lcudart, define MIAFW_WITH_CUDA=1")
 
 ext_modules = [
     Pybind11Extension(
@@ -143,8 +273,9 @@ ext_modules = [
         sources=sources,
         include_dirs=[CSRC],
         depends=sorted(os.path.relpath(p, ROOT).replace(os.sep, "/")
-                       for p in glob(os.path.join(ROOT, CSRC, "kernels", "*.h"))),
+                       for p in glob(os.path.join(ROOT, CSRC, "kernels", "*.h"))) + cuda_headers,
         cxx_std=17,
+        **ext_kwargs,
     )
 ]
 

@@ -63,7 +63,11 @@ py::dict build_info() {
 #else
   d["openmp_version"] = py::none();
 #endif
+#ifdef MIAFW_WITH_CUDA
+  d["cuda"] = true;  // csrc/cuda/*.cu compiled in (setup.py: MIAFW_CUDA=1 and nvcc found)
+#else
   d["cuda"] = false;
+#endif
   d["pybind11"] = std::to_string(PYBIND11_VERSION_MAJOR) + "." +
                   std::to_string(PYBIND11_VERSION_MINOR) + "." +
                   std::to_string(PYBIND11_VERSION_PATCH);

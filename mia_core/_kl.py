@@ -124,6 +124,11 @@ def gaussian_kl(
               ``RuntimeError`` saying why otherwise.
             * ``"torch"`` always runs the float64 reference.
 
+            CUDA inputs: in a ``MIAFW_CUDA=1`` build, ``"auto"`` / ``"native"`` run the CUDA
+            twin (same formula, components summed in float64, on the current stream; an
+            invalid variance raises the same ValueError, which synchronises once); otherwise
+            ``"auto"`` runs the reference on the GPU and ``"native"`` raises ``RuntimeError``.
+
     Returns:
         Tensor[N]: the divergences, in the inputs' dtype (``out`` itself when given). N = 0
         gives an empty tensor.
@@ -154,6 +159,12 @@ def gaussian_kl(
     _check_out(out, mu0, (mu0, var0, mu1, var1), ("mu0", "var0", "mu1", "var1"))
     names = ("mu0", "var0", "mu1", "var1")
     inputs = (mu0, var0, mu1, var1)
+    if backend != "torch" and mu0.is_cuda:
+        result = _diag_cuda(backend, inputs, names, out, direction)
+        if result is not None:
+            return result
+        result = _diag_reference_unchecked(mu0, var0, mu1, var1, direction)
+        return _into_out(result, out)
     if _use_native(backend, inputs, names):
         arrays, result = _native_args(inputs, out)
         _native._C.gaussian_kl(*arrays, _native.numpy_view(result), direction=direction,
@@ -378,6 +389,62 @@ def _use_native(backend: str, inputs, names) -> bool:
     if reason == "missing":
         _warn_missing_once()
     return False
+
+
+def _diag_cuda(backend: str, inputs, names, out, direction) -> Optional[torch.Tensor]:
+    """CUDA inputs: the CUDA twin's result, or None when ``auto`` falls back to the reference."""
+    reason = None
+    if _native._C is None:
+        reason = "missing"
+    elif _native.cuda_kernels() is None:
+        reason = _native.CUDA_MISSING_MESSAGE
+    elif inputs[0].dtype not in _NATIVE_DTYPES:
+        reason = f"{names[0]} has dtype {inputs[0].dtype}; the CUDA kernel supports float32 and float64"
+    elif torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
+        reason = "an input requires grad; the CUDA kernel does not record autograd"
+    elif backend == "native":
+        for t, name in zip(inputs, names):
+            if not t.is_contiguous():
+                reason = f"{name} is not contiguous (strides {t.stride()}); pass {name}.contiguous()"
+                break
+    if reason is not None:
+        if backend == "native":
+            if reason == "missing":
+                raise RuntimeError(_native.missing_message())
+            if reason is _native.CUDA_MISSING_MESSAGE:
+                raise RuntimeError(reason)
+            raise RuntimeError(f"backend='native' cannot run: {reason}; use backend='auto' or 'torch'")
+        if reason == "missing":
+            _warn_missing_once()
+        return None
+    C = _native.cuda_kernels()
+    first = inputs[0]
+    device = first.device
+    n = first.shape[0]
+    d = first.shape[1] if first.dim() == 2 else 1
+    arrays = [t.detach().contiguous() for t in inputs]
+    result = out if out is not None else torch.empty(n, dtype=first.dtype, device=device)
+    if n == 0 or d == 0:
+        with torch.no_grad():
+            result.zero_()  # an empty sum (as the CPU kernel and the reference)
+        return result
+    # One uint64 preset to all ones; the kernel atomicMin's 2 * flat_index + arg into it.
+    err = torch.full((1,), -1, dtype=torch.int64, device=device)
+    with torch.cuda.device(device):
+        C.cuda_gaussian_kl(*(a.data_ptr() for a in arrays), result.data_ptr(), n, d,
+                           direction=direction, dtype=str(first.dtype).replace("torch.", ""),
+                           err=err.data_ptr(), stream=_native.cuda_stream(device))
+    key = int(err.item())  # synchronises with the stream, as the reference's check does
+    if key != -1:
+        flat, arg = key >> 1, key & 1
+        name = names[1] if arg == 0 else names[3]
+        if first.dim() == 2:
+            i, j = divmod(flat, d)
+            where = f"{i}, {j}"
+        else:
+            i, where = flat, str(flat)
+        raise ValueError(f"{name}[{where}] is not a positive finite variance (batch index {i})")
+    return result
 
 
 def _native_args(inputs, out) -> Tuple[list, torch.Tensor]:

@@ -99,8 +99,15 @@ def apply_masks(
               and why) otherwise.
             * ``"torch"`` always runs :func:`apply_masks_reference`.
 
+            CUDA tensors: in a ``MIAFW_CUDA=1`` build, ``"auto"`` / ``"native"`` run the CUDA
+            twin (one launch for all tensors on ``torch.cuda.current_stream()``, same bits)
+            when all tensors share one CUDA device, are float32/float64, contiguous and do not
+            alias; otherwise ``"auto"`` runs the reference (torch ops on the GPU) and
+            ``"native"`` raises ``RuntimeError`` (in a CPU-only build: "this miafw was built
+            without CUDA kernels; rebuild with MIAFW_CUDA=1").
+
     Returns:
-        str: the backend that ran, ``"native"`` or ``"torch"``.
+        str: the backend that ran, ``"native"`` (CPU kernel or CUDA twin) or ``"torch"``.
 
     Edge cases: an empty list and zero-size tensors are valid and change nothing (an empty
     list reports ``"native"`` when the extension is available). Inputs are validated before
@@ -144,6 +151,8 @@ def apply_masks(
         # Slow path. Invalid inputs raise the same errors as on the torch backend; valid
         # inputs the kernel cannot take go to the reference (auto) or raise (native).
         _validate_masks(tensors, masks)
+        if any(t.is_cuda for t in tensors):  # CUDA tensors have no numpy view
+            return _apply_masks_cuda(tensors, masks, backend)
         reason = _native_mask_unsupported(tensors, masks) or f"the extension refused the inputs: {exc}"
         if backend == "native":
             raise RuntimeError(
@@ -151,6 +160,57 @@ def apply_masks(
             ) from exc
         _reference_unchecked(tensors, masks)
         return "torch"
+    _bump_versions(tensors)
+    return "native"
+
+
+_CUDA_MASK_KINDS = {
+    (torch.float32, False): 0,  # float32 * float32 mask
+    (torch.float32, True): 1,   # float32, bool mask
+    (torch.float64, False): 2,
+    (torch.float64, True): 3,
+}
+
+
+def _cuda_mask_unsupported(tensors: List[torch.Tensor], masks: List[torch.Tensor]) -> Optional[str]:
+    """Why the CUDA twin cannot take these (validated) inputs, or None if it can."""
+    if _native.cuda_kernels() is None:
+        return _native.CUDA_MISSING_MESSAGE
+    device = tensors[0].device
+    for i, (t, m) in enumerate(zip(tensors, masks)):
+        if t.dtype not in _NATIVE_DTYPES:
+            return f"tensors[{i}] has dtype {t.dtype}; the CUDA kernel supports float32 and float64"
+        if t.device != device:
+            return (f"tensors[{i}] is on {t.device} but tensors[0] is on {device}; the CUDA "
+                    "kernel masks the tensors of one device per call")
+        if not t.is_contiguous():
+            return (f"tensors[{i}] is not contiguous (strides {t.stride()}); the CUDA kernel "
+                    "writes in place and cannot take a contiguous copy")
+        if not m.is_contiguous():
+            return f"masks[{i}] is not contiguous (strides {m.stride()}); pass mask.contiguous()"
+    return _aliasing(tensors, masks)
+
+
+def _apply_masks_cuda(tensors: List[torch.Tensor], masks: List[torch.Tensor], backend: str) -> str:
+    """CUDA tensors: the CUDA twin (one launch on the current stream), else the reference."""
+    reason = _cuda_mask_unsupported(tensors, masks)
+    if reason is not None:
+        if backend == "native":
+            if reason is _native.CUDA_MISSING_MESSAGE:
+                raise RuntimeError(reason)
+            raise RuntimeError(f"backend='native' cannot run: {reason}; use backend='auto' or 'torch'")
+        _reference_unchecked(tensors, masks)
+        return "torch"
+    C = _native.cuda_kernels()
+    device = tensors[0].device
+    with torch.cuda.device(device):
+        C.cuda_apply_masks(
+            [t.data_ptr() for t in tensors],
+            [m.data_ptr() for m in masks],
+            [t.numel() for t in tensors],
+            [_CUDA_MASK_KINDS[(t.dtype, m.dtype is torch.bool)] for t, m in zip(tensors, masks)],
+            stream=_native.cuda_stream(device),
+        )
     _bump_versions(tensors)
     return "native"
 

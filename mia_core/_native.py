@@ -72,3 +72,26 @@ def warn_missing_once() -> None:
         NativeKernelWarning,
         stacklevel=3,
     )
+
+
+# --------------------------------------------------------------------------------------
+# CUDA twins (csrc/cuda/*.cu): present only in a MIAFW_CUDA=1 build
+# --------------------------------------------------------------------------------------
+
+#: Why ``backend="native"`` cannot take CUDA tensors in a CPU-only build.
+CUDA_MISSING_MESSAGE = ("this miafw was built without CUDA kernels; rebuild with MIAFW_CUDA=1 "
+                        "(and nvcc available), or use backend='auto' / 'torch', which run the "
+                        "torch reference on the GPU")
+
+
+def cuda_kernels():
+    """The extension when it holds the CUDA twins (``build_info()["cuda"]``), else None."""
+    C = _C
+    if C is None or not hasattr(C, "cuda_apply_masks"):
+        return None
+    return C
+
+
+def cuda_stream(device: torch.device) -> int:
+    """``cudaStream_t`` (as an int) of torch's current stream on ``device``."""
+    return int(torch.cuda.current_stream(device).cuda_stream)

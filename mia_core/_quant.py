@@ -39,6 +39,12 @@ Conventions shared by every op here:
   ``mask``) are contiguous CPU tensors, else the torch reference (warning once per process if
   the extension failed to import); ``"native"`` raises RuntimeError instead of falling back;
   ``"torch"`` always runs the reference. ``last_backend()`` tells which one ran last.
+  CUDA ``x``: a ``MIAFW_CUDA=1`` build has a CUDA twin for :func:`fake_quantize` with GIVEN
+  ``scale`` / ``zero_point``, nearest rounding, contiguous ``x`` (per tensor or per channel,
+  float32 bit-identical to torch's op; on the current stream). Derived parameters, stochastic
+  rounding, masks, sign / ternary run the reference (torch ops on the GPU) under ``"auto"``,
+  and ``"native"`` raises RuntimeError saying why (in a CPU-only build: "this miafw was built
+  without CUDA kernels; rebuild with MIAFW_CUDA=1").
 * Results carry no autograd history; use :func:`fake_quantize_ste` for training.
 """
 
@@ -409,6 +415,70 @@ def _choose(backend: str, x: Tensor, mask: Optional[Tensor] = None) -> str:
     return "native"
 
 
+def _choose_cuda(backend: str, x: Tensor, mask, given, stochastic: bool, out) -> str:
+    """Backend for a CUDA ``x``: ``"cuda"`` (the CUDA twin) or ``"torch"`` (the reference, which
+    runs on the GPU through torch ops). The twin covers nearest rounding with given parameters
+    and no mask; everything else is the reference's."""
+    global _last_backend
+    _native.check_backend(backend)
+    if _native._C is None:
+        if backend == "native":
+            raise RuntimeError(_native.missing_message())
+        _warn_missing_once()
+        _last_backend = "torch"
+        return "torch"
+    missing = _native.cuda_kernels() is None
+    reason = None
+    if missing:
+        reason = _native.CUDA_MISSING_MESSAGE
+    elif mask is not None:
+        reason = "the CUDA kernel has no masked variant"
+    elif stochastic:
+        reason = "the CUDA kernel has no stochastic rounding"
+    elif given is None:
+        reason = "the CUDA kernel does not derive min-max parameters (pass scale= and zero_point=)"
+    elif not x.is_contiguous():
+        reason = f"x is not contiguous (strides {x.stride()})"
+    elif out is not None and out.numel() and out.data_ptr() != x.data_ptr() and \
+            out.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
+        lo, hi = out.data_ptr(), out.data_ptr() + out.numel() * out.element_size()
+        xlo, xhi = x.data_ptr(), x.data_ptr() + x.numel() * x.element_size()
+        if lo < xhi and xlo < hi:
+            reason = "out partially overlaps x"
+    if reason is not None:
+        if backend == "native":
+            if missing:
+                raise RuntimeError(reason)
+            raise RuntimeError(f"backend='native' cannot run: {reason}; use backend='auto' "
+                               "(falls back to the torch reference on the GPU)")
+        _last_backend = "torch"
+        return "torch"
+    _last_backend = "native"
+    return "cuda"
+
+
+def _fq_cuda(x: Tensor, given, axis, qmin: int, qmax: int, out, return_codes: bool):
+    """The CUDA twin on a contiguous CUDA ``x`` with given (scale, zero_point) [C] on its device."""
+    s, z = given
+    C = _channels(x, axis)
+    if axis is None:
+        outer, inner = 1, x.numel()
+    else:
+        outer, inner = math.prod(x.shape[:axis]), math.prod(x.shape[axis + 1:])
+    s = s.to(device=x.device, dtype=x.dtype).contiguous()
+    z = z.to(device=x.device, dtype=x.dtype).contiguous()
+    res = out if out is not None else torch.empty_like(x, memory_format=torch.contiguous_format)
+    codes = torch.empty(x.shape, dtype=torch.int32, device=x.device) if return_codes else None
+    with torch.cuda.device(x.device):
+        _native.cuda_kernels().cuda_fake_quantize(
+            x.data_ptr(), res.data_ptr(), 0 if codes is None else codes.data_ptr(),
+            outer, C, inner, s.data_ptr(), z.data_ptr(), quant_min=qmin, quant_max=qmax,
+            dtype=str(x.dtype).replace("torch.", ""), stream=_native.cuda_stream(x.device))
+    if out is not None:
+        _bump_versions([out])
+    return res, codes
+
+
 def _np(t: Tensor):
     return (t.detach() if t.requires_grad else t).numpy()
 
@@ -430,9 +500,14 @@ def _fq(x, mask, *, bits, scheme, axis, scale, zero_point, rounding, seed, out, 
     _check_out(out, x)
     if not isinstance(return_codes, bool):
         raise TypeError(f"return_codes must be a bool, got {type(return_codes).__name__}")
-    ran = "torch" if reference_only else _choose(backend, x, mask)
+    if not reference_only and backend != "torch" and x.is_cuda:
+        ran = _choose_cuda(backend, x, mask, given, stochastic, out)
+    else:
+        ran = "torch" if reference_only else _choose(backend, x, mask)
 
-    if ran == "torch":
+    if ran == "cuda":
+        res, codes = _fq_cuda(x, given, axis, qmin, qmax, out, return_codes)
+    elif ran == "torch":
         with torch.no_grad():
             v = x if mask is None else _apply_mask_reference(x, mask)
             s, z = given if given is not None else _derive_reference(v, axis, qmin, qmax, scheme)

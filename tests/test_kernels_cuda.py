@@ -1,0 +1,301 @@
+"""CUDA twins of the element-wise kernels (csrc/cuda/*.cu): CPU-vs-CUDA parity, torchvision style.
+
+The parity tests need a CUDA device AND a MIAFW_CUDA=1 build of mia_core._C; they are marked
+``needs_cuda`` and skipped with the reason otherwise. The tests at the bottom run everywhere:
+they check the build flag and what the dispatch does when the extension has no CUDA kernels.
+"""
+
+import math
+import os
+
+import pytest
+import torch
+
+from mia_core import _kl, _mask, _native, _quant, kernels
+
+C = _native._C
+HAS_CUDA_KERNELS = _native.cuda_kernels() is not None
+HAS_GPU = torch.cuda.is_available()
+
+if not HAS_GPU:
+    CUDA_SKIP_REASON = "no CUDA device (torch.cuda.is_available() is False)"
+elif not HAS_CUDA_KERNELS:
+    CUDA_SKIP_REASON = "mia_core._C was built without CUDA kernels (rebuild with MIAFW_CUDA=1 and nvcc)"
+else:
+    CUDA_SKIP_REASON = None
+
+
+def needs_cuda(fn):
+    """Marks ``needs_cuda`` and skips with the reason without a GPU or without CUDA kernels."""
+    fn = pytest.mark.skipif(CUDA_SKIP_REASON is not None, reason=CUDA_SKIP_REASON or "")(fn)
+    return pytest.mark.needs_cuda(fn)
+
+
+SIZES = [0, 1, 7, 1001, 300_003]
+DTYPES = [torch.float32, torch.float64]
+
+
+def bits(t):
+    return t.view({torch.float32: torch.int32, torch.float64: torch.int64}[t.dtype])
+
+
+def assert_bitwise_equal(actual, expected):
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape
+    assert torch.equal(bits(actual.cpu()), bits(expected.cpu()))
+
+
+def weights(n, dtype, g):
+    w = torch.randn(n, generator=g, dtype=dtype)
+    if n:
+        vals = torch.tensor([math.nan, math.inf, -math.inf, -0.0, 0.0, -1.0, 1e-40], dtype=dtype)
+        k = max(1, n // 8)
+        w[torch.randint(0, n, (k,), generator=g)] = vals[torch.randint(0, len(vals), (k,), generator=g)]
+    return w
+
+
+# ------------------------------------------------------------------------------ masks
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["bool", "float"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_apply_masks_cuda_parity(dtype, kind, seed):
+    g = torch.Generator().manual_seed(seed)
+    ts = [weights(n, dtype, g) for n in SIZES]
+    if kind == "bool":
+        ms = [torch.rand(n, generator=g) < 0.5 for n in SIZES]
+    else:
+        ms = [torch.where(torch.rand(n, generator=g) < 0.5, 0.0, 1.0).to(dtype) for n in SIZES]
+        if SIZES[-1]:
+            ms[-1][:5] = torch.tensor([math.nan, -0.0, 2.5, math.inf, 0.0], dtype=dtype)
+    expected = [t.clone() for t in ts]
+    _mask.apply_masks_reference(expected, ms)
+    dev = [t.cuda() for t in ts]
+    ran = kernels.apply_masks(dev, [m.cuda() for m in ms], backend="native")
+    assert ran == "native"
+    torch.cuda.synchronize()
+    for a, e in zip(dev, expected):
+        assert_bitwise_equal(a, e)
+
+
+@needs_cuda
+def test_apply_masks_cuda_mixed_kinds_one_call_and_stream():
+    g = torch.Generator().manual_seed(3)
+    ts = [weights(5, torch.float32, g), weights(0, torch.float64, g), weights(70_001, torch.float64, g),
+          weights(3, torch.float32, g)]
+    ms = [torch.rand(5, generator=g) < 0.5, torch.ones(0, dtype=torch.float64),
+          torch.randn(70_001, generator=g, dtype=torch.float64), torch.tensor([0.0, 1.0, -1.0])]
+    expected = [t.clone() for t in ts]
+    _mask.apply_masks_reference(expected, ms)
+    dev = [t.cuda() for t in ts]
+    dms = [m.cuda() for m in ms]
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        assert kernels.apply_masks(dev, dms, backend="native") == "native"
+    s.synchronize()
+    for a, e in zip(dev, expected):
+        assert_bitwise_equal(a, e)
+
+
+@needs_cuda
+def test_apply_masks_cuda_refusals():
+    t = torch.randn(4, 4, device="cuda")
+    with pytest.raises(RuntimeError, match="not contiguous"):
+        kernels.apply_masks([t.t()], [torch.ones(4, 4, device="cuda")], backend="native")
+    # auto falls back to the reference (which runs on the GPU) for a strided tensor
+    u = t.clone()
+    assert kernels.apply_masks([u.t()], [torch.zeros(4, 4, device="cuda")]) == "torch"
+    assert torch.count_nonzero(u) == 0
+    # float16 is not a CUDA-twin dtype
+    h = torch.randn(8, device="cuda", dtype=torch.float16)
+    assert kernels.apply_masks([h], [torch.ones(8, device="cuda", dtype=torch.bool)]) == "torch"
+
+
+# ------------------------------------------------------------------------------ KL
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("direction", ["forward", "reverse", "symmetric"])
+@pytest.mark.parametrize("shape", [(0,), (1,), (7,), (100_003,), (5, 3), (1001, 17), (0, 4)])
+def test_gaussian_kl_cuda_parity(dtype, direction, shape):
+    g = torch.Generator().manual_seed(sum(shape) + 7)
+    mu0 = torch.randn(shape, generator=g, dtype=dtype)
+    mu1 = torch.randn(shape, generator=g, dtype=dtype)
+    v0 = torch.rand(shape, generator=g, dtype=dtype) * 4 + 1e-3
+    v1 = torch.rand(shape, generator=g, dtype=dtype) * 4 + 1e-3
+    if mu0.numel() > 2:
+        v0.view(-1)[0] = 1e-30 if dtype == torch.float32 else 1e-300  # extreme ratio: two-log path
+    expected = _kl.gaussian_kl_reference(mu0, v0, mu1, v1, direction=direction)
+    got = kernels.gaussian_kl(mu0.cuda(), v0.cuda(), mu1.cuda(), v1.cuda(), direction=direction,
+                              backend="native")
+    assert got.device.type == "cuda" and got.dtype == dtype and got.shape == expected.shape
+    rtol, atol = (2e-5, 1e-5) if dtype == torch.float32 else (1e-10, 1e-12)
+    torch.testing.assert_close(got.cpu(), expected, rtol=rtol, atol=atol)
+    # and against the CPU native kernel where it is built
+    if C is not None:
+        cpu = kernels.gaussian_kl(mu0, v0, mu1, v1, direction=direction, backend="native")
+        torch.testing.assert_close(got.cpu(), cpu, rtol=rtol, atol=atol)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dim", [1, 2])
+def test_gaussian_kl_cuda_first_bad_index(dim):
+    shape = (50_000,) if dim == 1 else (10_000, 5)
+    mu = torch.zeros(shape)
+    v0 = torch.ones(shape)
+    v1 = torch.ones(shape)
+    v1.view(-1)[123] = -1.0
+    v0.view(-1)[40_000] = math.nan
+    v0.view(-1)[123] = 0.0  # same element: var0 is reported before var1
+    with pytest.raises(ValueError) as ref:
+        _kl.gaussian_kl_reference(mu, v0, mu, v1)
+    with pytest.raises(ValueError) as got:
+        kernels.gaussian_kl(mu.cuda(), v0.cuda(), mu.cuda(), v1.cuda(), backend="native")
+    assert str(got.value) == str(ref.value)
+
+
+@needs_cuda
+def test_gaussian_kl_cuda_out_and_fallbacks():
+    mu = torch.randn(9, 2, device="cuda")
+    v = torch.rand(9, 2, device="cuda") + 0.5
+    out = torch.empty(9, device="cuda")
+    assert kernels.gaussian_kl(mu, v, mu.flip(0), v.flip(0), out=out, backend="native") is out
+    # requires grad: auto -> reference (differentiable), native -> error
+    vg = v.clone().requires_grad_()
+    r = kernels.gaussian_kl(mu, vg, mu, v)
+    r.sum().backward()
+    with pytest.raises(RuntimeError, match="requires grad"):
+        kernels.gaussian_kl(mu, vg, mu, v, backend="native")
+
+
+# ------------------------------------------------------------------------------ fake quantize
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("scheme,bits", [("affine", 8), ("symmetric", 4), ("affine", 16)])
+def test_fake_quantize_cuda_per_tensor_parity(dtype, n, scheme, bits):
+    g = torch.Generator().manual_seed(n + bits)
+    x = weights(n, dtype, g) * 3
+    scale = 0.0625 if scheme == "symmetric" else 0.02
+    zp = 0 if scheme == "symmetric" else 7
+    if n > 8:
+        x[:8] = torch.tensor([0.5, 1.5, -0.5, -2.5, 2.5, -0.01, 0.01, -0.0], dtype=dtype) * scale
+    kw = dict(bits=bits, scheme=scheme, scale=scale, zero_point=zp, return_codes=True)
+    eo, ec = _quant.fake_quantize_reference(x, **kw)
+    go, gc = kernels.fake_quantize(x.cuda(), backend="native", **kw)
+    assert _quant.last_backend() == "native"
+    assert_bitwise_equal(go, eo)
+    assert torch.equal(gc.cpu(), ec)
+    if C is not None:  # the CPU kernel agrees bit for bit too
+        co, cc = kernels.fake_quantize(x, backend="native", **kw)
+        assert_bitwise_equal(go, co)
+        assert torch.equal(gc.cpu(), cc)
+    if dtype == torch.float32:  # torch's own op (CUDA) on non-NaN input
+        xf = torch.nan_to_num(x, nan=0.0).cuda()
+        qmin, qmax = _quant.quant_range(bits, scheme)
+        t = torch.fake_quantize_per_tensor_affine(xf, scale, zp, qmin, qmax)
+        assert_bitwise_equal(kernels.fake_quantize(xf, backend="native", bits=bits, scheme=scheme,
+                                                   scale=scale, zero_point=zp), t)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,axis", [((3, 5, 7), 1), ((64, 1001), 0), ((33, 4), 1), ((0, 3), 1),
+                                        ((2, 3, 4), -1)])
+def test_fake_quantize_cuda_per_channel_parity(dtype, shape, axis):
+    g = torch.Generator().manual_seed(sum(shape))
+    x = torch.randn(shape, generator=g, dtype=dtype) * 2
+    C_ = shape[axis]
+    scale = torch.rand(C_, generator=g, dtype=dtype) * 0.1 + 0.01
+    zp = torch.randint(0, 256, (C_,), generator=g)
+    kw = dict(bits=8, scheme="affine", axis=axis, scale=scale, zero_point=zp, return_codes=True)
+    eo, ec = _quant.fake_quantize_reference(x, **kw)
+    go, gc = kernels.fake_quantize(x.cuda(), backend="native", **{**kw, "scale": scale.cuda(),
+                                                                  "zero_point": zp.cuda()})
+    assert_bitwise_equal(go, eo)
+    assert torch.equal(gc.cpu(), ec)
+    if dtype == torch.float32 and x.numel():
+        t = torch.fake_quantize_per_channel_affine(x.cuda(), scale.cuda(), zp.to(torch.int32).cuda(),
+                                                   axis % x.dim(), 0, 255)
+        assert_bitwise_equal(go, t)
+
+
+@needs_cuda
+def test_fake_quantize_cuda_in_place_and_fallbacks():
+    x = torch.randn(1000, device="cuda")
+    expected = _quant.fake_quantize_reference(x.cpu(), scale=0.05, zero_point=128)
+    y = kernels.fake_quantize(x, scale=0.05, zero_point=128, out=x, backend="native")
+    assert y is x
+    assert_bitwise_equal(x, expected)
+    # out of the CUDA twin's scope: auto -> torch reference on the GPU, native -> clear error
+    z = torch.randn(100, device="cuda")
+    for kw in (dict(), dict(scale=0.1, zero_point=3, rounding="stochastic", seed=1)):
+        r = kernels.fake_quantize(z, **kw)
+        assert _quant.last_backend() == "torch" and r.device.type == "cuda"
+        with pytest.raises(RuntimeError, match="cannot run"):
+            kernels.fake_quantize(z, backend="native", **kw)
+    m = torch.rand(100, device="cuda") < 0.5
+    kernels.masked_fake_quantize(z, m, scale=0.1, zero_point=3)
+    assert _quant.last_backend() == "torch"
+
+
+# ------------------------------------------------------------------------------ everywhere
+
+
+def test_build_info_cuda_flag_matches_functions():
+    if C is None:
+        pytest.skip("mia_core._C is not built")
+    info = C.build_info()
+    has = [hasattr(C, f) for f in ("cuda_apply_masks", "cuda_gaussian_kl", "cuda_fake_quantize")]
+    assert has == [info["cuda"]] * 3
+
+
+class _NoCudaC:
+    """An extension without CUDA kernels (whatever this build is): for the dispatch tests."""
+
+    def __getattr__(self, name):
+        if name.startswith("cuda_"):
+            raise AttributeError(name)
+        return getattr(C, name)
+
+
+@pytest.fixture
+def no_cuda_kernels(monkeypatch):
+    if C is None:
+        pytest.skip("mia_core._C is not built")
+    monkeypatch.setattr(_native, "_C", _NoCudaC())
+
+
+# The dispatch helpers below are what apply_masks / gaussian_kl / fake_quantize call for CUDA
+# tensors; without a GPU they are driven with CPU tensors (only the decision is tested).
+
+
+def test_cuda_dispatch_native_without_cuda_kernels_raises(no_cuda_kernels):
+    t, m = [torch.ones(3)], [torch.ones(3, dtype=torch.bool)]
+    with pytest.raises(RuntimeError, match="built without CUDA kernels; rebuild with MIAFW_CUDA=1"):
+        _mask._apply_masks_cuda(t, m, "native")
+    x = torch.ones(4)
+    with pytest.raises(RuntimeError, match="built without CUDA kernels; rebuild with MIAFW_CUDA=1"):
+        _kl._diag_cuda("native", (x, x, x, x), ("mu0", "var0", "mu1", "var1"), None, "forward")
+    with pytest.raises(RuntimeError, match="built without CUDA kernels; rebuild with MIAFW_CUDA=1"):
+        _quant._choose_cuda("native", x, None, (x, x), False, None)
+
+
+def test_cuda_dispatch_auto_without_cuda_kernels_falls_back(no_cuda_kernels):
+    t = [torch.tensor([1.0, 2.0, 3.0])]
+    assert _mask._apply_masks_cuda(t, [torch.tensor([True, False, True])], "auto") == "torch"
+    assert torch.equal(t[0], torch.tensor([1.0, 0.0, 3.0]))
+    x = torch.ones(4)
+    assert _kl._diag_cuda("auto", (x, x, x, x), ("mu0", "var0", "mu1", "var1"), None, "forward") is None
+    assert _quant._choose_cuda("auto", x, None, (x, x), False, None) == "torch"
+    assert _quant.last_backend() == "torch"
+
+
+def test_cuda_kernels_none_without_extension(monkeypatch):
+    monkeypatch.setattr(_native, "_C", None)
+    assert _native.cuda_kernels() is None
