@@ -70,6 +70,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "kernels/parallel.h"
+
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -119,11 +121,7 @@ enum class QuantIsa : int { automatic = -1, baseline = 0, avx2 = 1, avx512 = 2 }
 inline QuantIsa quant_best_isa() {
 #if MIAFW_Q_X86_DISPATCH
   static const QuantIsa best = [] {
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
-        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw")) {
-      return QuantIsa::avx512;
-    }
+    if (cpu_has_avx512()) return QuantIsa::avx512;
     if (__builtin_cpu_supports("avx2")) return QuantIsa::avx2;
     return QuantIsa::baseline;
   }();
@@ -422,15 +420,6 @@ inline void quant_span(QuantIsa isa, MIAFW_QSPAN_PARAMS) {
 #undef MIAFW_QSPAN_PARAMS
 #undef MIAFW_QSPAN_ARGS
 
-// Interior split points rounded down to a multiple of 16 elements (see mask.h).
-inline int64_t qsplit(int64_t total, int nth, int tid) {
-  if (tid <= 0) return 0;
-  if (tid >= nth) return total;
-  const int64_t q = total / nth;
-  const int64_t r = total % nth;
-  const int64_t p = q * tid + std::min<int64_t>(tid, r);
-  return p & ~int64_t(15);
-}
 
 // Calls f(c, off, len, per_elem) for the spans of [begin, end) in layout L: channel-constant
 // spans (per_elem=false, channel c) or, when inner == 1 and channels > 1, channel-varying spans
@@ -673,8 +662,8 @@ bool fake_quantize(const T* x, const M* mask, T* out, int32_t* codes, QuantLayou
   {
     const int tid = omp_get_thread_num();
     const int team = omp_get_num_threads();
-    const int64_t begin = qdetail::qsplit(total, team, tid);
-    const int64_t end = qdetail::qsplit(total, team, tid + 1);
+    const int64_t begin = split_point(total, team, tid);
+    const int64_t end = split_point(total, team, tid + 1);
     if (spec.derive) {
       bool bad = false;
       minmax_range(begin, end, pmn.data() + tid * C, pmx.data() + tid * C, &bad);
@@ -776,7 +765,7 @@ void fake_quantize_sign(const T* x, T* out, QuantLayout L, T* scale, bool derive
       for (int64_t c = c0; c < c1; ++c) derive_c(c);
 #pragma omp barrier
     }
-    apply_range(qdetail::qsplit(total, team, tid), qdetail::qsplit(total, team, tid + 1));
+    apply_range(split_point(total, team, tid), split_point(total, team, tid + 1));
   }
 #endif
 }

@@ -56,6 +56,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "kernels/parallel.h"
+
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -98,10 +100,7 @@ inline KlIsa kl_best_isa() {
 #if MIAFW_KL_X86_DISPATCH
   static const KlIsa best = [] {
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
-        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw")) {
-      return KlIsa::avx512;
-    }
+    if (cpu_has_avx512()) return KlIsa::avx512;
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return KlIsa::avx2;
     return KlIsa::baseline;
   }();
@@ -901,13 +900,6 @@ inline KlError full_pairs_isa(const FullArgs<T>& g, int64_t p0, int64_t p1, doub
   return full_pairs_baseline(g, p0, p1, s);
 }
 
-// First row of thread `tid`'s share of `total` rows over `nth` threads (monotone in tid).
-inline int64_t split_rows(int64_t total, int nth, int tid) {
-  if (tid <= 0) return 0;
-  if (tid >= nth) return total;
-  const int64_t q = total / nth, r = total % nth;
-  return q * tid + std::min<int64_t>(tid, r);
-}
 
 inline int thread_count(int num_threads, int64_t rows, int64_t work) {
 #ifdef _OPENMP
@@ -962,8 +954,8 @@ KlError gaussian_kl_diag(const T* mu0, const T* var0, const T* mu1, const T* var
   {
     const int tid = omp_get_thread_num();
     const int team = omp_get_num_threads();  // may be fewer than asked for
-    const int64_t r0 = kl_detail::split_rows(n, team, tid);
-    const int64_t r1 = kl_detail::split_rows(n, team, tid + 1);
+    const int64_t r0 = even_split(n, team, tid);
+    const int64_t r1 = even_split(n, team, tid + 1);
     if (r0 < r1) errs[static_cast<size_t>(tid)] = kl_detail::diag_rows_isa(g, r0, r1, use);
   }
 #endif
@@ -996,8 +988,8 @@ KlError gaussian_kl_full(const T* mu0, const T* cov0, const T* mu1, const T* cov
   {
     const int tid = omp_get_thread_num();
     const int team = omp_get_num_threads();
-    const int64_t p0 = kl_detail::split_rows(n, team, tid);
-    const int64_t p1 = kl_detail::split_rows(n, team, tid + 1);
+    const int64_t p0 = even_split(n, team, tid);
+    const int64_t p1 = even_split(n, team, tid + 1);
     if (p0 < p1) {
       errs[static_cast<size_t>(tid)] =
           kl_detail::full_pairs_isa(g, p0, p1, scratch.data() + per * tid, use);

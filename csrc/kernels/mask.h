@@ -34,6 +34,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "kernels/parallel.h"
+
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -77,17 +79,6 @@ inline void mask_span(T* w, const bool* m, int64_t n) {
   mask_span(w, reinterpret_cast<const uint8_t*>(m), n);
 }
 
-// First element of thread `tid`'s share of `total` elements split over `nth` threads.
-// Interior boundaries are rounded down to a multiple of 16 elements so that neighbouring
-// threads rarely write the same cache line. Monotone in tid; split(nth) == total.
-inline int64_t split_point(int64_t total, int nth, int tid) {
-  if (tid <= 0) return 0;
-  if (tid >= nth) return total;
-  const int64_t q = total / nth;
-  const int64_t r = total % nth;
-  const int64_t p = q * tid + std::min<int64_t>(tid, r);
-  return p & ~int64_t(15);
-}
 
 template <typename T, typename M>
 inline void run_serial(const MaskSegment<T, M>* segs, int64_t count) {
@@ -135,8 +126,8 @@ void apply_masks(const MaskSegment<T, M>* segs, int64_t count, int num_threads =
   {
     const int tid = omp_get_thread_num();
     const int team = omp_get_num_threads();  // may be fewer than asked for
-    const int64_t begin = detail::split_point(total, team, tid);
-    const int64_t end = detail::split_point(total, team, tid + 1);
+    const int64_t begin = split_point(total, team, tid);
+    const int64_t end = split_point(total, team, tid + 1);
     if (begin < end) {
       // Segment holding `begin`: the last s with off[s] <= begin (skips empty segments).
       int64_t s = (std::upper_bound(off, off + count + 1, begin) - off) - 1;
