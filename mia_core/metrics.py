@@ -146,24 +146,23 @@ def _check_inputs(scores: Any, membership: Any) -> Tuple[np.ndarray, np.ndarray]
     return s, m
 
 
-def _check_confidence(confidence: Any) -> float:
+def _check_open_unit(value: Any, name: str) -> float:
+    """``value`` as a float strictly between 0 and 1, else ValueError naming ``name``."""
     try:
-        c = float(confidence)
+        v = float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"confidence must be a number in (0, 1), got {confidence!r}") from None
-    if not (0.0 < c < 1.0):
-        raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
-    return c
+        raise ValueError(f"{name} must be a number in (0, 1), got {value!r}") from None
+    if not (0.0 < v < 1.0):
+        raise ValueError(f"{name} must be in (0, 1) (exclusive), got {value!r}")
+    return v
+
+
+def _check_confidence(confidence: Any) -> float:
+    return _check_open_unit(confidence, "confidence")
 
 
 def _check_fpr(fpr: Any, name: str = "fpr") -> float:
-    try:
-        f = float(fpr)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number in (0, 1), got {fpr!r}") from None
-    if not (0.0 < f < 1.0):
-        raise ValueError(f"{name} must be in (0, 1) (exclusive), got {fpr!r}")
-    return f
+    return _check_open_unit(fpr, name)
 
 
 # --------------------------------------------------------------------------------------------
