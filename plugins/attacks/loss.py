@@ -13,8 +13,8 @@ class LossAttack(Attack):
 
     The adversary predicts "member" when the target's loss on (x, y) is below a threshold tau;
     the score is therefore ``-loss(x, y)`` (higher = member) and the ROC sweeps every tau.
-    Yeom et al. set tau to the expected training loss; :meth:`expected_training_loss` estimates
-    it per target from the reference models. The ROC itself needs no reference models.
+    Yeom et al. set tau to the expected training loss; the reported ROC and TPR-at-FPR sweep
+    every tau instead, so the attack needs no reference models.
     """
 
     api_version = "1.0"
@@ -32,14 +32,6 @@ class LossAttack(Attack):
     def fit(self, ctx) -> "LossAttack":
         self.ctx_ = ctx
         return self
-
-    def expected_training_loss(self, target: int) -> float:
-        """Yeom et al.'s threshold: the reference models' mean loss on their own training records."""
-        view = self.ctx_.for_target(target)
-        if view.references.size == 0:
-            return float("nan")
-        loss = view.ref_signal("loss")
-        return float(loss[view.ref_keep].mean())
 
     def score(self, target: int, records: np.ndarray) -> np.ndarray:
         view = self.ctx_.for_target(target)
