@@ -367,18 +367,10 @@ def run_eval(config: EvalConfig, *, cache: Optional[PopulationCache] = None, rep
 
 
 def _jsonable(obj):
-    """Round-trip through JSON so a plugin's report is plain data (numpy scalars allowed)."""
+    """Round-trip through JSON so a plugin's report is plain data (numpy and torch values allowed)."""
+    from mia_core.results import json_default
 
-    def default(o):
-        if isinstance(o, np.generic):
-            return o.item()
-        if isinstance(o, np.ndarray):
-            return o.tolist()
-        if isinstance(o, torch.Tensor):
-            return o.tolist()
-        raise TypeError(f"{type(o).__name__} is not JSON-serialisable")
-
-    return json.loads(json.dumps(obj, default=default))
+    return json.loads(json.dumps(obj, default=json_default))
 
 
 __all__ = ["USAGE_ERRORS", "config_document", "EvalConfig", "EvalResult", "PluginRuntimeError", "Reporter", "Resolved", "parse_targets", "resolve", "run_eval"]

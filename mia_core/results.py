@@ -33,6 +33,22 @@ from mia_core.runindex import RunIndex, summary_of
 SCHEMA_VERSION = 1
 
 
+def json_default(o):
+    """``json.dumps`` default for plugin reports: numpy scalars and arrays, torch tensors."""
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    try:
+        import torch
+
+        if isinstance(o, torch.Tensor):
+            return o.tolist()
+    except ImportError:  # pragma: no cover - torch is a dependency
+        pass
+    raise TypeError(f"{type(o).__name__} is not JSON-serialisable")
+
+
 def _dump(path: Path, doc) -> None:
     path.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
 
@@ -224,4 +240,4 @@ def load_metrics(run_dir: Path) -> Optional[Dict]:
     return json.loads(p.read_text()) if p.is_file() else None
 
 
-__all__ = ["RunDir", "SCHEMA_VERSION", "format_summary", "load_metrics", "plot_roc", "scores_key", "write_run"]
+__all__ = ["RunDir", "json_default", "SCHEMA_VERSION", "format_summary", "load_metrics", "plot_roc", "scores_key", "write_run"]

@@ -41,6 +41,7 @@ import numpy as np
 
 from mia_core.base import ACCESS_LEVELS, Attack, Defense, Estimator, Plugin, check_api_version
 from mia_core.population import AccessError, AttackContext, DefenseContext, EstimatorContext, ModelPopulation
+from mia_core.results import json_default
 
 #: Pooled AUC an attack must reach on the planted population (members memorised random labels;
 #: the loss attack reaches about 0.9).
@@ -232,7 +233,7 @@ def _apply(cls, params, pop: ModelPopulation) -> Dict[str, Any]:
     if not isinstance(report, dict):
         _fail(cls, f"apply() must return a dict report, returned {type(report).__name__}")
     try:
-        json.dumps(report, allow_nan=False, default=_np_default)
+        json.dumps(report, allow_nan=False, default=json_default)
     except (TypeError, ValueError) as exc:
         _fail(cls, f"apply() report is not JSON-serialisable: {exc}")
     after = {k: (tuple(v.shape), v.dtype) for k, v in pop.params.items()}
@@ -244,12 +245,6 @@ def _apply(cls, params, pop: ModelPopulation) -> Dict[str, Any]:
     if not np.array_equal(pop.keep, keep):
         _fail(cls, "apply() changed the keep matrix")
     return report
-
-
-def _np_default(o):
-    if isinstance(o, np.generic):
-        return o.item()
-    raise TypeError(f"{type(o).__name__} is not JSON-serialisable")
 
 
 def check_defense(cls, *, params: Optional[Mapping[str, Any]] = None, seed: int = 0) -> Dict[str, Any]:
@@ -265,7 +260,7 @@ def check_defense(cls, *, params: Optional[Mapping[str, Any]] = None, seed: int 
     a, b = planted_population(seed), planted_population(seed)
     rep_a, rep_b = _apply(cls, params, a), _apply(cls, params, b)
     same = all(torch.equal(a.params[k], b.params[k]) for k in a.params)
-    if not same or json.dumps(rep_a, sort_keys=True, default=_np_default) != json.dumps(rep_b, sort_keys=True, default=_np_default):
+    if not same or json.dumps(rep_a, sort_keys=True, default=json_default) != json.dumps(rep_b, sort_keys=True, default=json_default):
         _fail(cls, "two applications with the same parameters and seed gave different weights or reports "
                    "(draw randomness from ctx.rng())")
     return rep_a
@@ -277,7 +272,7 @@ def _estimate(cls, params, pop, access) -> Dict[str, Any]:
     if not isinstance(out, dict) or "value" not in out:
         _fail(cls, f"estimate() must return a dict with a 'value' key, returned {out!r}")
     try:
-        json.dumps(out, allow_nan=False, default=_np_default)
+        json.dumps(out, allow_nan=False, default=json_default)
     except (TypeError, ValueError) as exc:
         _fail(cls, f"estimate() result is not JSON-serialisable (or holds NaN/inf): {exc}")
     value = out["value"]
@@ -298,7 +293,7 @@ def check_estimator(cls, *, params: Optional[Mapping[str, Any]] = None, seed: in
     _check_access_decl(cls)
     first = _estimate(cls, params, planted_population(seed), cls.access)
     second = _estimate(cls, params, planted_population(seed), cls.access)
-    if json.dumps(first, sort_keys=True, default=_np_default) != json.dumps(second, sort_keys=True, default=_np_default):
+    if json.dumps(first, sort_keys=True, default=json_default) != json.dumps(second, sort_keys=True, default=json_default):
         _fail(cls, "two estimates with the same parameters and population differ")
     _expect_access_error(cls, lambda: _estimate(cls, params, planted_population(seed), ()),
                          "estimated with no access granted; read signals through the context")
