@@ -104,25 +104,14 @@ class Prune(Defense):
             raise ValueError("the model has no prunable parameters (set include_bias=true to prune 1-D ones)")
         tensors = [ctx.params[n] for n in names]
         masks = magnitude_masks(tensors, self.sparsity, scope=self.scope)
-        # Validated once; re-applied after every fine-tuning step with one cheap call (the
-        # optimizer updates the stacked parameters in place, so the plan stays valid).
+        # Validated once and re-applied after every fine-tuning step with one cheap call: the
+        # optimizer updates the stacked parameters in place, so the plan stays valid (a plan whose
+        # tensors were reallocated raises StaleMaskPlanError rather than mask stale memory).
         plan = kernels.MaskPlan(tensors, masks)
         with torch.no_grad():
             backend = plan.apply()
         if self.finetune_epochs:
-
-            def reapply(params):
-                current = [params[n] for n in names]
-                if all(c is t for c, t in zip(current, tensors)):
-                    try:
-                        plan.apply()
-                        return
-                    except kernels.StaleMaskPlanError:
-                        plan.rebuild().apply()
-                        return
-                kernels.apply_masks(current, masks)  # different tensor objects: no plan
-
-            ctx.finetune(self.finetune_epochs, lr=self.finetune_lr, post_step=reapply)
+            ctx.finetune(self.finetune_epochs, lr=self.finetune_lr, post_step=lambda params: plan.apply())
         ctx.changed()
         return self._report(ctx.params, names, masks, backend)
 
