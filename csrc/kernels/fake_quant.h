@@ -71,6 +71,7 @@
 #include <vector>
 
 #include "kernels/parallel.h"
+#include "kernels/quant_elem.h"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -171,109 +172,8 @@ struct QuantSpec {
 
 namespace qdetail {
 
-template <typename T>
-struct Magic;
-template <>
-struct Magic<float> {
-  static constexpr float round = 12582912.0f;  // 1.5 * 2^23
-};
-template <>
-struct Magic<double> {
-  static constexpr double round = 6755399441055744.0;  // 1.5 * 2^52
-};
-template <typename T>
-constexpr T kPreClamp = T(4194304);  // 2^22
-
-MIAFW_Q_INLINE uint64_t splitmix64(uint64_t z) {
-  z += 0x9E3779B97F4A7C15ULL;
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
-  return z ^ (z >> 31);
-}
-
-// Key of a seed: mixes it once so that neighbouring seeds give unrelated streams.
-MIAFW_Q_INLINE uint64_t seed_key(uint64_t seed) { return splitmix64(seed); }
-
-// Uniform in [0, 1) for element `idx`: splitmix64(key + idx * golden) (the finaliser applied to
-// the index-th state of a splitmix stream keyed by the seed).
-template <typename T>
-MIAFW_Q_INLINE T uniform(uint64_t key, uint64_t idx) {
-  const uint64_t h = splitmix64(key + idx * 0x9E3779B97F4A7C15ULL);
-  if (std::is_same<T, float>::value) {
-    return T(static_cast<float>(h >> 40) * 5.9604644775390625e-08f);  // 2^-24
-  }
-  return T(static_cast<double>(h >> 11) * 1.1102230246251565e-16);  // 2^-53
-}
-
-// Rounded (but not yet zero-pointed) value of y, nearest ties-to-even; NaN propagates.
-template <typename T>
-MIAFW_Q_INLINE T round_nearest(T y) {
-  y = y < -kPreClamp<T> ? -kPreClamp<T> : y;
-  y = y > kPreClamp<T> ? kPreClamp<T> : y;
-  const T M = Magic<T>::round;
-  return (y + M) - M;
-}
-
-template <typename T>
-MIAFW_Q_INLINE T round_stochastic(T y, T u) {
-  y = y < -kPreClamp<T> ? -kPreClamp<T> : y;
-  y = y > kPreClamp<T> ? kPreClamp<T> : y;
-  const T M = Magic<T>::round;
-  const T r = (y + M) - M;
-  const T f = r > y ? r - T(1) : r;  // floor(y)
-  const T frac = y - f;              // exact, in [0, 1)
-  return u < frac ? f + T(1) : f;
-}
-
-// Tag type for "no mask".
-struct NoMask {};
-
-// The value that is quantized: x, m ? x : +0.0 (byte mask) or x * m (float mask).
-template <typename T, typename M>
-MIAFW_Q_INLINE T masked_value(const T* x, const M* m, int64_t i) {
-  if constexpr (std::is_same<M, uint8_t>::value) {
-    const T v = x[i];  // loaded unconditionally: a conditional load blocks vectorization
-    return m[i] ? v : T(0);
-  } else if constexpr (std::is_same<M, T>::value) {
-    return x[i] * m[i];
-  } else {
-    (void)m;
-    return x[i];
-  }
-}
-
-template <typename T, bool Stochastic, bool WithCodes>
-MIAFW_Q_INLINE T quant_one(T v, T s, T iv, T z, T qmin, T qmax, uint64_t key, uint64_t idx,
-                           int32_t* code) {
-  const T y = v * iv;
-  if constexpr (!Stochastic) {
-    // Nearest: clamp y to [qmin - z, qmax - z] (exact small integers) BEFORE rounding. Rounding
-    // is monotone and fixes integers, so round(clamp(y, lo, hi)) == clamp(round(y), lo, hi),
-    // and clamp(round(y), lo, hi) + z == clamp(round(y) + z, qmin, qmax) exactly (all values are
-    // integers below 2^18). Also |lo|, |hi| < 2^17 < 2^22, so the pre-clamp is implied. Then
-    // q - z == n exactly (n is never -0.0: the magic-number sum yields +0.0), so
-    // out = n * s == (q - z) * s bit for bit. NaN propagates through both selects.
-    (void)key;
-    (void)idx;
-    const T lo = qmin - z, hi = qmax - z;
-    T c = y < lo ? lo : y;
-    c = c > hi ? hi : c;
-    const T M = Magic<T>::round;
-    const T n = (c + M) - M;
-    if constexpr (WithCodes) {
-      const T q = n + z;
-      *code = static_cast<int32_t>(q == q ? q : qmin);
-    }
-    return n * s;
-  } else {
-    const T n = round_stochastic<T>(y, uniform<T>(key, idx));
-    T q = n + z;
-    q = q < qmin ? qmin : q;
-    q = q > qmax ? qmax : q;
-    if constexpr (WithCodes) *code = static_cast<int32_t>(q == q ? q : qmin);
-    return (q - z) * s;
-  }
-}
+// Per-element maths (Magic, splitmix64, uniform, round_stochastic, masked_value, quant_one):
+// kernels/quant_elem.h, shared with the CUDA twin.
 
 #if defined(__GNUC__) && !defined(__clang__)
 #define MIAFW_IVDEP _Pragma("GCC ivdep")
