@@ -15,8 +15,12 @@ import sys
 import tempfile
 from glob import glob
 
-from pybind11.setup_helpers import Pybind11Extension, build_ext
+from pybind11.setup_helpers import ParallelCompile, Pybind11Extension, build_ext
 from setuptools import setup
+
+# Compile an extension's sources in parallel (one job per CPU; NPY_NUM_BUILD_JOBS overrides):
+# the pybind11 translation units dominate the build time.
+ParallelCompile("NPY_NUM_BUILD_JOBS").install()
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CSRC = "csrc"
@@ -90,7 +94,10 @@ NVCC_GENCODE = [
     "-gencode", "arch=compute_90,code=sm_90",
     "-gencode", "arch=compute_90,code=compute_90",
 ]
-NVCC_FLAGS = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-Xcompiler", "-fPIC"] + NVCC_GENCODE
+# --fmad=false: no multiply-add contraction, so device code performs the same correctly rounded
+# operations as the CPU kernels (csrc/kernels/quant_elem.h is compiled for both).
+NVCC_FLAGS = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "--fmad=false", "-Xcompiler",
+              "-fPIC"] + NVCC_GENCODE
 
 
 def cuda_decision():
@@ -177,8 +184,9 @@ class MiafwBuildExt(build_ext):
                 f"Probe with {' '.join(omp_compile)} failed: {reason}")
         opt = ["/O2"] if ctype == "msvc" else ["-O3"]
         for ext in self.extensions:
-            ext.extra_compile_args = list(ext.extra_compile_args) + opt + (omp_compile if ok else [])
-            ext.extra_link_args = list(ext.extra_link_args) + (omp_link if ok else [])
+            use_omp = ok and ext.name != EMU_NAME  # the emulation runs on one thread
+            ext.extra_compile_args = list(ext.extra_compile_args) + opt + (omp_compile if use_omp else [])
+            ext.extra_link_args = list(ext.extra_link_args) + (omp_link if use_omp else [])
             log(f"extension {ext.name}: compiler={ctype}, cxx_std=17, "
                 f"extra_compile_args={ext.extra_compile_args}, "
                 f"extra_link_args={ext.extra_link_args}")
@@ -228,7 +236,8 @@ class MiafwBuildExt(build_ext):
                 subprocess.run(cmd, check=True)
             objects.append(obj)
         for ext in self.extensions:
-            ext.extra_objects = list(ext.extra_objects or []) + objects
+            if ext.name == MAIN_NAME:
+                ext.extra_objects = list(ext.extra_objects or []) + objects
 
 
 # Relative, sorted paths: the same inputs in the same order on every machine.
@@ -267,16 +276,37 @@ if CUDA_BUILD:
     log(f"nvcc flags: {NVCC_FLAGS}")
     log(f"CUDA link: -L{CUDA_LIBDIR} -Wl,-rpath,{CUDA_LIBDIR} -lcudart, define MIAFW_WITH_CUDA=1")
 
+MAIN_NAME = "mia_core._C"
+EMU_NAME = "mia_core._cuda_emu"
+
+# The CUDA twins' own sources compiled as C++ against a host emulation of the CUDA runtime
+# (csrc/cuda_emu/host_cuda.h), built in every build so the tests run the twins' code without a
+# GPU. Never a backend: mia_core.kernels does not use it.
+emu_sources = _globbed(os.path.join("cuda_emu", "*.cpp")) + [f"{CSRC}/cuda/bind_cuda.cpp"]
+emu_depends = (_globbed(os.path.join("cuda", "*.cu")) + _globbed(os.path.join("cuda", "*.h")) +
+               _globbed(os.path.join("cuda", "*.cuh")) + _globbed(os.path.join("cuda_emu", "*.h")) +
+               _globbed(os.path.join("kernels", "*.h")) + [f"{CSRC}/bind_util.h"])
+log(f"CUDA emulation sources ({EMU_NAME}): {emu_sources}")
+
 ext_modules = [
     Pybind11Extension(
-        "mia_core._C",
+        MAIN_NAME,
         sources=sources,
         include_dirs=[CSRC],
         depends=sorted(os.path.relpath(p, ROOT).replace(os.sep, "/")
                        for p in glob(os.path.join(ROOT, CSRC, "kernels", "*.h"))) + cuda_headers,
         cxx_std=17,
         **ext_kwargs,
-    )
+    ),
+    Pybind11Extension(
+        EMU_NAME,
+        sources=emu_sources,
+        include_dirs=[CSRC],
+        depends=emu_depends,
+        define_macros=[("MIAFW_CUDA_EMULATION", "1")],
+        extra_compile_args=["-ffp-contract=off"] if os.name != "nt" else [],
+        cxx_std=17,
+    ),
 ]
 
 setup(ext_modules=ext_modules, cmdclass={"build_ext": MiafwBuildExt}, zip_safe=False)

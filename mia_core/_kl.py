@@ -417,7 +417,16 @@ def _diag_cuda(backend: str, inputs, names, out, direction) -> Optional[torch.Te
         if reason == "missing":
             _warn_missing_once()
         return None
-    C = _native.cuda_kernels()
+    device = inputs[0].device
+    with torch.cuda.device(device):
+        return _diag_cuda_launch(_native.cuda_kernels(), _native.cuda_stream(device), inputs,
+                                 names, out, direction)
+
+
+def _diag_cuda_launch(kernels, stream: int, inputs, names, out, direction) -> torch.Tensor:
+    """One call of the CUDA twin ``kernels.cuda_gaussian_kl`` on ``stream``, then the decoded
+    first-bad-variance report. Device-agnostic on purpose: the tests pass the host emulation
+    (``mia_core._cuda_emu``) with CPU tensors."""
     first = inputs[0]
     device = first.device
     n = first.shape[0]
@@ -430,10 +439,9 @@ def _diag_cuda(backend: str, inputs, names, out, direction) -> Optional[torch.Te
         return result
     # One uint64 preset to all ones; the kernel atomicMin's 2 * flat_index + arg into it.
     err = torch.full((1,), -1, dtype=torch.int64, device=device)
-    with torch.cuda.device(device):
-        C.cuda_gaussian_kl(*(a.data_ptr() for a in arrays), result.data_ptr(), n, d,
-                           direction=direction, dtype=str(first.dtype).replace("torch.", ""),
-                           err=err.data_ptr(), stream=_native.cuda_stream(device))
+    kernels.cuda_gaussian_kl(*(a.data_ptr() for a in arrays), result.data_ptr(), n, d,
+                             direction=direction, dtype=str(first.dtype).replace("torch.", ""),
+                             err=err.data_ptr(), stream=stream)
     key = int(err.item())  # synchronises with the stream, as the reference's check does
     if key != -1:
         flat, arg = key >> 1, key & 1

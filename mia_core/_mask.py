@@ -201,18 +201,24 @@ def _apply_masks_cuda(tensors: List[torch.Tensor], masks: List[torch.Tensor], ba
             raise RuntimeError(f"backend='native' cannot run: {reason}; use backend='auto' or 'torch'")
         _reference_unchecked(tensors, masks)
         return "torch"
-    C = _native.cuda_kernels()
     device = tensors[0].device
     with torch.cuda.device(device):
-        C.cuda_apply_masks(
-            [t.data_ptr() for t in tensors],
-            [m.data_ptr() for m in masks],
-            [t.numel() for t in tensors],
-            [_CUDA_MASK_KINDS[(t.dtype, m.dtype is torch.bool)] for t, m in zip(tensors, masks)],
-            stream=_native.cuda_stream(device),
-        )
-    _bump_versions(tensors)
+        _cuda_launch(_native.cuda_kernels(), _native.cuda_stream(device), tensors, masks)
     return "native"
+
+
+def _cuda_launch(kernels, stream: int, tensors: List[torch.Tensor], masks: List[torch.Tensor]) -> None:
+    """One call of the CUDA twin ``kernels.cuda_apply_masks`` on ``stream`` (inputs accepted by
+    :func:`_cuda_mask_unsupported`). Device-agnostic on purpose: the tests pass the host
+    emulation (``mia_core._cuda_emu``) with CPU tensors."""
+    kernels.cuda_apply_masks(
+        [t.data_ptr() for t in tensors],
+        [m.data_ptr() for m in masks],
+        [t.numel() for t in tensors],
+        [_CUDA_MASK_KINDS[(t.dtype, m.dtype is torch.bool)] for t, m in zip(tensors, masks)],
+        stream=stream,
+    )
+    _bump_versions(tensors)
 
 
 # --------------------------------------------------------------------------------------

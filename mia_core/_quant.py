@@ -417,8 +417,8 @@ def _choose(backend: str, x: Tensor, mask: Optional[Tensor] = None) -> str:
 
 def _choose_cuda(backend: str, x: Tensor, mask, given, stochastic: bool, out) -> str:
     """Backend for a CUDA ``x``: ``"cuda"`` (the CUDA twin) or ``"torch"`` (the reference, which
-    runs on the GPU through torch ops). The twin covers nearest rounding with given parameters
-    and no mask; everything else is the reference's."""
+    runs on the GPU through torch ops). The twin covers given parameters with nearest or
+    stochastic rounding, masked or not; deriving min-max parameters is the reference's."""
     global _last_backend
     _native.check_backend(backend)
     if _native._C is None:
@@ -431,20 +431,16 @@ def _choose_cuda(backend: str, x: Tensor, mask, given, stochastic: bool, out) ->
     reason = None
     if missing:
         reason = _native.CUDA_MISSING_MESSAGE
-    elif mask is not None:
-        reason = "the CUDA kernel has no masked variant"
-    elif stochastic:
-        reason = "the CUDA kernel has no stochastic rounding"
     elif given is None:
         reason = "the CUDA kernel does not derive min-max parameters (pass scale= and zero_point=)"
     elif not x.is_contiguous():
         reason = f"x is not contiguous (strides {x.stride()})"
-    elif out is not None and out.numel() and out.data_ptr() != x.data_ptr() and \
-            out.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
-        lo, hi = out.data_ptr(), out.data_ptr() + out.numel() * out.element_size()
-        xlo, xhi = x.data_ptr(), x.data_ptr() + x.numel() * x.element_size()
-        if lo < xhi and xlo < hi:
-            reason = "out partially overlaps x"
+    elif mask is not None and not mask.is_contiguous():
+        reason = f"mask is not contiguous (strides {mask.stride()}); pass mask.contiguous()"
+    elif out is not None and out.data_ptr() != x.data_ptr() and _overlaps(out, x):
+        reason = "out partially overlaps x"
+    elif mask is not None and out is not None and _overlaps(out, mask):
+        reason = "mask overlaps the memory of out; pass a separate buffer"
     if reason is not None:
         if backend == "native":
             if missing:
@@ -457,8 +453,22 @@ def _choose_cuda(backend: str, x: Tensor, mask, given, stochastic: bool, out) ->
     return "cuda"
 
 
-def _fq_cuda(x: Tensor, given, axis, qmin: int, qmax: int, out, return_codes: bool):
-    """The CUDA twin on a contiguous CUDA ``x`` with given (scale, zero_point) [C] on its device."""
+def _overlaps(a: Tensor, b: Tensor) -> bool:
+    """Whether the (contiguous) memory ranges of two tensors intersect."""
+    if not a.numel() or not b.numel():
+        return False
+    alo, blo = a.data_ptr(), b.data_ptr()
+    return alo < blo + b.numel() * b.element_size() and blo < alo + a.numel() * a.element_size()
+
+
+def _fq_cuda_launch(kernels, stream: int, x: Tensor, mask, given, axis, qmin: int, qmax: int,
+                    stochastic: bool, seed: int, out, return_codes: bool):
+    """One call of the CUDA twin ``kernels.cuda_fake_quantize`` on ``stream``, on tensors that
+    :func:`_choose_cuda` accepted (contiguous ``x`` and ``mask``, given (scale, zero_point)).
+
+    Device-agnostic on purpose: the tests pass the host emulation (``mia_core._cuda_emu``)
+    with CPU tensors, so this argument marshalling runs without a GPU too.
+    """
     s, z = given
     C = _channels(x, axis)
     if axis is None:
@@ -469,14 +479,24 @@ def _fq_cuda(x: Tensor, given, axis, qmin: int, qmax: int, out, return_codes: bo
     z = z.to(device=x.device, dtype=x.dtype).contiguous()
     res = out if out is not None else torch.empty_like(x, memory_format=torch.contiguous_format)
     codes = torch.empty(x.shape, dtype=torch.int32, device=x.device) if return_codes else None
-    with torch.cuda.device(x.device):
-        _native.cuda_kernels().cuda_fake_quantize(
-            x.data_ptr(), res.data_ptr(), 0 if codes is None else codes.data_ptr(),
-            outer, C, inner, s.data_ptr(), z.data_ptr(), quant_min=qmin, quant_max=qmax,
-            dtype=str(x.dtype).replace("torch.", ""), stream=_native.cuda_stream(x.device))
+    mask_kind = "none" if mask is None else ("bool" if mask.dtype == torch.bool else "float")
+    kernels.cuda_fake_quantize(
+        x.data_ptr(), res.data_ptr(), 0 if codes is None else codes.data_ptr(),
+        outer, C, inner, s.data_ptr(), z.data_ptr(), quant_min=qmin, quant_max=qmax,
+        dtype=str(x.dtype).replace("torch.", ""),
+        mask=0 if mask is None else mask.data_ptr(), mask_kind=mask_kind,
+        stochastic=stochastic, seed=seed, stream=stream)
     if out is not None:
         _bump_versions([out])
     return res, codes
+
+
+def _fq_cuda(x: Tensor, mask, given, axis, qmin: int, qmax: int, stochastic: bool, seed: int,
+             out, return_codes: bool):
+    """The CUDA twin on torch's current stream of ``x``'s device."""
+    with torch.cuda.device(x.device):
+        return _fq_cuda_launch(_native.cuda_kernels(), _native.cuda_stream(x.device), x, mask,
+                               given, axis, qmin, qmax, stochastic, seed, out, return_codes)
 
 
 def _np(t: Tensor):
@@ -506,7 +526,8 @@ def _fq(x, mask, *, bits, scheme, axis, scale, zero_point, rounding, seed, out, 
         ran = "torch" if reference_only else _choose(backend, x, mask)
 
     if ran == "cuda":
-        res, codes = _fq_cuda(x, given, axis, qmin, qmax, out, return_codes)
+        res, codes = _fq_cuda(x, mask, given, axis, qmin, qmax, stochastic, seed, out,
+                              return_codes)
     elif ran == "torch":
         with torch.no_grad():
             v = x if mask is None else _apply_mask_reference(x, mask)

@@ -232,16 +232,50 @@ def test_fake_quantize_cuda_in_place_and_fallbacks():
     y = kernels.fake_quantize(x, scale=0.05, zero_point=128, out=x, backend="native")
     assert y is x
     assert_bitwise_equal(x, expected)
-    # out of the CUDA twin's scope: auto -> torch reference on the GPU, native -> clear error
+    # out of the CUDA twin's scope (derived min-max parameters, a strided x): auto -> the torch
+    # reference on the GPU, native -> a clear error
     z = torch.randn(100, device="cuda")
-    for kw in (dict(), dict(scale=0.1, zero_point=3, rounding="stochastic", seed=1)):
-        r = kernels.fake_quantize(z, **kw)
+    for x_, kw in ((z, dict()), (torch.randn(10, 10, device="cuda").t(), dict(scale=0.1, zero_point=3))):
+        r = kernels.fake_quantize(x_, **kw)
         assert _quant.last_backend() == "torch" and r.device.type == "cuda"
         with pytest.raises(RuntimeError, match="cannot run"):
-            kernels.fake_quantize(z, backend="native", **kw)
-    m = torch.rand(100, device="cuda") < 0.5
-    kernels.masked_fake_quantize(z, m, scale=0.1, zero_point=3)
-    assert _quant.last_backend() == "torch"
+            kernels.fake_quantize(x_, backend="native", **kw)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mask_kind", [None, "bool", "float"])
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+@pytest.mark.parametrize("axis", [None, 1])
+def test_fake_quantize_cuda_masked_and_stochastic_match_cpu_kernel(dtype, mask_kind, rounding, axis):
+    g = torch.Generator().manual_seed(11)
+    x = weights(3 * 1001 * 7, dtype, g).reshape(3, 1001, 7) * 2
+    if mask_kind is None:
+        mask = None
+    elif mask_kind == "bool":
+        mask = torch.rand(x.shape, generator=g) < 0.6
+    else:
+        mask = torch.randn(x.shape, generator=g, dtype=dtype)
+    if axis is None:
+        scale, zp = 0.03, 100
+    else:
+        scale = torch.rand(1001, generator=g, dtype=dtype) * 0.1 + 0.01
+        zp = torch.randint(0, 256, (1001,), generator=g)
+    kw = dict(axis=axis, scale=scale, zero_point=zp, rounding=rounding,
+              seed=1234 if rounding == "stochastic" else None, return_codes=True)
+    if mask is None:
+        ref = kernels.fake_quantize(x, backend="native" if C is not None else "torch", **kw)
+        got = kernels.fake_quantize(x.cuda(), backend="native", **_to_cuda(kw))
+    else:
+        ref = kernels.masked_fake_quantize(x, mask, backend="native" if C is not None else "torch", **kw)
+        got = kernels.masked_fake_quantize(x.cuda(), mask.cuda(), backend="native", **_to_cuda(kw))
+    assert _quant.last_backend() == "native"
+    assert_bitwise_equal(got[0], ref[0])
+    assert torch.equal(got[1].cpu(), ref[1])
+
+
+def _to_cuda(kw):
+    return {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
 
 
 # ------------------------------------------------------------------------------ everywhere

@@ -71,16 +71,25 @@ void cuda_gaussian_kl(uintptr_t mu0, uintptr_t var0, uintptr_t mu1, uintptr_t va
   check(status);
 }
 
+int parse_mask_kind(const std::string& s) {
+  if (s == "none") return mc::kQuantMaskNone;
+  if (s == "bool") return mc::kQuantMaskBool;
+  if (s == "float") return mc::kQuantMaskFloat;
+  throw py::value_error("unknown mask_kind '" + s + "'; allowed: 'none', 'bool', 'float'");
+}
+
 void cuda_fake_quantize(uintptr_t x, uintptr_t out, uintptr_t codes, int64_t outer,
                         int64_t channels, int64_t inner, uintptr_t scale, uintptr_t zero_point,
                         int64_t quant_min, int64_t quant_max, const std::string& dtype,
-                        uintptr_t stream) {
+                        uintptr_t mask, const std::string& mask_kind, bool stochastic,
+                        uint64_t seed, uintptr_t stream) {
   const int dt = parse_dtype(dtype);
+  const int mk = parse_mask_kind(mask_kind);
   std::string status;
   {
     py::gil_scoped_release release;
-    status = mc::fake_quantize(x, out, codes, outer, channels, inner, scale, zero_point, quant_min,
-                               quant_max, dt, stream);
+    status = mc::fake_quantize(x, mask, mk, out, codes, outer, channels, inner, scale,
+                               zero_point, quant_min, quant_max, stochastic, seed, dt, stream);
   }
   check(status);
 }
@@ -110,11 +119,15 @@ error text.)doc");
   m.def("cuda_fake_quantize", &cuda_fake_quantize, py::arg("x"), py::arg("out"), py::arg("codes"),
         py::arg("outer"), py::arg("channels"), py::arg("inner"), py::arg("scale"),
         py::arg("zero_point"), py::kw_only(), py::arg("quant_min"), py::arg("quant_max"),
-        py::arg("dtype") = "float32", py::arg("stream") = 0,
-        R"doc(Affine fake quantization with given parameters, nearest rounding, on the GPU.
+        py::arg("dtype") = "float32", py::arg("mask") = 0, py::arg("mask_kind") = "none",
+        py::arg("stochastic") = false, py::arg("seed") = 0, py::arg("stream") = 0,
+        R"doc(Affine fake quantization with given parameters on the GPU, optionally masked.
 
 x, out: device pointers of a contiguous (outer, channels, inner) tensor (out may be x);
 codes: int32 device pointer or 0; scale, zero_point: device arrays of `channels` values of
-`dtype`. torch's arithmetic without FMA contraction. Only enqueues work on `stream`. Raises
-RuntimeError with the CUDA error text.)doc");
+`dtype`. mask: device pointer of a contiguous mask like x, with mask_kind 'bool' (m ? x : 0)
+or 'float' (x * m, dtype of x); 'none' (default) ignores it. stochastic: seeded stochastic
+rounding (u from (seed, flat index)), else nearest, ties to even. The CPU kernel's per-element
+code (csrc/kernels/quant_elem.h): bit-identical to it. Only enqueues work on `stream`.
+Raises RuntimeError with the CUDA error text.)doc");
 }

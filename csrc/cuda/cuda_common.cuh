@@ -1,7 +1,17 @@
-// Internal helpers of the .cu files (launch geometry, error strings). nvcc only.
+// Internal helpers of the .cu files: the runtime include, launch geometry, the launch itself
+// and error strings. Compiled by nvcc, or by the C++ compiler against the host emulation of
+// the CUDA runtime (csrc/cuda_emu/host_cuda.h, MIAFW_CUDA_EMULATION), which runs the same
+// kernels on the CPU for the tests. The .cu files include this header, never
+// <cuda_runtime.h> directly, and launch only through detail::launch (no <<< >>> elsewhere).
 #pragma once
 
+#if defined(__CUDACC__)
 #include <cuda_runtime.h>
+#elif defined(MIAFW_CUDA_EMULATION)
+#include "cuda_emu/host_cuda.h"
+#else
+#error "csrc/cuda/*.cu are compiled by nvcc (MIAFW_CUDA=1) or as C++ with MIAFW_CUDA_EMULATION"
+#endif
 
 #include <algorithm>
 #include <cstdint>
@@ -37,6 +47,18 @@ inline std::string launch_status(const char* kernel) {
   const cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess) return error_text(kernel, e);
   return std::string();
+}
+
+// kernel<<<blocks, kThreads, 0, stream>>>(args...), then "" or the launch error's text.
+template <typename... Params, typename... Args>
+inline std::string launch(const char* name, void (*kernel)(Params...), int64_t blocks,
+                          cudaStream_t stream, Args... args) {
+#if defined(__CUDACC__)
+  kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(args...);
+#else
+  ::miafw::cuda_emu::run_grid(name, kernel, blocks, kThreads, stream, args...);
+#endif
+  return launch_status(name);
 }
 
 }  // namespace detail

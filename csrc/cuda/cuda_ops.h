@@ -49,17 +49,27 @@ std::string gaussian_kl_diag(uintptr_t mu0, uintptr_t var0, uintptr_t mu1, uintp
                              uintptr_t out, int64_t n, int64_t d, int direction, int dtype,
                              uintptr_t err, uintptr_t stream);
 
-// Affine fake quantization with GIVEN parameters and nearest rounding (ties to even) over
-// the (outer, channels, inner) layout of a contiguous tensor (per tensor: (1, 1, n)).
-// scale, zero_point: device arrays of `channels` values of the element type (zero points
-// exact integers in [quant_min, quant_max]). Per element, with no FMA contraction:
-//   inv = 1 / scale (rounded to T);  q = clamp(rint(x * inv) + zp, quant_min, quant_max);
-//   out = (q - zp) * scale;           code = int32(q) (quant_min where q is NaN).
-// NaN propagates to out; +-inf clamp to the range ends. out may be x (in place).
-// codes: device int32 array of outer*channels*inner entries, or 0.
-std::string fake_quantize(uintptr_t x, uintptr_t out, uintptr_t codes, int64_t outer,
-                          int64_t channels, int64_t inner, uintptr_t scale,
-                          uintptr_t zero_point, int64_t quant_min, int64_t quant_max, int dtype,
+// Mask kinds of fake_quantize.
+enum QuantMaskKind : int32_t {
+  kQuantMaskNone = 0,   // no mask: the value quantized is x
+  kQuantMaskBool = 1,   // bool/uint8 mask like x: m ? x : +0.0
+  kQuantMaskFloat = 2,  // mask of x's dtype like x: x * m
+};
+
+// Affine fake quantization with GIVEN parameters over the (outer, channels, inner) layout of a
+// contiguous tensor (per tensor: (1, 1, n)), nearest (ties to even) or stochastic rounding,
+// of x or of the masked x (the fused mask + fake-quantize pass). Per element the arithmetic
+// of csrc/kernels/quant_elem.h (the CPU kernel's own functions, compiled for the device):
+// bit-identical to the CPU kernel, stochastic results included (u = uniform(seed, index)).
+// scale, zero_point: device arrays of `channels` values of the element type (scales finite,
+// > 0 with a finite reciprocal; zero points exact integers in [quant_min, quant_max]: the
+// caller checks). mask: device pointer of a mask like x (mask_kind), or 0 with kQuantMaskNone.
+// NaN propagates to out (code quant_min); +-inf clamp to the range ends. out may be x (in
+// place). codes: device int32 array of outer*channels*inner entries, or 0.
+std::string fake_quantize(uintptr_t x, uintptr_t mask, int mask_kind, uintptr_t out,
+                          uintptr_t codes, int64_t outer, int64_t channels, int64_t inner,
+                          uintptr_t scale, uintptr_t zero_point, int64_t quant_min,
+                          int64_t quant_max, bool stochastic, uint64_t seed, int dtype,
                           uintptr_t stream);
 
 }  // namespace cuda

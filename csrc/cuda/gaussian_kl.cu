@@ -15,8 +15,6 @@
 // (atomicMin of 2 * flat_index + arg): the host reads one word to find the FIRST bad
 // element in row-major order, var0 before var1, as the CPU kernel reports it.
 
-#include <cuda_runtime.h>
-
 #include <cfloat>
 #include <cstdint>
 #include <string>
@@ -98,11 +96,11 @@ std::string launch(uintptr_t mu0, uintptr_t var0, uintptr_t mu1, uintptr_t var1,
   std::string status;
   const int64_t blocks = detail::grid_for(n, &status);
   if (!status.empty()) return status;
-  kl_diag_kernel<T><<<static_cast<unsigned>(blocks), detail::kThreads, 0, stream>>>(
-      reinterpret_cast<const T*>(mu0), reinterpret_cast<const T*>(var0),
-      reinterpret_cast<const T*>(mu1), reinterpret_cast<const T*>(var1),
-      reinterpret_cast<T*>(out), n, d, dir, reinterpret_cast<unsigned long long*>(err));
-  return detail::launch_status("kl_diag_kernel launch");
+  return detail::launch("kl_diag_kernel", kl_diag_kernel<T>, blocks, stream,
+                        reinterpret_cast<const T*>(mu0), reinterpret_cast<const T*>(var0),
+                        reinterpret_cast<const T*>(mu1), reinterpret_cast<const T*>(var1),
+                        reinterpret_cast<T*>(out), n, d, dir,
+                        reinterpret_cast<unsigned long long*>(err));
 }
 
 }  // namespace

@@ -12,8 +12,6 @@
 // binary search over off (upper_bound - 1, so empty segments are skipped), and only redone
 // when a thread's next element leaves its current segment.
 
-#include <cuda_runtime.h>
-
 #include <cstdint>
 #include <cstring>
 #include <string>
@@ -133,13 +131,13 @@ std::string apply_masks(const uint64_t* data, const uint64_t* mask, const int64_
     status = detail::error_text("apply_masks: copying descriptors", e);
   } else {
     const unsigned char* d = static_cast<const unsigned char*>(dev);
-    apply_masks_kernel<<<static_cast<unsigned>(blocks), detail::kThreads, 0, stream>>>(
+    status = detail::launch(
+        "apply_masks_kernel", apply_masks_kernel, blocks, stream,
         reinterpret_cast<const int64_t*>(d),
         reinterpret_cast<const uint64_t*>(d + (n + 1) * sizeof(int64_t)),
         reinterpret_cast<const uint64_t*>(d + (n + 1) * sizeof(int64_t) + n * sizeof(uint64_t)),
         reinterpret_cast<const int32_t*>(d + (n + 1) * sizeof(int64_t) + 2 * n * sizeof(uint64_t)),
         static_cast<int64_t>(count), total);
-    status = detail::launch_status("apply_masks_kernel launch");
   }
   if (pooled) {
     e = cudaFreeAsync(dev, stream);  // stream-ordered: after the kernel
