@@ -39,10 +39,12 @@ Conventions shared by every op here:
   ``mask``) are contiguous CPU tensors, else the torch reference (warning once per process if
   the extension failed to import); ``"native"`` raises RuntimeError instead of falling back;
   ``"torch"`` always runs the reference. ``last_backend()`` tells which one ran last.
-  CUDA ``x``: a ``MIAFW_CUDA=1`` build has a CUDA twin for :func:`fake_quantize` with GIVEN
-  ``scale`` / ``zero_point``, nearest rounding, contiguous ``x`` (per tensor or per channel,
-  float32 bit-identical to torch's op; on the current stream). Derived parameters, stochastic
-  rounding, masks, sign / ternary run the reference (torch ops on the GPU) under ``"auto"``,
+  CUDA ``x``: a ``MIAFW_CUDA=1`` build has a CUDA twin for :func:`fake_quantize` and
+  :func:`masked_fake_quantize` on a contiguous ``x`` (and ``mask``): per tensor or per channel,
+  nearest or stochastic rounding, on the current stream, bit-identical to the CPU kernel (it
+  runs the CPU kernel's per-element code, ``csrc/kernels/quant_elem.h``). Derived min-max
+  parameters are computed by torch on the GPU first (the reference's code, same bits).
+  Strided inputs, sign and ternary run the reference (torch ops on the GPU) under ``"auto"``,
   and ``"native"`` raises RuntimeError saying why (in a CPU-only build: "this miafw was built
   without CUDA kernels; rebuild with MIAFW_CUDA=1").
 * Results carry no autograd history; use :func:`fake_quantize_ste` for training.
@@ -417,8 +419,8 @@ def _choose(backend: str, x: Tensor, mask: Optional[Tensor] = None) -> str:
 
 def _choose_cuda(backend: str, x: Tensor, mask, given, stochastic: bool, out) -> str:
     """Backend for a CUDA ``x``: ``"cuda"`` (the CUDA twin) or ``"torch"`` (the reference, which
-    runs on the GPU through torch ops). The twin covers given parameters with nearest or
-    stochastic rounding, masked or not; deriving min-max parameters is the reference's."""
+    runs on the GPU through torch ops). The twin covers contiguous inputs with nearest or
+    stochastic rounding, masked or not; min-max parameters are derived by torch first."""
     global _last_backend
     _native.check_backend(backend)
     if _native._C is None:
@@ -431,8 +433,6 @@ def _choose_cuda(backend: str, x: Tensor, mask, given, stochastic: bool, out) ->
     reason = None
     if missing:
         reason = _native.CUDA_MISSING_MESSAGE
-    elif given is None:
-        reason = "the CUDA kernel does not derive min-max parameters (pass scale= and zero_point=)"
     elif not x.is_contiguous():
         reason = f"x is not contiguous (strides {x.stride()})"
     elif mask is not None and not mask.is_contiguous():
@@ -462,13 +462,21 @@ def _overlaps(a: Tensor, b: Tensor) -> bool:
 
 
 def _fq_cuda_launch(kernels, stream: int, x: Tensor, mask, given, axis, qmin: int, qmax: int,
-                    stochastic: bool, seed: int, out, return_codes: bool):
+                    scheme: str, stochastic: bool, seed: int, out, return_codes: bool):
     """One call of the CUDA twin ``kernels.cuda_fake_quantize`` on ``stream``, on tensors that
     :func:`_choose_cuda` accepted (contiguous ``x`` and ``mask``, given (scale, zero_point)).
+
+    ``given=None`` derives the min-max parameters first with the reference's torch code
+    (:func:`_derive_reference` on the masked values: ``aminmax`` runs on the GPU), which gives
+    the CPU kernel's parameters bit for bit, then quantizes with the twin.
 
     Device-agnostic on purpose: the tests pass the host emulation (``mia_core._cuda_emu``)
     with CPU tensors, so this argument marshalling runs without a GPU too.
     """
+    if given is None:
+        with torch.no_grad():
+            v = x if mask is None else _apply_mask_reference(x, mask)
+            given = _derive_reference(v, axis, qmin, qmax, scheme)
     s, z = given
     C = _channels(x, axis)
     if axis is None:
@@ -491,12 +499,13 @@ def _fq_cuda_launch(kernels, stream: int, x: Tensor, mask, given, axis, qmin: in
     return res, codes
 
 
-def _fq_cuda(x: Tensor, mask, given, axis, qmin: int, qmax: int, stochastic: bool, seed: int,
-             out, return_codes: bool):
+def _fq_cuda(x: Tensor, mask, given, axis, qmin: int, qmax: int, scheme: str, stochastic: bool,
+             seed: int, out, return_codes: bool):
     """The CUDA twin on torch's current stream of ``x``'s device."""
     with torch.cuda.device(x.device):
         return _fq_cuda_launch(_native.cuda_kernels(), _native.cuda_stream(x.device), x, mask,
-                               given, axis, qmin, qmax, stochastic, seed, out, return_codes)
+                               given, axis, qmin, qmax, scheme, stochastic, seed, out,
+                               return_codes)
 
 
 def _np(t: Tensor):
@@ -526,7 +535,7 @@ def _fq(x, mask, *, bits, scheme, axis, scale, zero_point, rounding, seed, out, 
         ran = "torch" if reference_only else _choose(backend, x, mask)
 
     if ran == "cuda":
-        res, codes = _fq_cuda(x, mask, given, axis, qmin, qmax, stochastic, seed, out,
+        res, codes = _fq_cuda(x, mask, given, axis, qmin, qmax, scheme, stochastic, seed, out,
                               return_codes)
     elif ran == "torch":
         with torch.no_grad():

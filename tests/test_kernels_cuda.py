@@ -232,14 +232,19 @@ def test_fake_quantize_cuda_in_place_and_fallbacks():
     y = kernels.fake_quantize(x, scale=0.05, zero_point=128, out=x, backend="native")
     assert y is x
     assert_bitwise_equal(x, expected)
-    # out of the CUDA twin's scope (derived min-max parameters, a strided x): auto -> the torch
-    # reference on the GPU, native -> a clear error
-    z = torch.randn(100, device="cuda")
-    for x_, kw in ((z, dict()), (torch.randn(10, 10, device="cuda").t(), dict(scale=0.1, zero_point=3))):
-        r = kernels.fake_quantize(x_, **kw)
-        assert _quant.last_backend() == "torch" and r.device.type == "cuda"
-        with pytest.raises(RuntimeError, match="cannot run"):
-            kernels.fake_quantize(x_, backend="native", **kw)
+    # derived min-max parameters: torch's aminmax on the GPU, then the twin (CPU kernel's bits)
+    z = torch.randn(100, 3, device="cuda")
+    got = kernels.fake_quantize(z, axis=1, backend="native")
+    assert _quant.last_backend() == "native"
+    if C is not None:
+        assert_bitwise_equal(got, kernels.fake_quantize(z.cpu(), axis=1, backend="native"))
+    # out of the CUDA twin's scope (a strided x): auto -> the torch reference on the GPU,
+    # native -> a clear error
+    s = torch.randn(10, 10, device="cuda").t()
+    r = kernels.fake_quantize(s, scale=0.1, zero_point=3)
+    assert _quant.last_backend() == "torch" and r.device.type == "cuda"
+    with pytest.raises(RuntimeError, match="cannot run"):
+        kernels.fake_quantize(s, scale=0.1, zero_point=3, backend="native")
 
 
 @needs_cuda

@@ -345,9 +345,11 @@ def _quant_twin(x, mask, kw, rounding="nearest", seed=None, out=None, return_cod
     qmin, qmax = _quant.quant_range(kw["bits"], kw["scheme"])
     axis = _quant._norm_axis(x, kw["axis"])
     stochastic, seed_ = _quant._check_rounding(rounding, seed)
-    given = _quant._given_params(x, axis, kw["scale"], kw["zero_point"], qmin, qmax, kw["scheme"], kw["bits"])
+    given = _quant._given_params(x, axis, kw.get("scale"), kw.get("zero_point"), qmin, qmax, kw["scheme"],
+                                 kw["bits"])
     assert _quant._choose_cuda("native", x, mask, given, stochastic, out) == "cuda"
-    return _quant._fq_cuda_launch(emu, 0, x, mask, given, axis, qmin, qmax, stochastic, seed_, out, return_codes)
+    return _quant._fq_cuda_launch(emu, 0, x, mask, given, axis, qmin, qmax, kw["scheme"], stochastic, seed_,
+                                  out, return_codes)
 
 
 def _quant_cpu(x, mask, kw, rounding="nearest", seed=None):
@@ -414,6 +416,32 @@ def test_fake_quantize_twin_in_place_and_without_codes(twin_dispatch, rounding):
     assert_bitwise_equal(x, ref)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mask_kind", [None, "bool", "float"])
+@pytest.mark.parametrize("scheme", ["affine", "symmetric"])
+@pytest.mark.parametrize("shape,axis", [((20_000,), None), ((3, 1001, 7), 1), ((40, 9), -1), ((0, 5), 1)])
+def test_fake_quantize_twin_derived_parameters_match_cpu_kernel(twin_dispatch, dtype, mask_kind, scheme,
+                                                                shape, axis):
+    """No scale given: min-max parameters from torch (the reference's code), then the twin."""
+    x, mask, kw = _quant_case(shape, axis, dtype, mask_kind, seed=sum(shape), scheme=scheme)
+    x = torch.nan_to_num(x, nan=0.5, posinf=4.0, neginf=-3.0)
+    if mask is not None and mask.dtype != torch.bool:
+        mask = torch.nan_to_num(mask, nan=2.0)
+    kw = dict(bits=6, scheme=scheme, axis=axis)
+    got, got_codes = _quant_twin(x, mask, kw, "stochastic", 99)
+    ref, ref_codes = _quant_cpu(x, mask, kw, "stochastic", 99)
+    assert_bitwise_equal(got, ref)
+    assert torch.equal(got_codes, ref_codes)
+
+
+def test_fake_quantize_twin_derived_parameters_reject_nonfinite_data(twin_dispatch):
+    x = torch.randn(100)
+    x[17] = math.inf
+    with pytest.raises(ValueError, match="x contains NaN or inf"):
+        _quant_twin(x, None, dict(bits=8, scheme="affine", axis=None))
+    assert emu.stats()["launches"] == 0
+
+
 def test_fake_quantize_twin_stochastic_depends_only_on_seed_and_index(twin_dispatch):
     """Another grid (SM count) or thread order gives the same bits; another seed does not."""
     x, _, kw = _quant_case((50_000,), None, torch.float32, None, seed=6)
@@ -449,19 +477,19 @@ def test_fake_quantize_twin_property(shape, axis_pick, dtype, mask_kind, roundin
 
 
 def test_fake_quantize_twin_dispatch_scope(twin_dispatch):
-    """What _choose_cuda sends to the twin now: given parameters, masked or not, any rounding;
-    derived parameters, strided inputs and overlapping buffers go to the reference."""
+    """What _choose_cuda sends to the twin now: contiguous inputs, given or derived parameters,
+    masked or not, any rounding; strided inputs and overlapping buffers go to the reference."""
     x = torch.randn(10, 10)
     given = (torch.tensor([0.1]), torch.tensor([3.0]))
     m = torch.rand(10, 10) < 0.5
     assert _quant._choose_cuda("auto", x, m, given, True, None) == "cuda"
-    assert _quant._choose_cuda("auto", x, None, None, False, None) == "torch"
+    assert _quant._choose_cuda("auto", x, None, None, False, None) == "cuda"
     assert _quant._choose_cuda("auto", x.t(), None, given, False, None) == "torch"
     assert _quant._choose_cuda("auto", x, m.t(), given, False, None) == "torch"
     fm = torch.randn(10, 10)
     assert _quant._choose_cuda("auto", x, fm, given, False, fm) == "torch"  # out is the mask
     assert _quant._choose_cuda("auto", x, None, given, False, x.view(-1)[5:].view(-1)[:50].view(5, 10)) == "torch"
-    for args, msg in (((x, None, None, False, None), "does not derive"),
+    for args, msg in (((x.t(), None, None, False, None), "x is not contiguous"),
                       ((x, m.t(), given, False, None), "mask is not contiguous"),
                       ((x, fm, given, False, fm), "mask overlaps")):
         with pytest.raises(RuntimeError, match=msg):
