@@ -7,6 +7,9 @@ they check the build flag and what the dispatch does when the extension has no C
 
 import math
 import os
+import pathlib
+import shutil
+import subprocess
 
 import pytest
 import torch
@@ -338,3 +341,24 @@ def test_cuda_dispatch_auto_without_cuda_kernels_falls_back(no_cuda_kernels):
 def test_cuda_kernels_none_without_extension(monkeypatch):
     monkeypatch.setattr(_native, "_C", None)
     assert _native.cuda_kernels() is None
+
+
+NVCC = shutil.which("nvcc")
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc not found (the CUDA twins are only compiled where it is)")
+@pytest.mark.parametrize("twin", sorted(p.name for p in (pathlib.Path(__file__).resolve().parents[1] / "csrc" / "cuda").glob("*.cu")))
+def test_twin_compiles_with_nvcc(twin, tmp_path):
+    """Device compilation of each twin (sm_90 only, to stay quick) with setup.py's flags: the
+    emulated tests compile the same sources as host C++, which cannot catch device-only errors
+    (a host-only function called from a kernel, say)."""
+    root = pathlib.Path(__file__).resolve().parents[1]
+    setup_text = (root / "setup.py").read_text()
+    flags = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "--fmad=false"]
+    for f in flags:
+        assert f'"{f}"' in setup_text, f"setup.py no longer passes {f} to nvcc; update this test"
+    cmd = [NVCC, *flags, "-gencode", "arch=compute_90,code=sm_90", "-Xcompiler", "-fPIC",
+           "-I", str(root / "csrc"), "-c", str(root / "csrc" / "cuda" / twin), "-o", str(tmp_path / "twin.o")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "warning" not in proc.stderr.lower(), proc.stderr[-4000:]
