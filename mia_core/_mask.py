@@ -221,6 +221,33 @@ def _cuda_launch(kernels, stream: int, tensors: List[torch.Tensor], masks: List[
     _bump_versions(tensors)
 
 
+class _CudaMaskSet:
+    """A :class:`MaskPlan`'s CUDA side: the segment lists of the CUDA twin, built once.
+
+    Holds the tensors' ``data_ptr()`` at build time, so :meth:`moved` finds a reallocated
+    tensor before anything is written (the plan keeps the tensors and its mask copies alive).
+    Device-agnostic like :func:`_cuda_launch`: the tests drive it with the host emulation.
+    """
+
+    def __init__(self, tensors: List[torch.Tensor], masks: List[torch.Tensor]):
+        self._tensors = tensors
+        self.data = [t.data_ptr() for t in tensors]
+        self.masks = [m.data_ptr() for m in masks]
+        self.sizes = [t.numel() for t in tensors]
+        self.kinds = [_CUDA_MASK_KINDS[(t.dtype, m.dtype is torch.bool)] for t, m in zip(tensors, masks)]
+        self.device = tensors[0].device if tensors else None
+
+    def moved(self) -> int:
+        """Index of the first tensor whose storage moved since the build, or -1."""
+        for i, (t, p) in enumerate(zip(self._tensors, self.data)):
+            if t.data_ptr() != p:
+                return i
+        return -1
+
+    def apply(self, kernels, stream: int) -> None:
+        kernels.cuda_apply_masks(self.data, self.masks, self.sizes, self.kinds, stream=stream)
+
+
 # --------------------------------------------------------------------------------------
 # Cached plans
 # --------------------------------------------------------------------------------------
@@ -239,7 +266,10 @@ class MaskPlan:
     prepared ``mia_core._C.MaskSet`` holding the zero-copy numpy views and the kernel's
     segment lists. ``plan.apply()`` then costs one call plus a ``data_ptr()`` check per
     tensor, so it beats a Python loop of ``w.mul_(m)`` even for many small tensors (see
-    ``mia_core/bench/mask.py``, case ``model-50-tensors``).
+    ``mia_core/bench/mask.py``, case ``model-50-tensors``). CUDA tensors, in a
+    ``MIAFW_CUDA=1`` build: the plan keeps the CUDA twin's segment lists, and ``apply()`` is
+    the same ``data_ptr()`` check plus ONE kernel launch on the current stream (a loop of
+    ``mul_`` is one launch per tensor); otherwise the plan runs the torch loop on the GPU.
 
     Args:
         tensors (Sequence[Tensor[...]]): floating-point tensors masked in place at every
@@ -287,6 +317,7 @@ class MaskPlan:
 
     def _build(self) -> None:
         self._set = None
+        self._cuda = None
         self.backend = "torch"
         _C = _native._C
         if self._requested == "torch":
@@ -295,6 +326,17 @@ class MaskPlan:
             if self._requested == "native":
                 raise RuntimeError(_native.missing_message())
             _warn_missing_once()
+            return
+        if any(t.is_cuda for t in self.tensors):
+            reason = _cuda_mask_unsupported(self.tensors, self.masks)
+            if reason is None:
+                self._cuda = _CudaMaskSet(self.tensors, self.masks)
+                self.backend = "native"
+                return
+            if self._requested == "native":
+                if reason is _native.CUDA_MISSING_MESSAGE:
+                    raise RuntimeError(reason)
+                raise RuntimeError(f"backend='native' cannot run: {reason}; use backend='auto' or 'torch'")
             return
         reason = _native_mask_unsupported(self.tensors, self.masks)
         if reason is None:
@@ -326,6 +368,9 @@ class MaskPlan:
 
     def stale_index(self) -> Optional[int]:
         """Index of the first tensor whose storage moved since the plan was built, or None."""
+        if self._cuda is not None:
+            i = self._cuda.moved()
+            return None if i < 0 else i
         if self._set is None:
             return None
         i = self._set.moved()
@@ -341,6 +386,14 @@ class MaskPlan:
             StaleMaskPlanError: a tensor's storage was reallocated since the plan was built
                 (nothing is written); call :meth:`rebuild`.
         """
+        if self._cuda is not None:
+            i = self._cuda.moved()
+            if i >= 0:
+                raise self._stale(i)
+            with torch.cuda.device(self._cuda.device):
+                self._cuda.apply(_native.cuda_kernels(), _native.cuda_stream(self._cuda.device))
+            _bump_versions(self.tensors)
+            return "native"
         s = self._set
         if s is None:
             _reference_unchecked(self.tensors, self.masks)
@@ -350,13 +403,16 @@ class MaskPlan:
         except RuntimeError as exc:
             if type(exc).__name__ != "StaleMaskSetError":
                 raise
-            i = s.moved()
-            raise StaleMaskPlanError(
-                f"tensors[{i}] was reallocated since this MaskPlan was built (its data_ptr() "
-                "changed, e.g. by `p.data = ...` or `set_`); nothing was written; call "
-                "plan.rebuild()") from None
+            raise self._stale(s.moved()) from None
         _bump_versions(self.tensors)
         return "native"
+
+    @staticmethod
+    def _stale(i: int) -> StaleMaskPlanError:
+        return StaleMaskPlanError(
+            f"tensors[{i}] was reallocated since this MaskPlan was built (its data_ptr() "
+            "changed, e.g. by `p.data = ...` or `set_`); nothing was written; call "
+            "plan.rebuild()")
 
     def __len__(self) -> int:
         return len(self.tensors)

@@ -116,6 +116,29 @@ def test_apply_masks_cuda_refusals():
     assert kernels.apply_masks([h], [torch.ones(8, device="cuda", dtype=torch.bool)]) == "torch"
 
 
+@needs_cuda
+def test_mask_plan_cuda_one_launch_per_apply_and_stale_detection():
+    g = torch.Generator().manual_seed(8)
+    ts = [weights(n, torch.float32, g).cuda() for n in (5, 1001, 70_003)]
+    ms = [(torch.rand(n, generator=g) < 0.5).cuda() for n in (5, 1001, 70_003)]
+    expected = [t.cpu() for t in ts]
+    _mask.apply_masks_reference(expected, [m.cpu() for m in ms])
+    plan = kernels.MaskPlan(ts, ms, backend="native")
+    assert plan.backend == "native"
+    assert plan.apply() == "native"
+    torch.cuda.synchronize()
+    for a, e in zip(ts, expected):
+        assert_bitwise_equal(a, e)
+    ts[1].data = torch.ones(1001, device="cuda")
+    assert plan.stale_index() == 1
+    with pytest.raises(kernels.StaleMaskPlanError, match=r"tensors\[1\] was reallocated"):
+        plan.apply()
+    assert torch.all(ts[1] == 1)  # nothing was written
+    plan.rebuild().apply()
+    torch.cuda.synchronize()
+    assert_bitwise_equal(ts[1], torch.where(ms[1], torch.ones(1001, device="cuda"), 0.0))
+
+
 # ------------------------------------------------------------------------------ KL
 
 

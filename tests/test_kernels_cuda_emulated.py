@@ -215,6 +215,23 @@ def test_apply_masks_twin_property(sizes, sms, seed, reverse):
     assert emu.stats()["live_allocations"] == 0
 
 
+def test_mask_plan_cuda_set_reapplies_in_one_launch_and_detects_moves():
+    """MaskPlan's CUDA side (_CudaMaskSet): segment lists built once, one launch per apply,
+    a reallocated tensor found before anything is written."""
+    ts, ms = _mask_inputs(torch.float32, "bool", seed=4, sizes=[3000, 0, 17, 999])
+    expected = [t.clone() for t in ts]
+    _mask.apply_masks_reference(expected, ms)
+    cset = _mask._CudaMaskSet(ts, ms)
+    assert cset.moved() == -1
+    cset.apply(emu, 0)
+    cset.apply(emu, 0)  # idempotent: masking twice changes nothing
+    for a, e in zip(ts, expected):
+        assert_bitwise_equal(a, e)
+    assert emu.stats()["launches"] == 2
+    ts[2].data = torch.ones(17)  # reallocated: the plan must not write the old storage
+    assert cset.moved() == 2
+
+
 # ------------------------------------------------------------------------------ KL
 
 
