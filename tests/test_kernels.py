@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mia_core import _native, kernels
+from kernel_helpers import assert_bitwise_equal, bits, make_weights
 
 NATIVE = kernels.native_available()
 needs_native = pytest.mark.skipif(
@@ -34,26 +35,6 @@ BACKEND_PARAMS = [_backend_param(b) for b in BACKENDS]
 
 
 # ------------------------------------------------------------------------------ helpers
-
-
-def bits(t):
-    """Integer view of a float tensor: equal bits <=> identical floats (NaN, -0.0 included)."""
-    return t.view({torch.float32: torch.int32, torch.float64: torch.int64}[t.dtype])
-
-
-def assert_bitwise_equal(actual, expected):
-    assert actual.dtype == expected.dtype and actual.shape == expected.shape
-    assert torch.equal(bits(actual), bits(expected)), (actual, expected)
-
-
-def make_weights(n, dtype, g, *, specials=True):
-    w = torch.randn(n, generator=g, dtype=dtype)
-    if specials and n:
-        vals = torch.tensor([math.nan, math.inf, -math.inf, -0.0, 0.0, -1.0, 1e-40], dtype=dtype)
-        k = max(1, n // 8)
-        pos = torch.randint(0, n, (k,), generator=g)
-        w[pos] = vals[torch.randint(0, len(vals), (k,), generator=g)]
-    return w
 
 
 def make_mask(n, dtype, kind, g):

@@ -6,7 +6,6 @@ they check the build flag and what the dispatch does when the extension has no C
 """
 
 import math
-import os
 import pathlib
 import shutil
 import subprocess
@@ -15,6 +14,7 @@ import pytest
 import torch
 
 from mia_core import _kl, _mask, _native, _quant, kernels
+from kernel_helpers import assert_bitwise_equal, make_weights
 
 C = _native._C
 HAS_CUDA_KERNELS = _native.cuda_kernels() is not None
@@ -38,24 +38,6 @@ SIZES = [0, 1, 7, 1001, 300_003]
 DTYPES = [torch.float32, torch.float64]
 
 
-def bits(t):
-    return t.view({torch.float32: torch.int32, torch.float64: torch.int64}[t.dtype])
-
-
-def assert_bitwise_equal(actual, expected):
-    assert actual.dtype == expected.dtype and actual.shape == expected.shape
-    assert torch.equal(bits(actual.cpu()), bits(expected.cpu()))
-
-
-def weights(n, dtype, g):
-    w = torch.randn(n, generator=g, dtype=dtype)
-    if n:
-        vals = torch.tensor([math.nan, math.inf, -math.inf, -0.0, 0.0, -1.0, 1e-40], dtype=dtype)
-        k = max(1, n // 8)
-        w[torch.randint(0, n, (k,), generator=g)] = vals[torch.randint(0, len(vals), (k,), generator=g)]
-    return w
-
-
 # ------------------------------------------------------------------------------ masks
 
 
@@ -65,7 +47,7 @@ def weights(n, dtype, g):
 @pytest.mark.parametrize("seed", [0, 1])
 def test_apply_masks_cuda_parity(dtype, kind, seed):
     g = torch.Generator().manual_seed(seed)
-    ts = [weights(n, dtype, g) for n in SIZES]
+    ts = [make_weights(n, dtype, g) for n in SIZES]
     if kind == "bool":
         ms = [torch.rand(n, generator=g) < 0.5 for n in SIZES]
     else:
@@ -85,8 +67,8 @@ def test_apply_masks_cuda_parity(dtype, kind, seed):
 @needs_cuda
 def test_apply_masks_cuda_mixed_kinds_one_call_and_stream():
     g = torch.Generator().manual_seed(3)
-    ts = [weights(5, torch.float32, g), weights(0, torch.float64, g), weights(70_001, torch.float64, g),
-          weights(3, torch.float32, g)]
+    ts = [make_weights(5, torch.float32, g), make_weights(0, torch.float64, g), make_weights(70_001, torch.float64, g),
+          make_weights(3, torch.float32, g)]
     ms = [torch.rand(5, generator=g) < 0.5, torch.ones(0, dtype=torch.float64),
           torch.randn(70_001, generator=g, dtype=torch.float64), torch.tensor([0.0, 1.0, -1.0])]
     expected = [t.clone() for t in ts]
@@ -119,7 +101,7 @@ def test_apply_masks_cuda_refusals():
 @needs_cuda
 def test_mask_plan_cuda_one_launch_per_apply_and_stale_detection():
     g = torch.Generator().manual_seed(8)
-    ts = [weights(n, torch.float32, g).cuda() for n in (5, 1001, 70_003)]
+    ts = [make_weights(n, torch.float32, g).cuda() for n in (5, 1001, 70_003)]
     ms = [(torch.rand(n, generator=g) < 0.5).cuda() for n in (5, 1001, 70_003)]
     expected = [t.cpu() for t in ts]
     _mask.apply_masks_reference(expected, [m.cpu() for m in ms])
@@ -206,7 +188,7 @@ def test_gaussian_kl_cuda_out_and_fallbacks():
 @pytest.mark.parametrize("scheme,bits", [("affine", 8), ("symmetric", 4), ("affine", 16)])
 def test_fake_quantize_cuda_per_tensor_parity(dtype, n, scheme, bits):
     g = torch.Generator().manual_seed(n + bits)
-    x = weights(n, dtype, g) * 3
+    x = make_weights(n, dtype, g) * 3
     scale = 0.0625 if scheme == "symmetric" else 0.02
     zp = 0 if scheme == "symmetric" else 7
     if n > 8:
@@ -280,7 +262,7 @@ def test_fake_quantize_cuda_in_place_and_fallbacks():
 @pytest.mark.parametrize("axis", [None, 1])
 def test_fake_quantize_cuda_masked_and_stochastic_match_cpu_kernel(dtype, mask_kind, rounding, axis):
     g = torch.Generator().manual_seed(11)
-    x = weights(3 * 1001 * 7, dtype, g).reshape(3, 1001, 7) * 2
+    x = make_weights(3 * 1001 * 7, dtype, g).reshape(3, 1001, 7) * 2
     if mask_kind is None:
         mask = None
     elif mask_kind == "bool":

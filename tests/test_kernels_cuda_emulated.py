@@ -27,6 +27,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mia_core import _kl, _mask, _native, _quant, kernels
+from kernel_helpers import assert_bitwise_equal, bits, make_weights
 
 emu = pytest.importorskip("mia_core._cuda_emu", reason="the CUDA host emulation is not built")
 
@@ -46,24 +47,6 @@ def fresh_device():
     assert emu.stats()["live_allocations"] == before, "the twin leaked a device allocation"
     emu.reset()
     emu.configure()
-
-
-def bits(t):
-    return t.view({torch.float32: torch.int32, torch.float64: torch.int64}[t.dtype])
-
-
-def assert_bitwise_equal(actual, expected):
-    assert actual.dtype == expected.dtype and actual.shape == expected.shape
-    assert torch.equal(bits(actual), bits(expected))
-
-
-def special_weights(n, dtype, g):
-    w = torch.randn(n, generator=g, dtype=dtype)
-    if n:
-        vals = torch.tensor([math.nan, math.inf, -math.inf, -0.0, 0.0, -1.0, 1e-40], dtype=dtype)
-        k = max(1, n // 8)
-        w[torch.randint(0, n, (k,), generator=g)] = vals[torch.randint(0, len(vals), (k,), generator=g)]
-    return w
 
 
 # ------------------------------------------------------------------------------ the harness
@@ -104,7 +87,7 @@ MASK_SIZES = [0, 1, 7, 1001, 0, 70_003, 3]
 
 def _mask_inputs(dtype, kind, seed, sizes=MASK_SIZES):
     g = torch.Generator().manual_seed(seed)
-    ts = [special_weights(n, dtype, g) for n in sizes]
+    ts = [make_weights(n, dtype, g) for n in sizes]
     if kind == "bool":
         ms = [torch.rand(n, generator=g) < 0.5 for n in sizes]
     else:
@@ -135,8 +118,8 @@ def test_apply_masks_twin_matches_reference(dtype, kind, order):
 
 def test_apply_masks_twin_mixed_kinds_one_launch_on_the_given_stream():
     g = torch.Generator().manual_seed(3)
-    ts = [special_weights(5, torch.float32, g), special_weights(0, torch.float64, g),
-          special_weights(70_001, torch.float64, g), special_weights(3, torch.float32, g)]
+    ts = [make_weights(5, torch.float32, g), make_weights(0, torch.float64, g),
+          make_weights(70_001, torch.float64, g), make_weights(3, torch.float32, g)]
     ms = [torch.rand(5, generator=g) < 0.5, torch.ones(0, dtype=torch.float64),
           torch.randn(70_001, generator=g, dtype=torch.float64), torch.tensor([0.0, 1.0, -1.0])]
     expected = [t.clone() for t in ts]
@@ -204,7 +187,7 @@ def test_apply_masks_twin_property(sizes, sms, seed, reverse):
     emu.configure(multiprocessors=sms, order="reverse" if reverse else "forward")
     g = torch.Generator().manual_seed(seed)
     dtypes = [torch.float32 if torch.rand(1, generator=g) < 0.5 else torch.float64 for _ in sizes]
-    ts = [special_weights(n, dt, g) for n, dt in zip(sizes, dtypes)]
+    ts = [make_weights(n, dt, g) for n, dt in zip(sizes, dtypes)]
     ms = [(torch.rand(n, generator=g) < 0.5) if torch.rand(1, generator=g) < 0.5
           else torch.randn(n, generator=g, dtype=dt) for n, dt in zip(sizes, dtypes)]
     expected = [t.clone() for t in ts]
@@ -334,7 +317,7 @@ def test_gaussian_kl_twin_rejects_bad_arguments():
 def _quant_case(shape, axis, dtype, mask_kind, seed, scheme="affine", bits=8):
     g = torch.Generator().manual_seed(seed)
     n = math.prod(shape)
-    x = (special_weights(n, dtype, g) * 3).reshape(shape)
+    x = (make_weights(n, dtype, g) * 3).reshape(shape)
     qmin, qmax = _quant.quant_range(bits, scheme)
     if axis is None:
         scale = 0.0625 if scheme == "symmetric" else 0.02

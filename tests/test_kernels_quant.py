@@ -16,20 +16,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mia_core import _native, _quant, kernels
+from kernel_helpers import assert_bitwise_equal
 
 NATIVE = kernels.native_available()
 needs_native = pytest.mark.skipif(not NATIVE, reason="mia_core._C is not built")
 BACKENDS = [pytest.param("native", marks=needs_native), "auto", "torch"]
 SIZES = [0, 1, 7, 1023, 70001]  # 70001 > 65536: the OpenMP path
-
-
-def bits_of(t):
-    return t.view({torch.float32: torch.int32, torch.float64: torch.int64}[t.dtype])
-
-
-def assert_bitwise_equal(a, b):
-    assert a.dtype == b.dtype and a.shape == b.shape
-    assert torch.equal(bits_of(a), bits_of(b)), (a, b)
 
 
 def seed_of(*args):
