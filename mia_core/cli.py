@@ -19,7 +19,6 @@ import json
 import sys
 import textwrap
 from pathlib import Path
-from typing import Optional
 
 import click
 

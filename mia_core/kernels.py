@@ -16,11 +16,7 @@ Inputs are validated the same way on every backend, with errors that name the li
 
 from __future__ import annotations
 
-import bisect
-import warnings
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
-
-import torch
+from typing import Any, Dict
 
 import torch
 

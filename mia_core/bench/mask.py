@@ -22,12 +22,12 @@ Masks are 0/1 (or bool), so re-applying them in the timing loop keeps the weight
 
 from __future__ import annotations
 
-from typing import Callable, List, Sequence
+from typing import List, Sequence
 
 import torch
 
 from mia_core import kernels
-from mia_core.bench.common import Measurement, compare, dtype_of, timed_row, median_time, with_bandwidth
+from mia_core.bench.common import Measurement, compare, dtype_of, timed_row, with_bandwidth
 
 KERNEL = "mask"
 

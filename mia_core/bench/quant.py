@@ -18,12 +18,12 @@ preallocated outputs, with given scale / zero point unless the variant says "der
 
 from __future__ import annotations
 
-from typing import Callable, List, Sequence
+from typing import List, Sequence
 
 import torch
 
 from mia_core import kernels
-from mia_core.bench.common import Measurement, compare, dtype_of, timed_row, median_time, with_bandwidth
+from mia_core.bench.common import Measurement, compare, dtype_of, timed_row, with_bandwidth
 
 KERNEL = "fake_quantize"
 
