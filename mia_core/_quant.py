@@ -166,14 +166,23 @@ def _check_out(out, x: Tensor) -> None:
         raise ValueError(f"out is on {out.device} but x is on {x.device}")
     if not out.is_contiguous():
         raise ValueError(f"out is not contiguous (strides {out.stride()}); pass a contiguous tensor")
-    if out.numel() and x.numel() and out.device.type == "cpu":
-        lo, hi = out.data_ptr(), out.data_ptr() + out.numel() * out.element_size()
-        xlo = x.data_ptr()
-        xhi = xlo + (x.numel() and (max((s - 1) * st for s, st in zip(x.shape, x.stride())) + 1)) \
-            * x.element_size()
-        same = xlo == lo and x.is_contiguous()
-        if not same and lo < xhi and xlo < hi:
-            raise ValueError("out partially overlaps x; pass x itself (in place) or a separate tensor")
+    same = out.numel() and out.data_ptr() == x.data_ptr() and x.is_contiguous()
+    if not same and _overlaps(out, x):
+        raise ValueError("out partially overlaps x; pass x itself (in place) or a separate tensor")
+
+
+def _overlaps(a: Tensor, b: Tensor) -> bool:
+    """Whether the memory spans of two tensors (first to last element, strides included)
+    intersect. Any device: data_ptr() is an address on CUDA too."""
+    if not a.numel() or not b.numel():
+        return False
+    spans = []
+    for t in (a, b):
+        lo = t.data_ptr()
+        last = sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride()))
+        spans.append((lo, lo + (last + 1) * t.element_size()))
+    (alo, ahi), (blo, bhi) = spans
+    return alo < bhi and blo < ahi
 
 
 def _check_rounding(rounding, seed) -> Tuple[bool, int]:
@@ -437,10 +446,6 @@ def _choose_cuda(backend: str, x: Tensor, mask, given, stochastic: bool, out) ->
         reason = f"x is not contiguous (strides {x.stride()})"
     elif mask is not None and not mask.is_contiguous():
         reason = f"mask is not contiguous (strides {mask.stride()}); pass mask.contiguous()"
-    elif out is not None and out.data_ptr() != x.data_ptr() and _overlaps(out, x):
-        reason = "out partially overlaps x"
-    elif mask is not None and out is not None and _overlaps(out, mask):
-        reason = "mask overlaps the memory of out; pass a separate buffer"
     if reason is not None:
         if backend == "native":
             if missing:
@@ -451,14 +456,6 @@ def _choose_cuda(backend: str, x: Tensor, mask, given, stochastic: bool, out) ->
         return "torch"
     _last_backend = "native"
     return "cuda"
-
-
-def _overlaps(a: Tensor, b: Tensor) -> bool:
-    """Whether the (contiguous) memory ranges of two tensors intersect."""
-    if not a.numel() or not b.numel():
-        return False
-    alo, blo = a.data_ptr(), b.data_ptr()
-    return alo < blo + b.numel() * b.element_size() and blo < alo + a.numel() * a.element_size()
 
 
 def _fq_cuda_launch(kernels, stream: int, x: Tensor, mask, given, axis, qmin: int, qmax: int,
@@ -527,6 +524,8 @@ def _fq(x, mask, *, bits, scheme, axis, scale, zero_point, rounding, seed, out, 
     stochastic, seed = _check_rounding(rounding, seed)
     given = _given_params(x, axis, scale, zero_point, qmin, qmax, scheme, bits)
     _check_out(out, x)
+    if mask is not None and out is not None and _overlaps(out, mask):
+        raise ValueError("mask overlaps the memory of out (or codes); pass a separate buffer")
     if not isinstance(return_codes, bool):
         raise TypeError(f"return_codes must be a bool, got {type(return_codes).__name__}")
     if not reference_only and backend != "torch" and x.is_cuda:

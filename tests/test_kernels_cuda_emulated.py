@@ -478,22 +478,36 @@ def test_fake_quantize_twin_property(shape, axis_pick, dtype, mask_kind, roundin
 
 def test_fake_quantize_twin_dispatch_scope(twin_dispatch):
     """What _choose_cuda sends to the twin now: contiguous inputs, given or derived parameters,
-    masked or not, any rounding; strided inputs and overlapping buffers go to the reference."""
+    masked or not, any rounding; strided inputs go to the reference (overlapping buffers are
+    rejected before, on every device and backend)."""
     x = torch.randn(10, 10)
     given = (torch.tensor([0.1]), torch.tensor([3.0]))
     m = torch.rand(10, 10) < 0.5
     assert _quant._choose_cuda("auto", x, m, given, True, None) == "cuda"
     assert _quant._choose_cuda("auto", x, None, None, False, None) == "cuda"
+    assert _quant._choose_cuda("auto", x, None, given, False, x) == "cuda"  # in place
     assert _quant._choose_cuda("auto", x.t(), None, given, False, None) == "torch"
     assert _quant._choose_cuda("auto", x, m.t(), given, False, None) == "torch"
-    fm = torch.randn(10, 10)
-    assert _quant._choose_cuda("auto", x, fm, given, False, fm) == "torch"  # out is the mask
-    assert _quant._choose_cuda("auto", x, None, given, False, x.view(-1)[5:].view(-1)[:50].view(5, 10)) == "torch"
     for args, msg in (((x.t(), None, None, False, None), "x is not contiguous"),
-                      ((x, m.t(), given, False, None), "mask is not contiguous"),
-                      ((x, fm, given, False, fm), "mask overlaps")):
+                      ((x, m.t(), given, False, None), "mask is not contiguous")):
         with pytest.raises(RuntimeError, match=msg):
             _quant._choose_cuda("native", *args)
+
+
+@pytest.mark.parametrize("backend", ["auto", "native", "torch"])
+def test_fake_quantize_overlapping_buffers_are_errors_on_every_backend(backend):
+    """Validated before any backend is chosen, so a CUDA call cannot differ from a CPU one."""
+    if backend == "native" and _native._C is None:
+        pytest.skip("mia_core._C is not built")
+    x, fm = torch.randn(10, 10), torch.randn(10, 10)
+    with pytest.raises(ValueError, match="mask overlaps the memory of out"):
+        kernels.masked_fake_quantize(x, fm, scale=0.1, zero_point=3, out=fm, backend=backend)
+    buf = torch.randn(200)
+    with pytest.raises(ValueError, match="out partially overlaps x"):
+        kernels.fake_quantize(buf[:100], scale=0.1, zero_point=3, out=buf[50:150], backend=backend)
+    strided = buf[::2]  # spans buf[0..198]: out=buf[1:101] lies inside that span
+    with pytest.raises(ValueError, match="out partially overlaps x"):
+        kernels.fake_quantize(strided, scale=0.1, zero_point=3, out=buf[1:101], backend=backend)
 
 
 def test_fake_quantize_twin_rejects_bad_arguments():
