@@ -1,4 +1,6 @@
-"""Build script for miafw's native extension ``mia_core._C``.
+"""Build script for miafw's native extensions: ``mia_core._C`` (the kernels) and
+``mia_core._cuda_emu`` (the CUDA twins' sources on a host emulation of the CUDA runtime, for
+the tests; see csrc/cuda_emu/host_cuda.h).
 
 Project metadata lives in pyproject.toml; this file only adds the extension and its build
 command. The extension is plain C++17 over numpy buffers: it never includes or links torch,
@@ -228,7 +230,7 @@ class MiafwBuildExt(build_ext):
         objects = []
         for src in cuda_sources:
             obj = os.path.join(out_dir, os.path.splitext(os.path.basename(src))[0] + ".o")
-            deps = [src] + cuda_headers
+            deps = [src] + cuda_headers + kernel_headers  # .cu files include kernels/*.h too
             if self.force or not os.path.exists(obj) or \
                     os.path.getmtime(obj) < max(os.path.getmtime(d) for d in deps):
                 cmd = [NVCC] + NVCC_FLAGS + ["-I", CSRC, "-c", src, "-o", obj]
@@ -258,6 +260,7 @@ def _globbed(pattern):
 cuda_sources = _globbed(os.path.join("cuda", "*.cu")) if CUDA_BUILD else []
 cuda_headers = (_globbed(os.path.join("cuda", "*.h")) + _globbed(os.path.join("cuda", "*.cuh"))
                 if CUDA_BUILD else [])
+kernel_headers = _globbed(os.path.join("kernels", "*.h"))
 ext_kwargs = {}
 if CUDA_BUILD:
     sources = sources + _globbed(os.path.join("cuda", "*.cpp"))
@@ -285,7 +288,7 @@ EMU_NAME = "mia_core._cuda_emu"
 emu_sources = _globbed(os.path.join("cuda_emu", "*.cpp")) + [f"{CSRC}/cuda/bind_cuda.cpp"]
 emu_depends = (_globbed(os.path.join("cuda", "*.cu")) + _globbed(os.path.join("cuda", "*.h")) +
                _globbed(os.path.join("cuda", "*.cuh")) + _globbed(os.path.join("cuda_emu", "*.h")) +
-               _globbed(os.path.join("kernels", "*.h")) + [f"{CSRC}/bind_util.h"])
+               kernel_headers + [f"{CSRC}/bind_util.h"])
 log(f"CUDA emulation sources ({EMU_NAME}): {emu_sources}")
 
 ext_modules = [
@@ -293,8 +296,7 @@ ext_modules = [
         MAIN_NAME,
         sources=sources,
         include_dirs=[CSRC],
-        depends=sorted(os.path.relpath(p, ROOT).replace(os.sep, "/")
-                       for p in glob(os.path.join(ROOT, CSRC, "kernels", "*.h"))) + cuda_headers,
+        depends=kernel_headers + cuda_headers,
         cxx_std=17,
         **ext_kwargs,
     ),

@@ -196,9 +196,7 @@ def _apply_masks_cuda(tensors: List[torch.Tensor], masks: List[torch.Tensor], ba
     reason = _cuda_mask_unsupported(tensors, masks)
     if reason is not None:
         if backend == "native":
-            if reason is _native.CUDA_MISSING_MESSAGE:
-                raise RuntimeError(reason)
-            raise RuntimeError(f"backend='native' cannot run: {reason}; use backend='auto' or 'torch'")
+            raise _cuda_refusal(reason)
         _reference_unchecked(tensors, masks)
         return "torch"
     device = tensors[0].device
@@ -207,17 +205,18 @@ def _apply_masks_cuda(tensors: List[torch.Tensor], masks: List[torch.Tensor], ba
     return "native"
 
 
+def _cuda_refusal(reason: str) -> RuntimeError:
+    """The error of ``backend="native"`` when the CUDA twin cannot take the inputs."""
+    if reason is _native.CUDA_MISSING_MESSAGE:
+        return RuntimeError(reason)
+    return RuntimeError(f"backend='native' cannot run: {reason}; use backend='auto' or 'torch'")
+
+
 def _cuda_launch(kernels, stream: int, tensors: List[torch.Tensor], masks: List[torch.Tensor]) -> None:
     """One call of the CUDA twin ``kernels.cuda_apply_masks`` on ``stream`` (inputs accepted by
     :func:`_cuda_mask_unsupported`). Device-agnostic on purpose: the tests pass the host
     emulation (``mia_core._cuda_emu``) with CPU tensors."""
-    kernels.cuda_apply_masks(
-        [t.data_ptr() for t in tensors],
-        [m.data_ptr() for m in masks],
-        [t.numel() for t in tensors],
-        [_CUDA_MASK_KINDS[(t.dtype, m.dtype is torch.bool)] for t, m in zip(tensors, masks)],
-        stream=stream,
-    )
+    _CudaMaskSet(tensors, masks).apply(kernels, stream)
     _bump_versions(tensors)
 
 
@@ -334,9 +333,7 @@ class MaskPlan:
                 self.backend = "native"
                 return
             if self._requested == "native":
-                if reason is _native.CUDA_MISSING_MESSAGE:
-                    raise RuntimeError(reason)
-                raise RuntimeError(f"backend='native' cannot run: {reason}; use backend='auto' or 'torch'")
+                raise _cuda_refusal(reason)
             return
         reason = _native_mask_unsupported(self.tensors, self.masks)
         if reason is None:
