@@ -338,17 +338,8 @@ def _check_out(out, mu0, inputs, names) -> None:
         raise ValueError(f"out is on {out.device} but the inputs are on {mu0.device}")
     if not out.is_contiguous():
         raise ValueError(f"out is not contiguous (strides {out.stride()}); pass a contiguous tensor")
-    if n == 0:
-        return
-    olo = out.data_ptr()
-    ohi = olo + n * out.element_size()
     for t, name in zip(inputs, names):
-        if t.numel() == 0 or t.untyped_storage().data_ptr() != out.untyped_storage().data_ptr():
-            continue
-        lo = t.data_ptr()
-        span = 1 + sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride()))
-        hi = lo + span * t.element_size()
-        if lo < ohi and olo < hi:
+        if _native.overlaps(out, t):
             raise ValueError(f"out overlaps the memory of {name}; pass a separate output buffer")
 
 

@@ -49,6 +49,23 @@ def numpy_view(t: torch.Tensor):
     return (t.detach() if t.requires_grad else t).numpy()
 
 
+def memory_span(t: torch.Tensor):
+    """[first, last + 1) byte addresses a tensor's elements occupy (strides included).
+    Any device: ``data_ptr()`` is an address on CUDA too. Empty tensors occupy nothing."""
+    lo = t.data_ptr()
+    if not t.numel():
+        return lo, lo
+    last = sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride()))
+    return lo, lo + (last + 1) * t.element_size()
+
+
+def overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the memory spans of two tensors intersect (see :func:`memory_span`)."""
+    alo, ahi = memory_span(a)
+    blo, bhi = memory_span(b)
+    return alo < ahi and blo < bhi and alo < bhi and blo < ahi
+
+
 def bump_versions(tensors: Sequence[torch.Tensor]) -> None:
     """Tell autograd the tensors changed in place, as ``mul_`` would have."""
     if not tensors:

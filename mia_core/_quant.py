@@ -167,22 +167,8 @@ def _check_out(out, x: Tensor) -> None:
     if not out.is_contiguous():
         raise ValueError(f"out is not contiguous (strides {out.stride()}); pass a contiguous tensor")
     same = out.numel() and out.data_ptr() == x.data_ptr() and x.is_contiguous()
-    if not same and _overlaps(out, x):
+    if not same and _native.overlaps(out, x):
         raise ValueError("out partially overlaps x; pass x itself (in place) or a separate tensor")
-
-
-def _overlaps(a: Tensor, b: Tensor) -> bool:
-    """Whether the memory spans of two tensors (first to last element, strides included)
-    intersect. Any device: data_ptr() is an address on CUDA too."""
-    if not a.numel() or not b.numel():
-        return False
-    spans = []
-    for t in (a, b):
-        lo = t.data_ptr()
-        last = sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride()))
-        spans.append((lo, lo + (last + 1) * t.element_size()))
-    (alo, ahi), (blo, bhi) = spans
-    return alo < bhi and blo < ahi
 
 
 def _check_rounding(rounding, seed) -> Tuple[bool, int]:
@@ -524,7 +510,7 @@ def _fq(x, mask, *, bits, scheme, axis, scale, zero_point, rounding, seed, out, 
     stochastic, seed = _check_rounding(rounding, seed)
     given = _given_params(x, axis, scale, zero_point, qmin, qmax, scheme, bits)
     _check_out(out, x)
-    if mask is not None and out is not None and _overlaps(out, mask):
+    if mask is not None and out is not None and _native.overlaps(out, mask):
         raise ValueError("mask overlaps the memory of out (or codes); pass a separate buffer")
     if not isinstance(return_codes, bool):
         raise TypeError(f"return_codes must be a bool, got {type(return_codes).__name__}")
