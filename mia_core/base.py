@@ -33,7 +33,7 @@ if TYPE_CHECKING:  # pragma: no cover - imports for annotations only
     import torch
 
     from mia_core.data import Records
-    from mia_core.population import AttackContext, DefenseContext, EstimatorContext
+    from mia_core.engine.contexts import AttackContext, DefenseContext, EstimatorContext
 
 #: Signals an attack may declare in :attr:`Attack.access`.
 #: ``label``: the predicted label only; ``probs``: softmax outputs; ``logits``: raw outputs
@@ -105,7 +105,7 @@ class Attack(Plugin, abc.ABC):
         """Prepare the attack from the shared population context.
 
         Args:
-            ctx: an :class:`~mia_core.population.AttackContext`: ``ctx.labels`` (int ``[N]``),
+            ctx: an :class:`~mia_core.engine.contexts.AttackContext`: ``ctx.labels`` (int ``[N]``),
                 ``ctx.n_models``, and ``ctx.for_target(t)``, whose ``references`` (int ``[R]``),
                 ``ref_keep`` (bool ``[R, N]``: reference model trained on record),
                 ``ref_signal(name)`` (float ``[R, N]``, or ``[R, N, C]`` for ``logits``/``probs``)

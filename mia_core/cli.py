@@ -138,12 +138,12 @@ def eval_cmd(attacks, defenses, dataset, model, n_models, seed, targets, epochs,
     """
     import dataclasses
 
-    from mia_core.cache import PopulationCache, default_cache_dir
-    from mia_core.experiment import (USAGE_ERRORS, EvalConfig, PluginRuntimeError, config_document,
+    from mia_core.engine.cache import PopulationCache, default_cache_dir
+    from mia_core.engine.stages import (USAGE_ERRORS, EvalConfig, PluginRuntimeError, config_document,
                                      parse_targets, resolve, run_eval)
     from mia_core.results import RunDir, format_summary, write_run
     from mia_core.runindex import RunIndex
-    from mia_core.training import TrainingRecipe
+    from mia_core.engine.trainer import TrainingRecipe
 
     overrides = {k: v for k, v in dict(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                                          optimizer=optimizer).items() if v is not None}

@@ -1,4 +1,4 @@
-"""Records: the population every model of a :class:`~mia_core.population.ModelPopulation`
+"""Records: the population every model of a :class:`~mia_core.engine.population.ModelPopulation`
 draws its training half from."""
 
 from __future__ import annotations

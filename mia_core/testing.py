@@ -25,7 +25,7 @@ What is checked:
   on which other records are scored with it;
 * **determinism** — a fresh instance with the same parameters gives identical output;
 * **access** — with a context that grants nothing, the plugin must hit an
-  :class:`~mia_core.population.AccessError` (it reads signals only through the context, so its
+  :class:`~mia_core.engine.contexts.AccessError` (it reads signals only through the context, so its
   declared threat model is the real one).
 """
 
@@ -40,7 +40,7 @@ from typing import Any, Dict, Mapping, Optional
 import numpy as np
 
 from mia_core.base import ACCESS_LEVELS, Attack, Defense, Estimator, Plugin, check_api_version
-from mia_core.population import AccessError, AttackContext, DefenseContext, EstimatorContext, ModelPopulation
+from mia_core.engine import AccessError, AttackContext, DefenseContext, EstimatorContext, ModelPopulation
 from mia_core.results import json_default
 
 #: Pooled AUC an attack must reach on the planted population (members memorised random labels;
@@ -62,7 +62,7 @@ def _planted(seed: int) -> ModelPopulation:
     import torch
 
     from mia_core.data import Records
-    from mia_core.training import TrainingRecipe
+    from mia_core.engine.trainer import TrainingRecipe
 
     rng = np.random.default_rng(seed)
     n, d, c = 240, 10, 4

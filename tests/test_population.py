@@ -9,11 +9,11 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mia_core.cache import PopulationCache
+from mia_core.engine.cache import PopulationCache
 from mia_core.data import DataError, Records
-from mia_core.population import AccessError, AttackContext, ModelPopulation, SignalContext
-from mia_core.signals import compute_signals
-from mia_core.training import TrainingRecipe, _batch_plan, init_ensemble, make_keep_matrix, train_ensemble
+from mia_core.engine import AccessError, AttackContext, ModelPopulation, SignalContext
+from mia_core.engine.signals import compute_signals
+from mia_core.engine.trainer import TrainingRecipe, _batch_plan, init_ensemble, make_keep_matrix, train_ensemble
 
 
 @settings(max_examples=40, deadline=None, derandomize=True)

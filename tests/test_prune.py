@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from mia_core.data import Records
-from mia_core.population import DefenseContext, ModelPopulation
-from mia_core.training import TrainingRecipe
+from mia_core.engine import DefenseContext, ModelPopulation
+from mia_core.engine.trainer import TrainingRecipe
 from mia_plugins.defenses.prune import Prune, magnitude_masks
 
 

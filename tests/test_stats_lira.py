@@ -66,7 +66,7 @@ def test_per_example_needs_two_per_side():
 
 def _planted_population(m=16, n=400, shift=3.0, seed=0):
     """A population whose confidence on a record is N(base_j + shift*member, 1)."""
-    from mia_core.training import make_keep_matrix
+    from mia_core.engine.trainer import make_keep_matrix
 
     rng = np.random.default_rng(seed)
     keep = make_keep_matrix(m, n, rng)

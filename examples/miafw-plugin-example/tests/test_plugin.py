@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from mia_core.population import AttackContext, DefenseContext, ModelPopulation
+from mia_core.engine import AttackContext, DefenseContext, ModelPopulation
 from mia_core.testing import check_attack, check_defense, planted_population
 from miafw_plugin_example.mentr import Mentr, modified_entropy
 from miafw_plugin_example.temperature import Temperature, output_layer

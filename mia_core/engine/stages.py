@@ -27,11 +27,11 @@ import torch
 import mia_core
 from mia_core import metrics, registry
 from mia_core.base import PluginSpec
-from mia_core.cache import PopulationCache, cache_key
+from mia_core.engine.cache import PopulationCache, cache_key
 from mia_core.data import DataError, Records
 from mia_core.params import ParamError, instantiate, parse_spec, split_spec
-from mia_core.population import AttackContext, DefenseContext, ModelPopulation
-from mia_core.training import TrainingRecipe
+from mia_core.engine import AttackContext, DefenseContext, ModelPopulation
+from mia_core.engine.trainer import TrainingRecipe
 
 DEFAULT_FPRS = (0.001, 0.01, 0.1)
 

@@ -1,0 +1,193 @@
+"""What plugins see of a population: the contexts handed to attacks, estimators and defenses.
+
+Each context exposes only what its plugin kind may use. Attacks never see the target's row of the
+keep matrix, and every signal read is checked against the plugin's declared access, so a declared
+threat model is an enforced one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Optional, Sequence
+
+import numpy as np
+
+from mia_core.data import Records
+from mia_core.engine.signals import SIGNAL_ACCESS
+from mia_core.engine.trainer import Params, TrainingRecipe
+
+if TYPE_CHECKING:  # pragma: no cover
+    from mia_core.engine.population import ModelPopulation
+
+
+class AccessError(PermissionError):
+    """A plugin read a signal its declared access level does not allow."""
+
+
+class SignalContext:
+    """What attacks and estimators see: membership, labels and the signals they declared.
+
+    Args:
+        population: the (defended) population.
+        access: the access levels the plugin declared.
+        owner: the plugin's name, for error messages.
+    """
+
+    def __init__(self, population: ModelPopulation, access: Sequence[str], *, owner: str = "plugin"):
+        self._population = population
+        self.access = tuple(access)
+        self.owner = owner
+
+    @property
+    def keep(self) -> np.ndarray:
+        """bool ``[M, N]``: ``keep[m, j]`` — record ``j`` trained model ``m``."""
+        return self._population.keep
+
+    @property
+    def labels(self) -> np.ndarray:
+        """int64 ``[N]`` true labels."""
+        return self._population.records.y
+
+    @property
+    def n_models(self) -> int:
+        return self._population.n_models
+
+    @property
+    def n_records(self) -> int:
+        return self._population.n_records
+
+    @property
+    def n_classes(self) -> int:
+        return self._population.records.n_classes
+
+    @property
+    def seed(self) -> int:
+        return self._population.seed
+
+    def references(self, target: int) -> np.ndarray:
+        """Indices of the reference models for ``target`` (every other model)."""
+        if not 0 <= target < self.n_models:
+            raise IndexError(f"target {target} out of range [0, {self.n_models})")
+        return np.array([m for m in range(self.n_models) if m != target], dtype=np.int64)
+
+    def signal(self, name: str) -> np.ndarray:
+        """The signal ``name`` for every model and record (see :mod:`mia_core.engine.signals`).
+
+        Raises:
+            AccessError: the plugin's declared access does not reveal this signal.
+        """
+        if name not in SIGNAL_ACCESS:
+            raise KeyError(f"unknown signal {name!r}; available: {', '.join(SIGNAL_ACCESS)}")
+        if not SIGNAL_ACCESS[name] & set(self.access):
+            raise AccessError(
+                f"{self.owner} declared access {self.access} but read signal {name!r}, which needs "
+                f"one of {sorted(SIGNAL_ACCESS[name])}"
+            )
+        return self._population.signals().get(name)
+
+    def parameters(self) -> Params:
+        """White-box access: the stacked parameters (read-only copies)."""
+        if "params" not in self.access:
+            raise AccessError(f"{self.owner} read the model parameters without declaring 'params' access")
+        return {k: v.detach().clone() for k, v in self._population.params.items()}
+
+
+EstimatorContext = SignalContext
+
+
+@dataclass(frozen=True)
+class TargetView:
+    """What an attack may use to score records against one target model.
+
+    Attributes:
+        target: the target model's index.
+        references: int ``[R]`` indices of the reference models (every model but the target).
+        ref_keep: bool ``[R, N]`` membership of the reference models.
+    """
+
+    target: int
+    references: np.ndarray
+    ref_keep: np.ndarray
+    _ctx: "AttackContext" = field(repr=False)
+
+    def ref_signal(self, name: str) -> np.ndarray:
+        """The signal of every reference model: float ``[R, N]`` (``[R, N, C]`` for ``logits``
+        and ``probs``)."""
+        return self._ctx.signal(name)[self.references]
+
+    def target_signal(self, name: str) -> np.ndarray:
+        """The target model's signal, what the attacker observes by querying it: float ``[N]``
+        (``[N, C]`` for ``logits`` and ``probs``)."""
+        return self._ctx.signal(name)[self.target]
+
+
+class AttackContext(SignalContext):
+    """The context attacks receive. Unlike estimators, an attack never sees the full keep
+    matrix: :meth:`for_target` hands out the reference models' membership and signals, and
+    the target's signals, but never the target's membership row."""
+
+    @property
+    def keep(self) -> np.ndarray:  # type: ignore[override]
+        raise AccessError(
+            f"{self.owner}: attacks may not read the full keep matrix (it holds the target's "
+            f"membership); use ctx.for_target(target).ref_keep"
+        )
+
+    def for_target(self, target: int) -> TargetView:
+        refs = self.references(target)
+        return TargetView(target=target, references=refs, ref_keep=self._population.keep[refs], _ctx=self)
+
+
+class DefenseContext:
+    """What a post-training defense sees and may change.
+
+    Attributes:
+        params: stacked parameters ``{name: Tensor[M, ...]}``; change them in place.
+        keep, records, recipe, seed: as on the population.
+    """
+
+    def __init__(self, population: ModelPopulation, *, position: int = 0):
+        self._population = population
+        self.position = position
+
+    @property
+    def params(self) -> Params:
+        return self._population.params
+
+    @property
+    def keep(self) -> np.ndarray:
+        return self._population.keep
+
+    @property
+    def records(self) -> Records:
+        return self._population.records
+
+    @property
+    def recipe(self) -> TrainingRecipe:
+        return self._population.recipe
+
+    @property
+    def seed(self) -> int:
+        return self._population.seed
+
+    def rng(self, salt: int = 0) -> np.random.Generator:
+        """A generator unique to this run, this defense's position in the chain and ``salt``."""
+        return np.random.default_rng(np.random.SeedSequence([self.seed, 0x646566, self.position, salt]))
+
+    def finetune(self, epochs: int, *, lr: Optional[float] = None, post_step=None, on_epoch=None) -> None:
+        """Continue training every model on its own training half (same recipe, fresh optimiser)."""
+        self._population._train(epochs, self.rng(1), lr=lr, post_step=post_step, on_epoch=on_epoch)
+
+    def changed(self) -> None:
+        """Tell the population its weights changed (signals are recomputed)."""
+        self._population.invalidate()
+
+
+__all__ = [
+    "AccessError",
+    "AttackContext",
+    "DefenseContext",
+    "EstimatorContext",
+    "SignalContext",
+    "TargetView",
+]
