@@ -157,6 +157,60 @@ class Defense(Plugin, abc.ABC):
         """
 
 
+class TrainingDefense(Plugin, abc.ABC):
+    """A train-time defense (entry-point group ``miafw.defenses``, ``stage = "train"``).
+
+    It changes how every model of the population is trained (weight decay, DP-SGD, adversarial
+    regularization) by hooking into the steps of the vectorized trainer
+    (:class:`mia_core.engine.trainer.Trainer`), in the order Opacus' optimizer uses
+    (``pre_step`` -> clip and accumulate -> add noise -> scale -> step hook):
+
+    1. :meth:`configure` once before training (may choose the batch sampler, e.g. Poisson);
+    2. per step, the per-model loss plus every defense's :meth:`penalty`;
+    3. gradients: per batch, or per sample when any defense sets
+       :attr:`per_sample_gradients` (``torch.func`` inside the ensemble's ``vmap``);
+    4. :meth:`transform_per_sample` on per-sample gradients (e.g. clip), then the sum over the
+       batch, then :meth:`transform_batch` on the summed gradients (e.g. add noise), then the
+       division by the sampler's denominator;
+    5. the optimizer step, then :meth:`post_step`;
+    6. :meth:`report` after training: what it did (lambda, epsilon, ...).
+
+    Every hook works on all ``M`` models at once: tensors carry the model axis first. The
+    defense's specification is part of the population's cache key, so a cached population is
+    never reused across different train-time defenses. All hooks but :meth:`report` default
+    to doing nothing, so a defense overrides only the steps it changes.
+    """
+
+    stage: ClassVar[str] = "train"
+    #: Ask the trainer for per-sample gradients ``[M, B, ...]`` (costlier than per-batch ones).
+    per_sample_gradients: ClassVar[bool] = False
+
+    def configure(self, ctx: "TrainingContext") -> None:
+        """Called once before training with the trainer's context (recipe, sizes, seeds, and
+        ``ctx.sampler``, which the defense may replace)."""
+
+    def penalty(self, params: "Dict[str, torch.Tensor]") -> "Optional[torch.Tensor]":
+        """An extra loss term per model, float ``[M]``, added to each model's training loss
+        (differentiable in ``params``), or ``None``."""
+        return None
+
+    def transform_per_sample(self, grads: "Dict[str, torch.Tensor]", mask: "torch.Tensor", step: "StepInfo") -> None:
+        """Change per-sample gradients in place: ``grads[name]`` is ``[M, B, ...]``, ``mask`` bool
+        ``[M, B]`` marks real samples (padding rows of ragged Poisson batches are zero)."""
+
+    def transform_batch(self, grads: "Dict[str, torch.Tensor]", step: "StepInfo") -> None:
+        """Change the gradients summed over the batch, in place: ``grads[name]`` is ``[M, ...]``,
+        before the division by ``step.denominator`` (float ``[M]``)."""
+
+    def post_step(self, params: "Dict[str, torch.Tensor]", step: "StepInfo") -> None:
+        """Called after every optimizer step, under ``torch.no_grad()``; may change ``params``."""
+
+    @abc.abstractmethod
+    def report(self, result: "TrainingResult") -> Dict[str, Any]:
+        """A JSON-serialisable report of what the defense did (e.g. ``{"lam": 1e-3}`` or the
+        privacy spent), shown in the terminal and stored in ``metrics.json``."""
+
+
 class Estimator(Plugin, abc.ABC):
     """An information-theoretic leakage estimator (entry-point group ``miafw.estimators``)."""
 
@@ -235,6 +289,7 @@ def check_api_version(declared: Optional[str]) -> Optional[str]:
     return None
 
 
+#: The base class each plugin kind's entry points must derive from (see :data:`KIND_BASES`).
 KINDS: Dict[str, type] = {
     "attacks": Attack,
     "defenses": Defense,
@@ -243,6 +298,9 @@ KINDS: Dict[str, type] = {
     "models": ModelFamily,
 }
 
+#: The classes a plugin of each kind may derive from: defenses have one contract per stage.
+KIND_BASES: Dict[str, Tuple[type, ...]] = {**{k: (v,) for k, v in KINDS.items()}, "defenses": (Defense, TrainingDefense)}
+
 __all__: Sequence[str] = [
     "ACCESS_LEVELS",
     "Attack",
@@ -250,8 +308,10 @@ __all__: Sequence[str] = [
     "Defense",
     "Estimator",
     "KINDS",
+    "KIND_BASES",
     "ModelFamily",
     "Plugin",
     "PluginSpec",
+    "TrainingDefense",
     "check_api_version",
 ]

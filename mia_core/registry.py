@@ -27,7 +27,7 @@ from typing import Dict, List, Optional
 
 from stevedore import ExtensionManager, NamedExtensionManager
 
-from mia_core.base import KINDS, check_api_version
+from mia_core.base import KIND_BASES, KINDS, check_api_version
 
 GROUP_PREFIX = "miafw."
 
@@ -150,9 +150,10 @@ def unknown_message(kind: str, name: str, valid: List[str]) -> str:
 
 def _check_plugin(kind: str, obj) -> Optional[tuple]:
     """``None`` when ``obj`` fits the kind's contract, else ``(status, reason)``."""
-    base = KINDS[kind]
-    if not (isinstance(obj, type) and issubclass(obj, base)):
-        return "incompatible", f"{obj!r} is not a subclass of mia_core.base.{base.__name__}"
+    bases = KIND_BASES[kind]
+    if not (isinstance(obj, type) and issubclass(obj, bases)):
+        allowed = " or ".join(f"mia_core.base.{b.__name__}" for b in bases)
+        return "incompatible", f"{obj!r} is not a subclass of {allowed}"
     reason = check_api_version(getattr(obj, "api_version", None))
     if reason:
         return "incompatible", reason
