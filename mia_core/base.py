@@ -34,6 +34,7 @@ if TYPE_CHECKING:  # pragma: no cover - imports for annotations only
 
     from mia_core.data import Records
     from mia_core.engine.contexts import AttackContext, DefenseContext, EstimatorContext
+    from mia_core.engine.trainer import StepInfo, TrainingContext, TrainingResult
 
 #: Signals an attack may declare in :attr:`Attack.access`.
 #: ``label``: the predicted label only; ``probs``: softmax outputs; ``logits``: raw outputs
