@@ -10,4 +10,18 @@ __version__ = "0.1.0"
 #: version they target; the major number must match.
 API_VERSION = "1.0"
 
-__all__ = ["__version__", "API_VERSION"]
+#: The public Python API, imported on first use so that ``import mia_core`` (which every plugin
+#: does) stays light.
+_LAZY = {"evaluate": "mia_core.engine.stages", "EvalConfig": "mia_core.engine.stages",
+         "Evaluation": "mia_core.engine.stages", "TrainingRecipe": "mia_core.engine.trainer"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'mia_core' has no attribute {name!r}")
+
+
+__all__ = ["__version__", "API_VERSION", "EvalConfig", "Evaluation", "TrainingRecipe", "evaluate"]

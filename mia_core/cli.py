@@ -42,37 +42,6 @@ def _names_help(kind: str) -> str:
     return ", ".join(names) if names else "none registered"
 
 
-class _Reporter:
-    """Progress on stderr: tqdm bars for long steps, one-line messages otherwise."""
-
-    def __init__(self, quiet: bool):
-        self.quiet = quiet
-
-    def message(self, text: str) -> None:
-        if not self.quiet:
-            click.echo(text, err=True)
-
-    def progress(self, total: int, desc: str):
-        @contextlib.contextmanager
-        def bar():
-            if self.quiet:
-                yield lambda n=1, **kw: None
-                return
-            from tqdm import tqdm
-
-            with tqdm(total=total, desc=desc, file=sys.stderr, leave=False, dynamic_ncols=True,
-                      mininterval=0.5) as t:
-                def update(n=1, **kw):
-                    if kw:
-                        t.set_postfix({k: f"{v:.3g}" for k, v in kw.items()}, refresh=False)
-                    t.update(n)
-
-                yield update
-            click.echo(f"{desc}: done", err=True)
-
-        return bar()
-
-
 @contextlib.contextmanager
 def _terse_warnings():
     """Warnings as one ``Warning: ...`` line on stderr; metrics warnings are left to the table."""
@@ -104,7 +73,11 @@ def main() -> None:
 @click.option("--attack", "attacks", multiple=True, metavar="NAME[:k=v,...]",
               help=f"Attack to run; repeatable. Default: lira. Available: {_names_help('attacks')}.")
 @click.option("--defense", "defenses", multiple=True, metavar="NAME[:k=v,...]",
-              help=f"Post-training defense; repeatable, applied in order. Available: {_names_help('defenses')}.")
+              help="Defense; repeatable, applied in order (train-time ones while training, post-training ones "
+                   f"after it). Available: {_names_help('defenses')}.")
+@click.option("--estimator", "estimators", multiple=True, metavar="NAME[:k=v,...]",
+              help="Leakage estimator, shown beside the attacks with the advantage bound it implies; repeatable. "
+                   f"Available: {_names_help('estimators')}.")
 @click.option("--dataset", default="digits", show_default=True, metavar="NAME[:k=v,...]",
               help=f"Dataset. Available: {_names_help('datasets')}.")
 @click.option("--model", default="mlp", show_default=True, metavar="NAME[:k=v,...]",
@@ -117,8 +90,11 @@ def main() -> None:
 @click.option("--epochs", default=None, type=int, help="Training epochs per model [default: 60].")
 @click.option("--batch-size", default=None, type=int, help="Mini-batch size [default: 64].")
 @click.option("--lr", default=None, type=float, help="Learning rate [default: 0.002].")
-@click.option("--weight-decay", default=None, type=float, help="L2 penalty [default: 0].")
+@click.option("--weight-decay", default=None, type=float,
+              help="The optimizer's L2 term [default: 0]; see also the weight-decay defense.")
 @click.option("--optimizer", default=None, type=click.Choice(["adam", "sgd"]), help="Optimizer [default: adam].")
+@click.option("--device", default="cpu", show_default=True, metavar="cpu|cuda[:N]|auto",
+              help="Where training, signals and defenses run; auto picks CUDA when available.")
 @click.option("--out", default="runs", show_default=True, type=click.Path(file_okay=False, path_type=Path),
               help="Directory that receives the run directory.")
 @click.option("--cache-dir", default=None, type=click.Path(file_okay=False, path_type=Path),
@@ -126,58 +102,54 @@ def main() -> None:
 @click.option("--no-cache", is_flag=True, help="Neither read nor write the population cache.")
 @click.option("--json", "as_json", is_flag=True, help="Print metrics.json to stdout instead of the table.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
-def eval_cmd(attacks, defenses, dataset, model, n_models, seed, targets, epochs, batch_size, lr, weight_decay,
-             optimizer, out, cache_dir, no_cache, as_json, quiet):
+def eval_cmd(attacks, defenses, estimators, dataset, model, n_models, seed, targets, epochs, batch_size, lr,
+             weight_decay, optimizer, device, out, cache_dir, no_cache, as_json, quiet):
     """Evaluate membership leakage of a (defended) model population.
 
     \b
     Examples:
       miafw eval --attack lira --defense prune
       miafw eval --attack lira --attack lira:online=false --attack loss --defense prune:sparsity=0.9
+      miafw eval --attack lira --defense weight-decay:lam=0.001
       miafw eval --dataset breast-cancer --model logreg --n-models 32
     """
     import dataclasses
 
     from mia_core.engine.cache import PopulationCache, default_cache_dir
-    from mia_core.engine.stages import (USAGE_ERRORS, EvalConfig, PluginRuntimeError, config_document,
-                                     parse_targets, resolve, run_eval)
-    from mia_core.results import RunDir, format_summary, write_run
-    from mia_core.runindex import RunIndex
+    from mia_core.engine.progress import TerminalReporter
+    from mia_core.engine.stages import USAGE_ERRORS, EvalConfig, PluginRuntimeError, evaluate, resolve
     from mia_core.engine.trainer import TrainingRecipe
+    from mia_core.results import format_summary
 
     overrides = {k: v for k, v in dict(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                                          optimizer=optimizer).items() if v is not None}
-    recipe = dataclasses.replace(TrainingRecipe(), **overrides)
-    config = EvalConfig(attacks=tuple(attacks) or ("lira",), defenses=tuple(defenses), dataset=dataset,
-                        model=model, n_models=n_models, seed=seed, targets=targets, recipe=recipe)
+    config = EvalConfig(attacks=tuple(attacks) or ("lira",), defenses=tuple(defenses), estimators=tuple(estimators),
+                        dataset=dataset, model=model, n_models=n_models, seed=seed, targets=targets,
+                        recipe=dataclasses.replace(TrainingRecipe(), **overrides), device=device)
     try:
-        resolved = resolve(config)
-        config_doc = config_document(config, resolved, parse_targets(targets, n_models))
+        plan = resolve(config)
     except USAGE_ERRORS as exc:
         _fail(str(exc))
     cache = PopulationCache(None if no_cache else (cache_dir or default_cache_dir()))
-    reporter = _Reporter(quiet or as_json)
     try:
-        run = RunDir(out, config_doc, index=RunIndex(out), discard_on=USAGE_ERRORS)
-        with _terse_warnings(), run:
-            result = run_eval(config, cache=cache, reporter=reporter, resolved=resolved)
-            write_run(run, result)
+        with _terse_warnings():
+            ev = evaluate(plan, out=out, cache=cache, reporter=TerminalReporter(quiet or as_json))
     except USAGE_ERRORS as exc:
         _fail(str(exc))
     except PluginRuntimeError as exc:
         if exc.traceback:
             click.echo(exc.traceback, err=True, nl=False)
-        _fail(f"{exc} (run marked failed: {run.failed})", EXIT_FAILURE)
-    except KeyboardInterrupt:
+        _fail(f"{exc} (run marked failed: {getattr(exc, 'run_dir', '?')})", EXIT_FAILURE)
+    except KeyboardInterrupt as exc:
         click.echo("", err=True)
-        _fail(f"interrupted (run marked failed: {run.failed})", 130)
+        _fail(f"interrupted (run marked failed: {getattr(exc, 'run_dir', '?')})", 130)
     except (OSError, RuntimeError) as exc:
         _fail(f"could not write the run under {out}: {exc}", EXIT_FAILURE)
     if as_json:
-        click.echo(json.dumps(result.metrics, indent=2, sort_keys=True))
+        click.echo(json.dumps(ev.metrics, indent=2, sort_keys=True))
     else:
-        click.echo(format_summary(result.metrics))
-        click.echo(f"run directory: {run.final}")
+        click.echo(format_summary(ev.metrics))
+        click.echo(f"run directory: {ev.run_dir}")
 
 
 @main.command("runs")

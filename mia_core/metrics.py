@@ -54,6 +54,8 @@ __all__ = [
     "tpr_at_fpr",
     "epsilon_lower_bound",
     "summarize",
+    "summarize_with_curve",
+    "RocCurve",
 ]
 
 
@@ -491,6 +493,15 @@ def _fpr_key(fpr: float) -> str:
     return format(float(fpr), ".12g")
 
 
+class RocCurve(NamedTuple):
+    """The ROC curve behind a :func:`summarize_with_curve` call (for plots): float64 ``[K + 1]``
+    false and true positive rates from ``(0, 0)`` to ``(1, 1)``, and the AUC."""
+
+    fpr: np.ndarray
+    tpr: np.ndarray
+    auc: float
+
+
 def summarize(
     scores: Any,
     membership: Any,
@@ -498,7 +509,22 @@ def summarize(
     fprs: Sequence[float] = (0.001, 0.01, 0.1),
     confidence: float = 0.95,
 ) -> Dict[str, Any]:
-    """All metrics of one attack on one target, as a JSON-serialisable dict (one sort).
+    """All metrics of one attack, as a JSON-serialisable dict (one sort).
+
+    The same as ``summarize_with_curve(...)[0]``; see there.
+    """
+    return summarize_with_curve(scores, membership, fprs=fprs, confidence=confidence)[0]
+
+
+def summarize_with_curve(
+    scores: Any,
+    membership: Any,
+    *,
+    fprs: Sequence[float] = (0.001, 0.01, 0.1),
+    confidence: float = 0.95,
+) -> Tuple[Dict[str, Any], RocCurve]:
+    """All metrics of one attack, as a JSON-serialisable dict, and the ROC curve they came from
+    (one sort serves both, so a plot never recomputes the curve).
 
     Returns:
         ``{"auc", "balanced_accuracy", "advantage", "epsilon_lower_bound", "n_members",
@@ -528,8 +554,9 @@ def summarize(
             messages.append(_resolution_message(res))
     for msg in messages:
         warnings.warn(msg, MetricsWarning, stacklevel=2)
-    return {
-        "auc": _auc(r),
+    area = _auc(r)
+    summary = {
+        "auc": area,
         "balanced_accuracy": (1.0 + adv) / 2.0,
         "advantage": adv,
         "epsilon_lower_bound": _epsilon_lower_bound(r, c, 0.0),
@@ -539,3 +566,4 @@ def summarize(
         "tpr_at_fpr": tprs,
         "warnings": messages,
     }
+    return summary, RocCurve(r.fps / r.n_neg, r.tps / r.n_pos, area)

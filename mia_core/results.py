@@ -30,7 +30,9 @@ import numpy as np
 from mia_core import metrics
 from mia_core.runindex import RunIndex, summary_of
 
-SCHEMA_VERSION = 1
+#: Version of the ``config.json`` / ``metrics.json`` layout (2: estimators, train-time defenses,
+#: best attack, device).
+SCHEMA_VERSION = 2
 
 
 def json_default(o):
@@ -117,6 +119,11 @@ class RunDir:
             if self.index is not None:
                 line = f"{exc_type.__name__}: {exc}".splitlines()[0] if str(exc) else exc_type.__name__
                 self.index.finish(self.name, "failed", self.failed, error=line)
+            if exc is not None:
+                try:
+                    exc.run_dir = self.failed  # where the failure was recorded, for the caller's message
+                except AttributeError:  # pragma: no cover - exception types with __slots__
+                    pass
         return False
 
     @property
@@ -124,23 +131,24 @@ class RunDir:
         return self.staging
 
 
-def write_run(run: RunDir, result) -> None:
-    """Write metrics, scores and the ROC plot of an :class:`~mia_core.experiment.EvalResult`
+def write_run(run: RunDir, evaluation) -> None:
+    """Write metrics, scores and the ROC plot of an :class:`~mia_core.engine.stages.Evaluation`
     (``config.json`` was written when the run started)."""
     d = run.path
-    _dump(d / "metrics.json", result.metrics)
-    run.summary = summary_of(result.metrics)
-    arrays = {scores_key(k): v for k, v in result.scores.items()}
-    labels = list(result.scores)
+    _dump(d / "metrics.json", evaluation.metrics)
+    run.summary = summary_of(evaluation.metrics)
+    arrays = {scores_key(k): v for k, v in evaluation.scores.items()}
+    labels = list(evaluation.scores)
     np.savez_compressed(
         d / "scores.npz",
-        membership=result.membership,
-        targets=np.asarray(result.targets, dtype=np.int64),
-        record_index=result.record_index,
+        membership=evaluation.membership,
+        targets=np.asarray(evaluation.targets, dtype=np.int64),
+        record_index=evaluation.record_index,
         attack_labels=np.asarray(labels, dtype=np.str_),
         **arrays,
     )
-    plot_roc(d / "roc.png", result.scores, result.membership, title=_title(result.config))
+    n_nonmembers = int((~evaluation.membership).sum())
+    plot_roc(d / "roc.png", evaluation.curves, n_nonmembers=n_nonmembers, title=_title(evaluation.config))
 
 
 def _title(config: Dict) -> str:
@@ -148,19 +156,22 @@ def _title(config: Dict) -> str:
     return f"{config['dataset']['name']} / {config['model']['name']} / {defs} ({config['n_models']} models)"
 
 
-def plot_roc(path: Path, scores: Dict[str, np.ndarray], membership: np.ndarray, *, title: str = "") -> None:
-    """Log-log ROC curves (members positive) with the chance diagonal."""
+def plot_roc(path: Path, curves: Dict[str, "metrics.RocCurve"], *, n_nonmembers: int, title: str = "") -> None:
+    """Log-log ROC curves (members positive) with the chance diagonal.
+
+    Args:
+        curves: ``{label: RocCurve}`` as computed with the metrics (never recomputed here).
+        n_nonmembers: sets the plot's floor at ``1 / n_nonmembers``, the smallest resolvable FPR.
+    """
     import matplotlib
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.5, 5.0), dpi=120)
-    floor = 1.0 / max(1, int((~membership).sum()))
-    for label, s in scores.items():
-        fpr, tpr, _ = metrics.roc_curve(s.ravel(), membership.ravel())
-        a = metrics.auc(s.ravel(), membership.ravel())
-        ax.plot(np.maximum(fpr, floor / 10), np.maximum(tpr, floor / 10), label=f"{label} (AUC {a:.3f})")
+    floor = 1.0 / max(1, n_nonmembers)
+    for label, c in curves.items():
+        ax.plot(np.maximum(c.fpr, floor / 10), np.maximum(c.tpr, floor / 10), label=f"{label} (AUC {c.auc:.3f})")
     grid = np.logspace(np.log10(floor / 10), 0, 50)
     ax.plot(grid, grid, ls="--", color="grey", lw=1, label="chance")
     ax.set_xscale("log")
@@ -200,6 +211,7 @@ def format_summary(metrics_doc: Dict, *, fprs=(0.001, 0.01)) -> str:
     widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
     line = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
     out = [line(head), "  ".join("-" * w for w in widths)] + [line(r) for r in rows]
+    out += _estimator_rows(metrics_doc)
     tgt = metrics_doc["target"]
     n_t = tgt["pooled_over_targets"]
     any_m = next(iter(metrics_doc["attacks"].values()), None)
@@ -216,11 +228,34 @@ def format_summary(metrics_doc: Dict, *, fprs=(0.001, 0.01)) -> str:
     for d in metrics_doc["defenses"]:
         rep = d["report"]
         shown = {k: v for k, v in rep.items() if not isinstance(v, (list, dict))}
-        out.append(f"defense {d['name']}: " + ", ".join(f"{k}={_short(v)}" for k, v in shown.items()))
+        stage = f" ({d['stage']}-time)" if d.get("stage") == "train" else ""
+        out.append(f"defense {d['name']}{stage}: " + ", ".join(f"{k}={_short(v)}" for k, v in shown.items()))
     warned = sorted({w for m in metrics_doc["attacks"].values() for w in m.get("warnings", [])})
     for w in warned:
         out.append(f"! {w}")
     return "\n".join(out)
+
+
+def _estimator_rows(metrics_doc: Dict) -> List[str]:
+    """The estimators' table under the attacks': value [interval], the advantage bound it implies
+    and the best measured attack advantage beside it."""
+    est = metrics_doc.get("estimators") or {}
+    if not est:
+        return []
+    best = metrics_doc["best_attack"]
+    head = ["estimator", "value [CI]", "advantage bound", f"best measured advantage ({best['label']})"]
+    rows = []
+    for label, e in est.items():
+        value = f"{e['value']:.4g}"
+        if e["interval"] is not None:
+            value += f" [{e['interval'][0]:.4g}, {e['interval'][1]:.4g}]"
+        bound = "-" if e["advantage_bound"] is None else f"{e['advantage_bound']:.3f}"
+        rows.append([label, value, bound + (" !" if "warning" in e else ""), f"{best['advantage']:.3f}"])
+    widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
+    line = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+    out = ["", line(head), "  ".join("-" * w for w in widths)] + [line(r) for r in rows]
+    out += [f"! {label}: {e['warning']}" for label, e in est.items() if "warning" in e]
+    return out + [""]
 
 
 def _short(v) -> str:

@@ -67,7 +67,7 @@ def test_json_output(tmp_path):
     res = _eval(tmp_path, "--attack", "loss", "--json")
     assert res.exit_code == 0
     doc = json.loads(res.stdout)
-    assert doc["schema_version"] == 1 and "loss" in doc["attacks"]
+    assert doc["schema_version"] == 2 and "loss" in doc["attacks"]
 
 
 @pytest.mark.parametrize("args,message", [

@@ -120,7 +120,7 @@ def test_cache_roundtrip_is_exact(tmp_path):
     pop = ModelPopulation.train(rec, _build(), recipe, n_models=4, seed=3)
     cache = PopulationCache(tmp_path / "c")
     cache.store("k" * 64, pop.state(), {"note": "test"})
-    back = ModelPopulation.from_state(cache.load("k" * 64), records=rec, build=_build(), recipe=recipe, seed=3)
+    back = ModelPopulation.from_state(cache.load("k" * 64)[0], records=rec, build=_build(), recipe=recipe, seed=3)
     np.testing.assert_array_equal(back.keep, pop.keep)
     assert torch.equal(back.logits(), pop.logits())
     # an unreadable entry is ignored with a warning, not unpickled or trusted

@@ -17,7 +17,7 @@ import shutil
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
@@ -54,17 +54,21 @@ class PopulationCache:
         assert self.root is not None
         return self.root / "populations" / key
 
-    def load(self, key: str) -> Optional[Dict[str, Any]]:
-        """The stored state for ``key``, or ``None`` (missing, disabled or unreadable)."""
+    def load(self, key: str) -> Optional[Tuple[Dict[str, Any], Dict[str, Any]]]:
+        """``(state, meta)`` stored under ``key``, or ``None`` (missing, disabled or unreadable)."""
         if not self.enabled:
             return None
-        path = self._entry(key) / ENTRY_FILE
+        entry = self._entry(key)
+        path = entry / ENTRY_FILE
         if not path.is_file():
             return None
         try:
-            return torch.load(path, map_location="cpu", weights_only=True)
+            meta = json.loads((entry / META_FILE).read_text())
+            if not isinstance(meta, dict):
+                raise ValueError(f"{META_FILE} holds {type(meta).__name__}, not an object")
+            return torch.load(path, map_location="cpu", weights_only=True), meta
         except Exception as exc:  # a truncated or foreign file: retrain rather than fail
-            warnings.warn(f"ignoring unreadable cache entry {path}: {type(exc).__name__}: {exc}")
+            warnings.warn(f"ignoring unreadable cache entry {entry}: {type(exc).__name__}: {exc}")
             return None
 
     def store(self, key: str, state: Dict[str, Any], meta: Dict[str, Any]) -> Optional[Path]:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Optional, Sequence
 import numpy as np
 
 from mia_core.data import Records
-from mia_core.engine.signals import SIGNAL_ACCESS
+from mia_core.engine.signals import SIGNAL_ACCESS, Signals
 from mia_core.engine.trainer import Params, TrainingRecipe
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -31,12 +31,21 @@ class SignalContext:
         population: the (defended) population.
         access: the access levels the plugin declared.
         owner: the plugin's name, for error messages.
+        signals: the population's signals (the engine computes them once for every plugin);
+            computed on first use when not given.
     """
 
-    def __init__(self, population: ModelPopulation, access: Sequence[str], *, owner: str = "plugin"):
+    def __init__(self, population: "ModelPopulation", access: Sequence[str], *, owner: str = "plugin",
+                 signals: Optional[Signals] = None):
         self._population = population
         self.access = tuple(access)
         self.owner = owner
+        self._signals = signals
+
+    def _all_signals(self) -> Signals:
+        if self._signals is None:  # computed once per context when the engine did not pass them
+            self._signals = self._population.signals()
+        return self._signals
 
     @property
     def keep(self) -> np.ndarray:
@@ -83,7 +92,7 @@ class SignalContext:
                 f"{self.owner} declared access {self.access} but read signal {name!r}, which needs "
                 f"one of {sorted(SIGNAL_ACCESS[name])}"
             )
-        return self._population.signals().get(name)
+        return self._all_signals().get(name)
 
     def parameters(self) -> Params:
         """White-box access: the stacked parameters (read-only copies)."""
@@ -179,8 +188,11 @@ class DefenseContext:
         self._population._train(epochs, self.rng(1), lr=lr, post_step=post_step, on_epoch=on_epoch)
 
     def changed(self) -> None:
-        """Tell the population its weights changed (signals are recomputed)."""
-        self._population.invalidate()
+        """Kept for plugins written against API 1.0, which had to call it after changing weights.
+
+        Nothing is left to do: the engine computes the signals after the last defense, from the
+        weights as they are then.
+        """
 
 
 __all__ = [

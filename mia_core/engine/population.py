@@ -14,8 +14,8 @@ together into :class:`~mia_core.engine.signals.Signals` once.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Optional, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Optional
 
 import numpy as np
 import torch
@@ -53,7 +53,6 @@ class ModelPopulation:
     buffers: Params
     recipe: TrainingRecipe
     seed: int
-    _signals: Optional[Signals] = field(default=None, repr=False)
 
     # ----------------------------------------------------------------- construction
     @classmethod
@@ -66,24 +65,31 @@ class ModelPopulation:
         n_models: int,
         seed: int,
         on_epoch: Optional[Callable[[int, float], None]] = None,
+        device: Optional[torch.device] = None,
     ) -> "ModelPopulation":
-        """Draw the keep matrix, initialise ``n_models`` models and train them as one ensemble."""
+        """Draw the keep matrix, initialise ``n_models`` models and train them as one ensemble.
+
+        ``device``: where the models train (default the CPU). Initialisation always draws on the
+        CPU, so every device starts from the same weights.
+        """
         recipe.validate()
         rng = np.random.default_rng(np.random.SeedSequence([seed, 0x6B656570]))  # "keep"
         keep = make_keep_matrix(n_models, records.n, rng)
         base, params, buffers = init_ensemble(build, n_models, seed)
+        if device is not None:
+            params = {k: v.detach().to(device).requires_grad_(v.requires_grad) for k, v in params.items()}
+            buffers = {k: v.to(device) for k, v in buffers.items()}
         pop = cls(records=records, keep=keep, base=base, params=params, buffers=buffers, recipe=recipe, seed=seed)
         pop._train(recipe.epochs, rng, on_epoch=on_epoch)
         return pop
 
     def _train(self, epochs, rng, *, lr=None, post_step=None, on_epoch=None) -> None:
-        x = torch.from_numpy(self.records.x)
-        y = torch.from_numpy(self.records.y)
+        x = torch.from_numpy(self.records.x).to(self.device)
+        y = torch.from_numpy(self.records.y).to(self.device)
         train_ensemble(
             self.base, self.params, self.buffers, x, y, self.keep, self.recipe, rng,
             epochs=epochs, lr=lr, post_step=post_step, on_epoch=on_epoch,
         )
-        self._signals = None
 
     def clone(self) -> "ModelPopulation":
         """A copy with its own parameters (so defenses never touch a cached population)."""
@@ -115,49 +121,60 @@ class ModelPopulation:
         mod.load_state_dict(state)
         return mod
 
+    @property
+    def device(self) -> torch.device:
+        """The device the parameters live on."""
+        return next(iter(self.params.values())).device
+
     def logits(self) -> torch.Tensor:
-        """float32 ``[M, N, C]``."""
-        return ensemble_logits(self.base, self.params, self.buffers, torch.from_numpy(self.records.x))
+        """float32 ``[M, N, C]``, on the population's device."""
+        x = torch.from_numpy(self.records.x).to(self.device)
+        return ensemble_logits(self.base, self.params, self.buffers, x)
 
     def signals(self) -> Signals:
-        """The shared signals, computed on first use and kept until the weights change."""
-        if self._signals is None:
-            self._signals = compute_signals(self.logits(), self.records.y)
-        return self._signals
+        """Every model's signals on every record, computed from the current weights.
 
-    def invalidate(self) -> None:
-        """Forget cached signals (call after changing ``params`` in place)."""
-        self._signals = None
+        Not cached: the engine computes them once per stage (:func:`mia_core.engine.stages.compute_signals`)
+        and hands the same :class:`Signals` to every attack and estimator, so a weight change can
+        never leave stale signals behind.
+        """
+        return compute_signals(self.logits(), self.records.y)
 
     def accuracy(self) -> Dict[str, np.ndarray]:
         """Per-model accuracy on its own training half (``train``) and on the rest (``test``)."""
-        correct = self.signals().correct.astype(bool)
-        keep = self.keep
-        train = (correct & keep).sum(1) / keep.sum(1)
-        test = (correct & ~keep).sum(1) / (~keep).sum(1)
-        return {"train": train, "test": test}
+        return accuracy(self.signals(), self.keep)
 
     # ----------------------------------------------------------------- persistence
     def state(self) -> Dict[str, Any]:
         """Tensors-only state for ``torch.save`` (loaded back with ``weights_only=True``)."""
         return {
             "keep": torch.from_numpy(self.keep.copy()),
-            "params": {k: v.detach().clone() for k, v in self.params.items()},
-            "buffers": {k: v.detach().clone() for k, v in self.buffers.items()},
+            "params": {k: v.detach().to("cpu", copy=True) for k, v in self.params.items()},
+            "buffers": {k: v.detach().to("cpu", copy=True) for k, v in self.buffers.items()},
         }
 
     @classmethod
-    def from_state(cls, state, *, records: Records, build, recipe: TrainingRecipe, seed: int) -> "ModelPopulation":
+    def from_state(cls, state, *, records: Records, build, recipe: TrainingRecipe, seed: int,
+                   device: Optional[torch.device] = None) -> "ModelPopulation":
         keep = state["keep"].numpy().astype(bool)
         if keep.shape[1] != records.n:
             raise ValueError(f"stored population has {keep.shape[1]} records, dataset has {records.n}")
         base = build().to("meta")
-        params = {k: v.clone() for k, v in state["params"].items()}
-        buffers = {k: v.clone() for k, v in state["buffers"].items()}
+        device = torch.device("cpu") if device is None else torch.device(device)
+        params = {k: v.to(device, copy=True) for k, v in state["params"].items()}
+        buffers = {k: v.to(device, copy=True) for k, v in state["buffers"].items()}
         expected = {k for k, _ in base.named_parameters()}
         if set(params) != expected:
             raise ValueError(f"stored parameters {sorted(params)} do not match the model's {sorted(expected)}")
         return cls(records=records, keep=keep, base=base, params=params, buffers=buffers, recipe=recipe, seed=seed)
 
 
-__all__ = ["ModelPopulation"]
+def accuracy(signals: Signals, keep: np.ndarray) -> Dict[str, np.ndarray]:
+    """Per-model accuracy from ``signals.correct`` ``[M, N]``: on the model's own training half
+    (``train``, float ``[M]``) and on the other records (``test``)."""
+    correct = signals.correct.astype(bool)
+    keep = np.asarray(keep, dtype=bool)
+    return {"train": (correct & keep).sum(1) / keep.sum(1), "test": (correct & ~keep).sum(1) / (~keep).sum(1)}
+
+
+__all__ = ["ModelPopulation", "accuracy"]

@@ -1,25 +1,35 @@
-"""The evaluation engine behind ``miafw eval``.
+"""One evaluation as named stages with typed results; :func:`evaluate` runs them all.
 
-One evaluation:
+The whole lifecycle, in order (each stage is a function of the previous stages' results, so each
+can be run and tested on its own, and a later executor can run them elsewhere)::
 
-1. resolves every plugin by name and validates its parameters (before any work, so a bad value
-   fails in a second);
-2. loads the dataset and trains (or loads from the cache) a population of ``n_models`` models;
-3. applies the post-training defenses, in order, to every model (an adaptive attacker knows the
-   recipe, so reference models are defended like the target);
-4. computes the signals once; fits each attack once and scores every record against each target
-   model; the scores of all targets are pooled, members being the positive class;
-5. computes the metrics and writes the run directory (:mod:`mia_core.results`).
+    resolve(config)                           -> Plan          plugins loaded and validated, targets, device
+    load_records(plan)                        -> Records       the dataset
+    train_population(plan, records, cache=)   -> PopulationResult   trained with the train-time defenses
+                                                                (or loaded from the verified cache)
+    apply_defenses(plan, population)          -> DefenseResult  post-training defenses on a copy
+    compute_signals(population)               -> Signals       once, after the last defense
+    run_attacks(plan, population, signals)    -> {label: float [T, N]}
+    run_estimators(plan, population, signals) -> {label: Estimate}
+    compute_metrics(plan, ...)                -> MetricsResult metrics.json and the ROC curves
+    write_run(run, evaluation)                                 the run directory (mia_core.results)
+
+:func:`evaluate` is the one public entry point (``mia_core.evaluate``): the CLI, sweeps, notebooks
+and executors call it. Every usage error (unknown name, bad value, unusable data) is raised by
+:func:`resolve` or :func:`load_records` before any training, as one of :data:`USAGE_ERRORS`.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 import platform
 import sys
 import traceback
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -27,13 +37,19 @@ import torch
 import mia_core
 from mia_core import metrics, registry
 from mia_core.base import PluginSpec
-from mia_core.engine.cache import PopulationCache, cache_key
 from mia_core.data import DataError, Records
-from mia_core.params import ParamError, instantiate, parse_spec, split_spec
-from mia_core.engine import AttackContext, DefenseContext, ModelPopulation
+from mia_core.engine.cache import PopulationCache, cache_key
+from mia_core.engine.contexts import AttackContext, DefenseContext, EstimatorContext
+from mia_core.engine.population import ModelPopulation, accuracy
+from mia_core.engine.progress import Reporter
+from mia_core.engine.signals import Signals
 from mia_core.engine.trainer import TrainingRecipe
+from mia_core.params import ParamError, instantiate, parse_spec, split_spec
+from mia_core.results import SCHEMA_VERSION, RunDir, json_default, write_run
+from mia_core.runindex import RunIndex
 
 DEFAULT_FPRS = (0.001, 0.01, 0.1)
+DEVICES = ("cpu", "cuda", "auto")
 
 
 class PluginRuntimeError(RuntimeError):
@@ -45,12 +61,30 @@ class PluginRuntimeError(RuntimeError):
         self.traceback = tb
 
 
-@dataclass
+#: Errors that mean "the user's input is unusable" (exit status 2), even when a plugin raises them.
+USAGE_ERRORS = (ParamError, registry.PluginError, DataError)
+
+
+# ============================================================================ configuration
+@dataclass(frozen=True)
 class EvalConfig:
-    """Everything that defines an evaluation (the CLI fills it from its options)."""
+    """Everything that defines an evaluation (the CLI fills it from its options).
+
+    Attributes:
+        attacks, defenses, estimators: plugin specifications ``NAME[:k=v,...]``; defenses are
+            applied in order (train-time ones during training, post-training ones after it).
+        dataset, model: plugin specifications.
+        n_models: models in the population (even, >= 2).
+        seed: membership, initialisation, batch order and defense randomness derive from it.
+        targets: ``"all"``, ``"first:K"`` or comma-separated model indices.
+        recipe: how each model is trained.
+        fprs: FPR levels for TPR-at-FPR; confidence: level of every interval.
+        device: ``"cpu"``, ``"cuda"`` (or ``"cuda:N"``) or ``"auto"`` (CUDA when available).
+    """
 
     attacks: Sequence[str] = ("lira",)
     defenses: Sequence[str] = ()
+    estimators: Sequence[str] = ()
     dataset: str = "digits"
     model: str = "mlp"
     n_models: int = 16
@@ -59,71 +93,143 @@ class EvalConfig:
     recipe: TrainingRecipe = field(default_factory=TrainingRecipe)
     fprs: Sequence[float] = DEFAULT_FPRS
     confidence: float = 0.95
+    device: str = "cpu"
 
 
-@dataclass
-class Resolved:
-    """Plugins instantiated and validated from an :class:`EvalConfig`."""
+@dataclass(frozen=True)
+class Component:
+    """One resolved plugin: its kind, the label the user gave, every parameter and the instance.
 
-    dataset: Tuple[PluginSpec, Any]
-    model: Tuple[PluginSpec, Any]
-    attacks: List[Tuple[str, PluginSpec, Any]]  # (label, spec, instance)
-    defenses: List[Tuple[str, PluginSpec, Any]]
+    Attributes:
+        kind: ``"attack"``, ``"defense"``, ``"estimator"``, ``"dataset"`` or ``"model"``.
+        label: the specification as given (stripped), e.g. ``"lira:online=false"``; unique per kind.
+        spec: name and every parameter, defaults included.
+        plugin: the validated plugin instance.
+        position: index among the user's plugins of this kind (defenses: order of application).
+    """
+
+    kind: str
+    label: str
+    spec: PluginSpec
+    plugin: Any
+    position: int = 0
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def owner(self) -> str:
+        """How errors name this plugin: ``attack 'lira:online=false'``."""
+        return f"{self.kind} {self.label!r}"
 
 
-def _resolve_one(kind: str, text: str):
+@dataclass(frozen=True)
+class Plan:
+    """Stage 1's result: a validated evaluation, ready to run (nothing trained yet)."""
+
+    config: EvalConfig
+    dataset: Component
+    model: Component
+    attacks: Tuple[Component, ...]
+    train_defenses: Tuple[Component, ...]
+    post_defenses: Tuple[Component, ...]
+    estimators: Tuple[Component, ...]
+    targets: Tuple[int, ...]
+    device: torch.device
+    versions: Dict[str, str]
+
+    @property
+    def defenses(self) -> Tuple[Component, ...]:
+        """Every defense in the user's order."""
+        return tuple(sorted(self.train_defenses + self.post_defenses, key=lambda c: c.position))
+
+    @functools.cached_property
+    def document(self) -> Dict[str, Any]:
+        """The fully resolved configuration, as written to ``config.json``."""
+        c = self.config
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "command": "eval",
+            "dataset": self.dataset.spec.to_dict(),
+            "model": self.model.spec.to_dict(),
+            "attacks": [{"label": a.label, **a.spec.to_dict()} for a in self.attacks],
+            "defenses": [{**d.spec.to_dict(), "stage": d.plugin.stage} for d in self.defenses],
+            "estimators": [{"label": e.label, **e.spec.to_dict()} for e in self.estimators],
+            "recipe": c.recipe.to_dict(),
+            "n_models": c.n_models,
+            "seed": c.seed,
+            "targets": list(self.targets),
+            "fprs": list(c.fprs),
+            "confidence": c.confidence,
+            "device": str(self.device),
+            "adaptive": True,
+            "versions": self.versions,
+            "argv": list(sys.argv),
+        }
+
+
+def versions() -> Dict[str, str]:
+    """The versions that can change a result (recorded in ``config.json``)."""
+    import importlib.metadata as md
+
+    import scipy
+    import sklearn
+
+    from mia_core import kernels
+
+    return {
+        "miafw": mia_core.__version__,
+        "plugin_api": mia_core.API_VERSION,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "scipy": scipy.__version__,
+        "scikit-learn": sklearn.__version__,
+        "click": md.version("click"),
+        "native_kernels": str(kernels.native_available()),
+    }
+
+
+def _resolve_one(kind: str, text: str, position: int = 0) -> Component:
     name, _ = split_spec(text)
-    cls = registry.load(kind, name)
-    label = f"{kind[:-1]} {name!r}"
+    cls = registry.load(f"{kind}s", name)
+    label = f"{kind} {name!r}"
     spec = parse_spec(text, cls, label=label)
     obj = instantiate(cls, spec, label=label)
-    full = PluginSpec(name, obj.get_params())  # every parameter, defaults included
-    return full, obj
+    return Component(kind, str(text).strip(), PluginSpec(name, obj.get_params()), obj, position)
 
 
-def resolve(config: EvalConfig) -> Resolved:
-    """Load and validate every plugin and setting of ``config``.
+def _unique(components: List[Component]) -> None:
+    seen = set()
+    for c in components:
+        if c.label in seen:
+            raise ParamError(f"{c.kind} {c.label!r} given twice")
+        seen.add(c.label)
+
+
+def resolve_device(text: str) -> torch.device:
+    """``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"`` (CUDA when available, else the CPU).
 
     Raises:
-        ParamError, registry.UnknownPluginError, registry.BrokenPluginError: with a one-line message.
+        ParamError: an unknown device, or CUDA asked for where there is none.
     """
-    if not isinstance(config.n_models, int) or config.n_models < 2 or config.n_models % 2:
-        raise ParamError(f"--n-models must be an even integer >= 2, got {config.n_models}")
-    try:
-        config.recipe.validate()
-    except ValueError as exc:
-        raise ParamError(f"training recipe: {exc}") from None
-    for f in config.fprs:
-        if not 0 < f < 1:
-            raise ParamError(f"FPR levels must be in (0, 1), got {f}")
-    if not config.attacks:
-        raise ParamError("no attack given; use --attack NAME (see `miafw list`)")
-    dataset = _resolve_one("datasets", config.dataset)
-    model = _resolve_one("models", config.model)
-    attacks, labels = [], set()
-    for text in config.attacks:
-        spec, obj = _resolve_one("attacks", text)
-        label = text.strip()
-        if label in labels:
-            raise ParamError(f"attack {label!r} given twice")
-        labels.add(label)
-        needed = getattr(obj, "min_reference_models", 0)
-        if config.n_models - 1 < needed:
-            raise ParamError(
-                f"attack {label!r} needs at least {needed} reference models besides the target: "
-                f"use --n-models {needed + 1 + (needed + 1) % 2} or more (got {config.n_models})"
-            )
-        attacks.append((label, spec, obj))
-    defenses = []
-    for i, text in enumerate(config.defenses):
-        spec, obj = _resolve_one("defenses", text)
-        if getattr(obj, "stage", "post") != "post":
-            raise ParamError(
-                f"defense {spec.name!r} declares stage {obj.stage!r}; this miafw version runs "
-                f"post-training defenses only"
-            )
-        defenses.append((f"{i}:{text.strip()}", spec, obj))
-    return Resolved(dataset=dataset, model=model, attacks=attacks, defenses=defenses)
+    t = str(text).strip().lower()
+    if t == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if t == "cpu":
+        return torch.device("cpu")
+    if t == "cuda" or t.startswith("cuda:"):
+        try:
+            dev = torch.device(t)
+        except RuntimeError:
+            raise ParamError(f"--device {text!r} is not a device; use cpu, cuda, cuda:N or auto") from None
+        if not torch.cuda.is_available():
+            raise ParamError(f"--device {text!r}: no CUDA device is available here; use --device cpu or auto")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ParamError(f"--device {text!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+        return dev
+    raise ParamError(f"--device must be one of cpu, cuda, cuda:N, auto; got {text!r}")
 
 
 def parse_targets(text: str, n_models: int) -> List[int]:
@@ -151,198 +257,358 @@ def parse_targets(text: str, n_models: int) -> List[int]:
     return out
 
 
-def population_key(config: EvalConfig, res: Resolved, records: Records) -> str:
-    return cache_key(
-        {
-            "kind": "population",
-            "dataset": res.dataset[0].to_dict(),
-            "records": records.fingerprint(),
-            "model": res.model[0].to_dict(),
-            "recipe": config.recipe.to_dict(),
-            "n_models": config.n_models,
-            "seed": config.seed,
-            "miafw": mia_core.__version__,
-            "torch": torch.__version__,
-        }
+def resolve(config: EvalConfig) -> Plan:
+    """Stage 1: load and validate every plugin and setting of ``config`` (no training).
+
+    Raises:
+        ParamError, registry.UnknownPluginError, registry.BrokenPluginError: with a one-line message.
+    """
+    if isinstance(config.n_models, bool) or not isinstance(config.n_models, int) or config.n_models < 2 \
+            or config.n_models % 2:
+        raise ParamError(f"--n-models must be an even integer >= 2, got {config.n_models}")
+    try:
+        config.recipe.validate()
+    except ValueError as exc:
+        raise ParamError(f"training recipe: {exc}") from None
+    for f in config.fprs:
+        if not 0 < f < 1:
+            raise ParamError(f"FPR levels must be in (0, 1), got {f}")
+    if not 0 < config.confidence < 1:
+        raise ParamError(f"confidence must be in (0, 1), got {config.confidence}")
+    if not config.attacks:
+        raise ParamError("no attack given; use --attack NAME (see `miafw list`)")
+    device = resolve_device(config.device)
+    targets = tuple(parse_targets(config.targets, config.n_models))
+    dataset = _resolve_one("dataset", config.dataset)
+    model = _resolve_one("model", config.model)
+    attacks = [_resolve_one("attack", t, i) for i, t in enumerate(config.attacks)]
+    _unique(attacks)
+    for a in attacks:
+        needed = getattr(a.plugin, "min_reference_models", 0)
+        if config.n_models - 1 < needed:
+            raise ParamError(
+                f"attack {a.label!r} needs at least {needed} reference models besides the target: "
+                f"use --n-models {needed + 1 + (needed + 1) % 2} or more (got {config.n_models})"
+            )
+    defenses = [_resolve_one("defense", t, i) for i, t in enumerate(config.defenses)]
+    for d in defenses:
+        if d.plugin.stage not in ("train", "post"):
+            raise ParamError(f"defense {d.name!r} declares stage {d.plugin.stage!r}; expected 'train' or 'post'")
+    estimators = [_resolve_one("estimator", t, i) for i, t in enumerate(config.estimators)]
+    _unique(estimators)
+    return Plan(
+        config=config,
+        dataset=dataset,
+        model=model,
+        attacks=tuple(attacks),
+        train_defenses=tuple(d for d in defenses if d.plugin.stage == "train"),
+        post_defenses=tuple(d for d in defenses if d.plugin.stage == "post"),
+        estimators=tuple(estimators),
+        targets=targets,
+        device=device,
+        versions=versions(),
     )
 
 
-def _check_scores(label: str, scores, n: int) -> np.ndarray:
-    arr = np.asarray(scores)
-    if arr.shape != (n,):
-        raise PluginRuntimeError(label, f"score() returned shape {arr.shape}, expected ({n},)")
-    if not np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.complexfloating):
-        raise PluginRuntimeError(label, f"score() returned dtype {arr.dtype}, expected real numbers")
-    arr = arr.astype(np.float64)
-    bad = ~np.isfinite(arr)
-    if bad.any():
-        raise PluginRuntimeError(
-            label, f"score() returned {int(bad.sum())} NaN/inf values (first at record {int(np.argmax(bad))})"
-        )
-    return arr
-
-
-#: Errors that mean "the user's input is unusable" (exit status 2), even when a plugin raises them.
-USAGE_ERRORS = (ParamError, registry.PluginError, DataError)
-
-
-def _guarded(label: str, fn: Callable, *args):
+# ============================================================================ plugin calls
+def _guarded(owner: str, fn: Callable, *args):
     """Run plugin code; anything but a usage error becomes a PluginRuntimeError naming the plugin."""
     try:
         return fn(*args)
     except (PluginRuntimeError, KeyboardInterrupt) + USAGE_ERRORS:
         raise
     except Exception as exc:
-        raise PluginRuntimeError(label, f"{type(exc).__name__}: {exc}", traceback.format_exc()) from exc
+        raise PluginRuntimeError(owner, f"{type(exc).__name__}: {exc}", traceback.format_exc()) from exc
 
 
-def versions() -> Dict[str, str]:
-    import importlib.metadata as md
-
-    import scipy
-    import sklearn
-
-    from mia_core import kernels
-
-    return {
-        "miafw": mia_core.__version__,
-        "plugin_api": mia_core.API_VERSION,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "scipy": scipy.__version__,
-        "scikit-learn": sklearn.__version__,
-        "click": md.version("click"),
-        "native_kernels": str(kernels.native_available()),
-    }
+def _jsonable(owner: str, obj) -> Any:
+    """Round-trip through JSON so a plugin's report is plain data (numpy and torch values allowed)."""
+    try:
+        return json.loads(json.dumps(obj, default=json_default))
+    except (TypeError, ValueError) as exc:
+        raise PluginRuntimeError(owner, f"returned a report that is not JSON data: {exc}") from None
 
 
+# ============================================================================ stage 2: records
+def load_records(plan: Plan) -> Records:
+    """Stage 2: the dataset's records (at least 4)."""
+    d = plan.dataset
+    records = _guarded(d.owner, d.plugin.load)
+    if not isinstance(records, Records):
+        raise PluginRuntimeError(d.owner, f"load() returned {type(records).__name__}, not Records")
+    if records.n < 4:
+        raise ParamError(f"dataset {d.name!r} has only {records.n} records; membership inference needs at least 4")
+    return records
+
+
+# ============================================================================ stage 3: population
 @dataclass
-class EvalResult:
-    config: Dict[str, Any]
-    metrics: Dict[str, Any]
-    scores: Dict[str, np.ndarray]  # label -> float [T, N]
-    membership: np.ndarray  # bool [T, N]
-    targets: List[int]
-    record_index: np.ndarray
+class PopulationResult:
+    """Stage 3's result: the trained (undefended by post-training defenses) population.
+
+    Attributes:
+        population: the trained models.
+        key: the content-address of the population in the cache.
+        from_cache: whether it was loaded instead of trained.
+        train_reports: each train-time defense's report, in order (from the cache's metadata when
+            loaded).
+    """
+
+    population: ModelPopulation
+    key: str
+    from_cache: bool
+    train_reports: List[Dict[str, Any]]
 
 
-class Reporter:
-    """Progress and messages; the CLI passes one that draws tqdm bars on stderr."""
-
-    def message(self, text: str) -> None:  # pragma: no cover - trivial
-        pass
-
-    def progress(self, total: int, desc: str):
-        """A context manager yielding ``update(n)``."""
-        import contextlib
-
-        @contextlib.contextmanager
-        def noop():
-            yield lambda n=1, **kw: None
-
-        return noop()
-
-
-def config_document(config: EvalConfig, res: Resolved, targets: List[int]) -> Dict[str, Any]:
-    """The fully resolved configuration, as written to ``config.json``."""
-    return {
-        "schema_version": 1,
-        "command": "eval",
-        "dataset": res.dataset[0].to_dict(),
-        "model": res.model[0].to_dict(),
-        "attacks": [{"label": label, **spec.to_dict()} for label, spec, _ in res.attacks],
-        "defenses": [spec.to_dict() for _, spec, _ in res.defenses],
-        "recipe": config.recipe.to_dict(),
-        "n_models": config.n_models,
-        "seed": config.seed,
-        "targets": targets,
-        "fprs": list(config.fprs),
-        "confidence": config.confidence,
-        "adaptive": True,
-        "versions": versions(),
-        "argv": list(sys.argv),
-    }
+def population_key(plan: Plan, records: Records) -> str:
+    """The cache address of the population ``plan`` trains on ``records``: everything that
+    defines the trained weights (data, model, recipe, train-time defenses, size, seed, versions,
+    device type)."""
+    c = plan.config
+    return cache_key(
+        {
+            "kind": "population",
+            "dataset": plan.dataset.spec.to_dict(),
+            "records": records.fingerprint(),
+            "model": plan.model.spec.to_dict(),
+            "recipe": c.recipe.to_dict(),
+            "train_defenses": [d.spec.to_dict() for d in plan.train_defenses],
+            "n_models": c.n_models,
+            "seed": c.seed,
+            "device": plan.device.type,
+            "miafw": mia_core.__version__,
+            "torch": torch.__version__,
+        }
+    )
 
 
-def run_eval(config: EvalConfig, *, cache: Optional[PopulationCache] = None, reporter: Optional[Reporter] = None,
-             resolved: Optional[Resolved] = None) -> EvalResult:
-    """Run one evaluation end to end (no files written; see :mod:`mia_core.results`)."""
+def train_population(plan: Plan, records: Records, *, cache: Optional[PopulationCache] = None,
+                     reporter: Optional[Reporter] = None) -> PopulationResult:
+    """Stage 3: train ``n_models`` models with the recipe and the train-time defenses, or load
+    them from the cache."""
     reporter = reporter or Reporter()
     cache = cache or PopulationCache(None)
-    res = resolved or resolve(config)
-    targets = parse_targets(config.targets, config.n_models)
-
-    (dspec, dataset), (mspec, family) = res.dataset, res.model
-    records = _guarded(f"dataset {dspec.name!r}", dataset.load)
-    if not isinstance(records, Records):
-        raise PluginRuntimeError(f"dataset {dspec.name!r}", f"load() returned {type(records).__name__}, not Records")
-    if records.n < 4:
-        raise ParamError(f"dataset {dspec.name!r} has only {records.n} records; membership inference needs at least 4")
-
-    key = population_key(config, res, records)
-    build = lambda: family.build(records.n_features, records.n_classes)  # noqa: E731
-    state = cache.load(key)
-    population = None
-    if state is not None:
+    c, fam = plan.config, plan.model
+    key = population_key(plan, records)
+    build = lambda: fam.plugin.build(records.n_features, records.n_classes)  # noqa: E731
+    entry = cache.load(key)
+    if entry is not None:
+        state, meta = entry
         try:
-            population = ModelPopulation.from_state(state, records=records, build=build, recipe=config.recipe, seed=config.seed)
-            reporter.message(f"loaded {config.n_models} trained models from the cache ({key[:12]})")
+            pop = ModelPopulation.from_state(state, records=records, build=build, recipe=c.recipe, seed=c.seed,
+                                             device=plan.device)
+            raw = meta.get("train_defense_reports", [])
+            if not isinstance(raw, list) or len(raw) != len(plan.train_defenses):
+                raise ValueError("its train-time defense reports do not match the defense chain")
+            reporter.message(f"loaded {c.n_models} trained models from the cache ({key[:12]})")
+            return PopulationResult(pop, key, True, [_defense_entry(d, r) for d, r in zip(plan.train_defenses, raw)])
         except (KeyError, ValueError, TypeError) as exc:
             reporter.message(f"ignoring a cache entry that does not fit ({exc}); retraining")
-            population = None
-    if population is None:
-        desc = f"training {config.n_models} x {mspec.name} on {records.name} ({records.n} records)"
-        with reporter.progress(config.recipe.epochs, desc) as update:
-            population = _guarded(
-                f"model {mspec.name!r}",
-                lambda: ModelPopulation.train(
-                    records, build, config.recipe, n_models=config.n_models, seed=config.seed,
-                    on_epoch=lambda e, loss: update(1, loss=loss),
-                ),
-            )
-        cache.store(key, population.state(), {"key": key, "dataset": dspec.to_dict(), "model": mspec.to_dict(),
-                                               "recipe": config.recipe.to_dict(), "n_models": config.n_models,
-                                               "seed": config.seed, "versions": versions()})
+    defenses = [d.plugin for d in plan.train_defenses]
+    names = "".join(f" + {d.label}" for d in plan.train_defenses)
+    desc = f"training {c.n_models} x {fam.name}{names} on {records.name} ({records.n} records)"
+    with reporter.progress(c.recipe.epochs, desc) as update:
+        pop = _guarded(
+            fam.owner,
+            lambda: ModelPopulation.train(records, build, c.recipe, n_models=c.n_models, seed=c.seed,
+                                          device=plan.device,
+                                          on_epoch=lambda e, loss: update(1, loss=loss)),
+        )
+    reports = []
+    for d in plan.train_defenses:
+        rep = _guarded(d.owner, d.plugin.report, pop.training)
+        reports.append(_defense_entry(d, rep))
+    cache.store(key, pop.state(), {"key": key, "dataset": plan.dataset.spec.to_dict(),
+                                   "model": fam.spec.to_dict(), "recipe": c.recipe.to_dict(),
+                                   "train_defense_reports": [r["report"] for r in reports], "n_models": c.n_models, "seed": c.seed,
+                                   "device": plan.device.type, "versions": plan.versions})
+    return PopulationResult(pop, key, False, reports)
 
-    undefended_acc = population.accuracy()
+
+def _defense_entry(d: Component, report) -> Dict[str, Any]:
+    if not isinstance(report, dict):
+        raise PluginRuntimeError(d.owner, f"returned a report of type {type(report).__name__}, expected a dict")
+    return {"name": d.name, "label": d.label, "stage": d.plugin.stage, "params": dict(d.spec.params),
+            "report": _jsonable(d.owner, report)}
+
+
+# ============================================================================ stage 4: defenses
+@dataclass
+class DefenseResult:
+    """Stage 4's result: a defended copy of the population and each post-training defense's report."""
+
+    population: ModelPopulation
+    reports: List[Dict[str, Any]]
+
+
+def apply_defenses(plan: Plan, population: ModelPopulation, *, reporter: Optional[Reporter] = None) -> DefenseResult:
+    """Stage 4: apply the post-training defenses in order to a copy of every model (an adaptive
+    attacker knows the recipe, so reference models are defended like the target). The input
+    population (possibly the cache's) is never changed."""
+    reporter = reporter or Reporter()
+    if not plan.post_defenses:
+        return DefenseResult(population, [])
     work = population.clone()
-    defense_reports = []
-    for i, (label, spec, defense) in enumerate(res.defenses):
-        reporter.message(f"applying defense {label.split(':', 1)[1]}")
-        report = _guarded(f"defense {spec.name!r}", defense.apply, DefenseContext(work, position=i))
-        work.invalidate()
-        defense_reports.append({"name": spec.name, "params": dict(spec.params), "report": _jsonable(report)})
+    reports = []
+    for d in plan.post_defenses:
+        reporter.message(f"applying defense {d.label}")
+        report = _guarded(d.owner, d.plugin.apply, DefenseContext(work, position=d.position))
+        reports.append(_defense_entry(d, report))
+    return DefenseResult(work, reports)
 
-    acc = work.accuracy()
+
+# ============================================================================ stage 5: signals
+def compute_signals(population: ModelPopulation) -> Signals:
+    """Stage 5: every model's signals on every record, once, after the last defense."""
+    return population.signals()
+
+
+# ============================================================================ stage 6: attacks
+def _check_scores(owner: str, scores, n: int) -> np.ndarray:
+    arr = np.asarray(scores)
+    if arr.shape != (n,):
+        raise PluginRuntimeError(owner, f"score() returned shape {arr.shape}, expected ({n},)")
+    if not np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.complexfloating):
+        raise PluginRuntimeError(owner, f"score() returned dtype {arr.dtype}, expected real numbers")
+    arr = arr.astype(np.float64)
+    bad = ~np.isfinite(arr)
+    if bad.any():
+        raise PluginRuntimeError(
+            owner, f"score() returned {int(bad.sum())} NaN/inf values (first at record {int(np.argmax(bad))})"
+        )
+    return arr
+
+
+def run_attacks(plan: Plan, population: ModelPopulation, signals: Signals, *,
+                reporter: Optional[Reporter] = None) -> Dict[str, np.ndarray]:
+    """Stage 6: fit each attack once and score every record against each target.
+
+    Returns:
+        ``{label: float64 [T, N]}`` in the plan's attack order, ``T = len(plan.targets)``.
+    """
+    reporter = reporter or Reporter()
+    n = population.n_records
+    all_records = np.arange(n, dtype=np.int64)
     scores: Dict[str, np.ndarray] = {}
-    membership = work.keep[targets]
-    all_records = np.arange(records.n, dtype=np.int64)
-    attack_metrics = {}
-    for label, spec, attack in res.attacks:
-        ctx = AttackContext(work, attack.access, owner=f"attack {spec.name!r}")
-        with reporter.progress(len(targets), f"attack {label}") as update:
-            _guarded(f"attack {label!r}", attack.fit, ctx)
+    for a in plan.attacks:
+        ctx = AttackContext(population, a.plugin.access, owner=f"attack {a.name!r}", signals=signals)
+        with reporter.progress(len(plan.targets), f"attack {a.label}") as update:
+            _guarded(a.owner, a.plugin.fit, ctx)
             rows = []
-            for t in targets:
-                out = _guarded(f"attack {label!r}", attack.score, t, all_records)
-                rows.append(_check_scores(f"attack {label!r}", out, records.n))
+            for t in plan.targets:
+                rows.append(_check_scores(a.owner, _guarded(a.owner, a.plugin.score, t, all_records), n))
                 update(1)
-        scores[label] = np.stack(rows)
-        summary = metrics.summarize(scores[label].ravel(), membership.ravel(), fprs=tuple(config.fprs),
-                                    confidence=config.confidence)
-        per_target = [metrics.auc(row, m) for row, m in zip(scores[label], membership)]
-        summary["per_target_auc"] = {
-            "mean": float(np.mean(per_target)), "std": float(np.std(per_target)),
-            "min": float(np.min(per_target)), "max": float(np.max(per_target)),
-        }
-        summary["name"] = spec.name
-        summary["params"] = dict(spec.params)
-        attack_metrics[label] = summary
+        scores[a.label] = np.stack(rows)
+    return scores
 
-    metrics_doc = {
-        "schema_version": 1,
+
+# ============================================================================ stage 7: estimators
+@dataclass(frozen=True)
+class Estimate:
+    """One estimator's result, checked.
+
+    Attributes:
+        value: the estimate.
+        interval: ``(low, high)`` at the plan's confidence, or ``None``.
+        advantage_bound: the upper bound it implies on any attack's membership advantage
+            (in ``[0, 1]``), or ``None``.
+        report: everything else the estimator returned.
+    """
+
+    value: float
+    interval: Optional[Tuple[float, float]]
+    advantage_bound: Optional[float]
+    report: Dict[str, Any]
+
+
+def _check_estimate(owner: str, out) -> Estimate:
+    if not isinstance(out, dict):
+        raise PluginRuntimeError(owner, f"estimate() returned {type(out).__name__}, expected a dict")
+    out = _jsonable(owner, out)
+    if "value" not in out:
+        raise PluginRuntimeError(owner, "estimate() returned no 'value'")
+    value = out.pop("value")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise PluginRuntimeError(owner, f"estimate() returned value {value!r}, expected a finite number")
+    interval = out.pop("interval", None)
+    if interval is not None:
+        ok = isinstance(interval, list) and len(interval) == 2 and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v) for v in interval)
+        if not ok or interval[0] > interval[1]:
+            raise PluginRuntimeError(owner, f"estimate() returned interval {interval!r}, expected [low, high]")
+        interval = (float(interval[0]), float(interval[1]))
+    bound = out.pop("advantage_bound", None)
+    if bound is not None:
+        if isinstance(bound, bool) or not isinstance(bound, (int, float)) or not 0 <= bound <= 1:
+            raise PluginRuntimeError(owner, f"estimate() returned advantage_bound {bound!r}, expected a number "
+                                            f"in [0, 1] or None")
+        bound = float(bound)
+    return Estimate(float(value), interval, bound, out)
+
+
+def run_estimators(plan: Plan, population: ModelPopulation, signals: Signals, *,
+                   reporter: Optional[Reporter] = None) -> Dict[str, Estimate]:
+    """Stage 7: each estimator on the same (defended) population and signals as the attacks.
+
+    Estimators see the full keep matrix (they measure leakage, they do not attack a target).
+    """
+    reporter = reporter or Reporter()
+    out: Dict[str, Estimate] = {}
+    for e in plan.estimators:
+        reporter.message(f"estimator {e.label}")
+        ctx = EstimatorContext(population, e.plugin.access, owner=f"estimator {e.name!r}", signals=signals)
+        out[e.label] = _check_estimate(e.owner, _guarded(e.owner, e.plugin.estimate, ctx))
+    return out
+
+
+# ============================================================================ stage 8: metrics
+@dataclass
+class MetricsResult:
+    """Stage 8's result: the ``metrics.json`` document and the ROC curve of each attack."""
+
+    document: Dict[str, Any]
+    curves: Dict[str, metrics.RocCurve]
+
+
+def compute_metrics(plan: Plan, *, records: Records, trained: PopulationResult, defended: DefenseResult,
+                    undefended_signals: Signals, signals: Signals, scores: Dict[str, np.ndarray],
+                    estimates: Dict[str, Estimate]) -> MetricsResult:
+    """Stage 8: pooled attack metrics (members positive), estimator rows beside the best
+    measured advantage, target accuracy before and after the post-training defenses."""
+    c, targets = plan.config, list(plan.targets)
+    keep = defended.population.keep
+    membership = keep[targets]
+    attack_metrics, curves = {}, {}
+    for a in plan.attacks:
+        s = scores[a.label]
+        summary, curves[a.label] = metrics.summarize_with_curve(s.ravel(), membership.ravel(), fprs=tuple(c.fprs),
+                                                                 confidence=c.confidence)
+        per_target = [metrics.auc(row, m) for row, m in zip(s, membership)]
+        summary["per_target_auc"] = {"mean": float(np.mean(per_target)), "std": float(np.std(per_target)),
+                                     "min": float(np.min(per_target)), "max": float(np.max(per_target))}
+        summary["name"] = a.name
+        summary["params"] = dict(a.spec.params)
+        attack_metrics[a.label] = summary
+    best_label = max(attack_metrics, key=lambda k: attack_metrics[k]["advantage"])
+    best = {"label": best_label, "advantage": attack_metrics[best_label]["advantage"]}
+    estimator_metrics = {}
+    for e in plan.estimators:
+        est = estimates[e.label]
+        entry = {"name": e.name, "params": dict(e.spec.params), "value": est.value,
+                 "interval": list(est.interval) if est.interval else None,
+                 "advantage_bound": est.advantage_bound, "report": est.report}
+        if est.advantage_bound is not None and best["advantage"] > est.advantage_bound:
+            entry["warning"] = (f"the measured advantage of {best_label!r} ({best['advantage']:.3f}) exceeds this "
+                                f"bound ({est.advantage_bound:.3f}); the bound's assumptions may not hold here "
+                                f"(or the measured advantage is within its sampling error of it)")
+        estimator_metrics[e.label] = entry
+    acc = accuracy(signals, keep)
+    before = accuracy(undefended_signals, keep)
+    doc = {
+        "schema_version": SCHEMA_VERSION,
         "attacks": attack_metrics,
+        "best_attack": best,
+        "estimators": estimator_metrics,
         "target": {
             "targets": targets,
             "pooled_over_targets": len(targets),
@@ -350,27 +616,143 @@ def run_eval(config: EvalConfig, *, cache: Optional[PopulationCache] = None, rep
             "test_accuracy": float(acc["test"][targets].mean()),
             "train_accuracy_per_target": [float(a) for a in acc["train"][targets]],
             "test_accuracy_per_target": [float(a) for a in acc["test"][targets]],
-            "undefended_train_accuracy": float(undefended_acc["train"][targets].mean()),
-            "undefended_test_accuracy": float(undefended_acc["test"][targets].mean()),
+            "undefended_train_accuracy": float(before["train"][targets].mean()),
+            "undefended_test_accuracy": float(before["test"][targets].mean()),
         },
-        "defenses": defense_reports,
+        "defenses": _in_user_order(plan, trained.train_reports, defended.reports),
         "population": {
-            "n_models": config.n_models,
+            "n_models": c.n_models,
             "n_records": records.n,
-            "members_per_model_mean": float(work.keep.sum(1).mean()),
-            "cache_key": key,
+            "members_per_model_mean": float(keep.sum(1).mean()),
+            "cache_key": trained.key,
         },
     }
-    config_doc = config_document(config, res, targets)
-    return EvalResult(config=config_doc, metrics=metrics_doc, scores=scores, membership=membership,
-                      targets=targets, record_index=records.index)
+    return MetricsResult(doc, curves)
 
 
-def _jsonable(obj):
-    """Round-trip through JSON so a plugin's report is plain data (numpy and torch values allowed)."""
-    from mia_core.results import json_default
+def _in_user_order(plan: Plan, train_reports: List[Dict], post_reports: List[Dict]) -> List[Dict]:
+    by_position = {d.position: r for d, r in zip(plan.train_defenses, train_reports)}
+    by_position.update({d.position: r for d, r in zip(plan.post_defenses, post_reports)})
+    return [by_position[p] for p in sorted(by_position)]
 
-    return json.loads(json.dumps(obj, default=json_default))
+
+# ============================================================================ the whole evaluation
+@dataclass
+class Evaluation:
+    """The result of :func:`evaluate`.
+
+    Attributes:
+        plan: the resolved plan (``plan.document`` is ``config.json``).
+        metrics: the ``metrics.json`` document.
+        scores: ``{attack label: float64 [T, N]}``, higher = more likely a member.
+        membership: bool ``[T, N]``, True = member of that target's training set.
+        targets: the target model indices ``[T]``; record_index: the records' stable indices ``[N]``.
+        estimates: ``{estimator label: Estimate}``.
+        curves: ``{attack label: RocCurve}`` (pooled over targets).
+        population: the defended population the attacks ran on.
+        run_dir: the run directory, when :func:`evaluate` was given ``out``.
+    """
+
+    plan: Plan
+    metrics: Dict[str, Any]
+    scores: Dict[str, np.ndarray]
+    membership: np.ndarray
+    targets: List[int]
+    record_index: np.ndarray
+    estimates: Dict[str, Estimate]
+    curves: Dict[str, metrics.RocCurve]
+    population: ModelPopulation
+    run_dir: Optional[Path] = None
+
+    @property
+    def config(self) -> Dict[str, Any]:
+        return self.plan.document
 
 
-__all__ = ["USAGE_ERRORS", "config_document", "EvalConfig", "EvalResult", "PluginRuntimeError", "Reporter", "Resolved", "parse_targets", "resolve", "run_eval"]
+def run_stages(plan: Plan, *, cache: Optional[PopulationCache] = None,
+               reporter: Optional[Reporter] = None) -> Evaluation:
+    """Stages 2 to 8 for a resolved plan (nothing written)."""
+    reporter = reporter or Reporter()
+    records = load_records(plan)
+    trained = train_population(plan, records, cache=cache, reporter=reporter)
+    undefended_signals = compute_signals(trained.population)
+    defended = apply_defenses(plan, trained.population, reporter=reporter)
+    signals = compute_signals(defended.population) if plan.post_defenses else undefended_signals
+    scores = run_attacks(plan, defended.population, signals, reporter=reporter)
+    estimates = run_estimators(plan, defended.population, signals, reporter=reporter)
+    m = compute_metrics(plan, records=records, trained=trained, defended=defended,
+                        undefended_signals=undefended_signals, signals=signals, scores=scores, estimates=estimates)
+    targets = list(plan.targets)
+    return Evaluation(plan=plan, metrics=m.document, scores=scores, membership=defended.population.keep[targets],
+                      targets=targets, record_index=records.index, estimates=estimates, curves=m.curves,
+                      population=defended.population)
+
+
+def evaluate(config: Union[EvalConfig, Plan], *, out: Optional[Union[str, Path]] = None,
+             cache: Optional[Union[PopulationCache, str, Path]] = None,
+             reporter: Optional[Reporter] = None) -> Evaluation:
+    """Run one evaluation end to end; the one public entry point.
+
+    Args:
+        config: what to evaluate (or a :class:`Plan` already resolved from one).
+        out: a directory to write the run into (``<out>/<timestamp>-<hash>/``, recorded in
+            ``<out>/index.sqlite``); ``None`` writes nothing.
+        cache: a :class:`PopulationCache` or a cache directory; ``None`` disables the cache.
+        reporter: progress and messages (:class:`~mia_core.engine.progress.TerminalReporter`
+            draws bars); ``None`` is silent.
+
+    Returns:
+        An :class:`Evaluation`; ``evaluation.run_dir`` is the written directory when ``out`` was given.
+
+    Raises:
+        One of :data:`USAGE_ERRORS` for unusable input (before any training; no run directory is
+        left behind), :class:`PluginRuntimeError` when a plugin fails (the run directory is
+        renamed ``<name>.failed``; the exception's ``run_dir`` attribute names it).
+
+    Example::
+
+        import mia_core
+        ev = mia_core.evaluate(mia_core.EvalConfig(attacks=["lira"], defenses=["prune:sparsity=0.9"]))
+        print(ev.metrics["attacks"]["lira"]["auc"])
+    """
+    plan = config if isinstance(config, Plan) else resolve(config)
+    if not isinstance(cache, PopulationCache):
+        cache = PopulationCache(cache)
+    if out is None:
+        return run_stages(plan, cache=cache, reporter=reporter)
+    run = RunDir(Path(out), plan.document, index=RunIndex(Path(out)), discard_on=USAGE_ERRORS)
+    with run:
+        ev = run_stages(plan, cache=cache, reporter=reporter)
+        write_run(run, ev)
+    ev.run_dir = run.final
+    return ev
+
+
+__all__ = [
+    "Component",
+    "DEFAULT_FPRS",
+    "DEVICES",
+    "DefenseResult",
+    "Estimate",
+    "EvalConfig",
+    "Evaluation",
+    "MetricsResult",
+    "Plan",
+    "PluginRuntimeError",
+    "PopulationResult",
+    "USAGE_ERRORS",
+    "apply_defenses",
+    "compute_metrics",
+    "compute_signals",
+    "evaluate",
+    "load_records",
+    "parse_targets",
+    "population_key",
+    "resolve",
+    "resolve_device",
+    "run_attacks",
+    "run_estimators",
+    "run_stages",
+    "train_population",
+    "versions",
+]
