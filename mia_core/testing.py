@@ -34,7 +34,6 @@ from __future__ import annotations
 import functools
 import inspect
 import json
-import math
 from typing import Any, Dict, Mapping, Optional
 
 import numpy as np
@@ -268,19 +267,13 @@ def check_defense(cls, *, params: Optional[Mapping[str, Any]] = None, seed: int 
 
 # ----------------------------------------------------------------------------- estimators
 def _estimate(cls, params, pop, access) -> Dict[str, Any]:
+    from mia_core.engine.stages import check_estimate
+
     out = cls(**params).estimate(EstimatorContext(pop, access, owner=f"estimator {cls.__qualname__}"))
-    if not isinstance(out, dict) or "value" not in out:
-        _fail(cls, f"estimate() must return a dict with a 'value' key, returned {out!r}")
     try:
-        json.dumps(out, allow_nan=False, default=json_default)
-    except (TypeError, ValueError) as exc:
-        _fail(cls, f"estimate() result is not JSON-serialisable (or holds NaN/inf): {exc}")
-    value = out["value"]
-    if not isinstance(value, (int, float, np.number)) or not math.isfinite(float(value)):
-        _fail(cls, f"estimate()['value'] must be a finite number, got {value!r}")
-    bound = out.get("advantage_bound")
-    if bound is not None and not 0.0 <= float(bound) <= 1.0:
-        _fail(cls, f"advantage_bound must be in [0, 1], got {bound!r}")
+        check_estimate(out)  # the engine's own rules for an estimate
+    except ValueError as exc:
+        _fail(cls, str(exc))
     return out
 
 

@@ -162,3 +162,84 @@ def faulty(root: Path) -> Path:
     return make_distribution(root, "miafw-faulty", {"tp_faulty": FAULTY},
                              {"miafw.attacks": attacks, "miafw.defenses": {"fail-defense": "tp_faulty:FailDefense"},
                               "miafw.models": {"fail-model": "tp_faulty:FailModel"}})
+
+
+ESTIMATORS = '''
+import numpy as np
+from mia_core.base import Estimator
+
+
+class LossTV(Estimator):
+    """Test estimator: total variation between the member and non-member loss histograms, pooled
+    over every model (a plug-in estimate on shared quantile bins), with a seeded bootstrap
+    interval over records. TV bounds the advantage of any attack that thresholds the loss."""
+
+    access = ("loss",)
+    api_version = "1.0"
+
+    def __init__(self, bins: int = 20, n_boot: int = 50):
+        self.bins = bins
+        self.n_boot = n_boot
+
+    def validate(self):
+        if self.bins < 2:
+            raise ValueError(f"bins must be >= 2, got {self.bins}")
+
+    @staticmethod
+    def _tv(loss, keep, edges):
+        a = np.histogram(loss[keep], edges)[0] / max(1, keep.sum())
+        b = np.histogram(loss[~keep], edges)[0] / max(1, (~keep).sum())
+        return 0.5 * float(np.abs(a - b).sum())
+
+    def estimate(self, ctx):
+        self.validate()
+        loss, keep = ctx.signal("loss"), ctx.keep
+        edges = np.unique(np.quantile(loss, np.linspace(0, 1, self.bins + 1)))
+        edges[0], edges[-1] = -np.inf, np.inf
+        tv = self._tv(loss, keep, edges)
+        rng = np.random.default_rng(ctx.seed)
+        boots = []
+        for _ in range(self.n_boot):
+            cols = rng.integers(0, loss.shape[1], loss.shape[1])
+            boots.append(self._tv(loss[:, cols], keep[:, cols], edges))
+        lo, hi = np.quantile(boots, [0.025, 0.975])
+        return {"value": tv, "interval": [min(lo, tv), max(hi, tv)], "advantage_bound": tv, "bins": len(edges) - 1}
+
+
+class _Fixed(Estimator):
+    access = ("loss",)
+    api_version = "1.0"
+    result = {}
+
+    def __init__(self):
+        pass
+
+    def estimate(self, ctx):
+        ctx.signal("loss")
+        return dict(self.result)
+
+
+class NaNValue(_Fixed):
+    result = {"value": float("nan")}
+
+
+class ReversedInterval(_Fixed):
+    result = {"value": 0.2, "interval": [0.3, 0.1]}
+
+
+class BadBound(_Fixed):
+    result = {"value": 0.2, "advantage_bound": 2.0}
+
+
+class TinyBound(_Fixed):
+    result = {"value": 0.0, "interval": [0.0, 0.0], "advantage_bound": 0.0}
+'''
+
+
+def estimators(root: Path) -> Path:
+    """A distribution with a working test estimator (``test-tv``) and estimators whose output the
+    engine must refuse (``nan-value``, ``reversed-interval``, ``bad-bound``) or flag (``tiny-bound``)."""
+    eps = {"test-tv": "tp_estimators:LossTV", "nan-value": "tp_estimators:NaNValue",
+           "reversed-interval": "tp_estimators:ReversedInterval", "bad-bound": "tp_estimators:BadBound",
+           "tiny-bound": "tp_estimators:TinyBound"}
+    return make_distribution(root, "miafw-test-estimators", {"tp_estimators": ESTIMATORS}, {"miafw.estimators": eps})

@@ -136,3 +136,36 @@ def test_bench_command_json_and_errors():
                      (["--size", "0"], "whole number")):
         res = CliRunner().invoke(main, ["bench", *bad])
         assert res.exit_code == 2 and msg in res.stderr
+
+
+def test_eval_with_an_estimator_prints_it_under_the_attacks(tmp_path, monkeypatch):
+    from mia_core import registry
+    from plugin_fixtures import estimators
+
+    monkeypatch.syspath_prepend(str(estimators(tmp_path / "site")))
+    registry.refresh()
+    try:
+        res = _eval(tmp_path, "--attack", "lira", "--estimator", "test-tv:bins=10")
+    finally:
+        registry.refresh()
+    assert res.exit_code == 0, res.output
+    lines = res.output.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.startswith("estimator"))
+    assert "advantage bound" in lines[head] and "best measured advantage (lira)" in lines[head]
+    assert lines[head + 2].startswith("test-tv:bins=10")
+    assert head > next(i for i, line in enumerate(lines) if line.startswith("lira"))  # under the attacks
+    m = json.loads((_run_dir(tmp_path) / "metrics.json").read_text())
+    est = m["estimators"]["test-tv:bins=10"]
+    assert est["params"] == {"bins": 10, "n_boot": 50} and 0 <= est["advantage_bound"] <= 1
+    cfg = json.loads((_run_dir(tmp_path) / "config.json").read_text())
+    assert cfg["estimators"] == [{"label": "test-tv:bins=10", "name": "test-tv", "params": {"bins": 10, "n_boot": 50}}]
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--estimator", "nope"], "unknown estimator 'nope'"),
+    (["--device", "tpu"], "--device must be one of cpu, cuda, cuda:N, auto; got 'tpu'"),
+])
+def test_eval_usage_errors_for_estimators_and_devices(tmp_path, args, match):
+    res = _eval(tmp_path, "--attack", "loss", *args)
+    assert res.exit_code == 2 and match in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())

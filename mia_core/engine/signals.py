@@ -61,7 +61,8 @@ def compute_signals(logits: torch.Tensor, labels: np.ndarray) -> Signals:
     """Derive all signals from logits ``[M, N, C]`` and labels ``[N]``."""
     if logits.ndim != 3:
         raise ValueError(f"logits must be [M, N, C], got shape {tuple(logits.shape)}")
-    z = logits.detach().to(torch.float64)
+    logits = logits.detach().cpu()  # signals are host arrays, whatever device the models ran on
+    z = logits.to(torch.float64)
     y = torch.as_tensor(labels, dtype=torch.long)
     m, n, c = z.shape
     if y.shape != (n,):
@@ -77,7 +78,7 @@ def compute_signals(logits: torch.Tensor, labels: np.ndarray) -> Signals:
     confidence = logp_y - log_rest
     correct = (z.argmax(dim=-1) == y.view(1, n)).to(torch.float64)
     return Signals(
-        logits=logits.detach().to(torch.float32).numpy().copy(),
+        logits=logits.to(torch.float32).numpy().copy(),
         confidence=confidence.numpy(),
         loss=(-logp_y).numpy(),
         correct=correct.numpy(),

@@ -521,29 +521,50 @@ class Estimate:
     report: Dict[str, Any]
 
 
-def _check_estimate(owner: str, out) -> Estimate:
+def check_estimate(out) -> Estimate:
+    """Validate what :meth:`~mia_core.base.Estimator.estimate` returned (the engine and the
+    conformance kit share this one rule set).
+
+    Raises:
+        ValueError: naming the bad field and what is allowed.
+    """
+    from mia_core.results import json_default
+
     if not isinstance(out, dict):
-        raise PluginRuntimeError(owner, f"estimate() returned {type(out).__name__}, expected a dict")
-    out = _jsonable(owner, out)
+        raise ValueError(f"estimate() returned {type(out).__name__}, expected a dict with a 'value' key")
+    try:
+        out = json.loads(json.dumps(out, default=json_default))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"estimate() returned a result that is not JSON data: {exc}") from None
     if "value" not in out:
-        raise PluginRuntimeError(owner, "estimate() returned no 'value'")
+        raise ValueError("estimate() returned no 'value'")
     value = out.pop("value")
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise PluginRuntimeError(owner, f"estimate() returned value {value!r}, expected a finite number")
+    if not _is_real(value) or not math.isfinite(value):
+        raise ValueError(f"estimate() returned value {value!r}, expected a finite number (not NaN or inf)")
     interval = out.pop("interval", None)
     if interval is not None:
-        ok = isinstance(interval, list) and len(interval) == 2 and all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v) for v in interval)
-        if not ok or interval[0] > interval[1]:
-            raise PluginRuntimeError(owner, f"estimate() returned interval {interval!r}, expected [low, high]")
+        if not (isinstance(interval, list) and len(interval) == 2 and all(_is_real(v) and not math.isnan(v)
+                                                                         for v in interval)) \
+                or interval[0] > interval[1]:
+            raise ValueError(f"estimate() returned interval {interval!r}, expected [low, high] with low <= high")
         interval = (float(interval[0]), float(interval[1]))
     bound = out.pop("advantage_bound", None)
     if bound is not None:
-        if isinstance(bound, bool) or not isinstance(bound, (int, float)) or not 0 <= bound <= 1:
-            raise PluginRuntimeError(owner, f"estimate() returned advantage_bound {bound!r}, expected a number "
-                                            f"in [0, 1] or None")
+        if not _is_real(bound) or not 0 <= bound <= 1:
+            raise ValueError(f"estimate() returned advantage_bound {bound!r}, expected a number in [0, 1] or None")
         bound = float(bound)
     return Estimate(float(value), interval, bound, out)
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _checked_estimate(owner: str, out) -> Estimate:
+    try:
+        return check_estimate(out)
+    except ValueError as exc:
+        raise PluginRuntimeError(owner, str(exc)) from None
 
 
 def run_estimators(plan: Plan, population: ModelPopulation, signals: Signals, *,
@@ -557,7 +578,7 @@ def run_estimators(plan: Plan, population: ModelPopulation, signals: Signals, *,
     for e in plan.estimators:
         reporter.message(f"estimator {e.label}")
         ctx = EstimatorContext(population, e.plugin.access, owner=f"estimator {e.name!r}", signals=signals)
-        out[e.label] = _check_estimate(e.owner, _guarded(e.owner, e.plugin.estimate, ctx))
+        out[e.label] = _checked_estimate(e.owner, _guarded(e.owner, e.plugin.estimate, ctx))
     return out
 
 
@@ -742,6 +763,7 @@ __all__ = [
     "PopulationResult",
     "USAGE_ERRORS",
     "apply_defenses",
+    "check_estimate",
     "compute_metrics",
     "compute_signals",
     "evaluate",
