@@ -120,11 +120,11 @@ class Prune(Defense):
         zeros = torch.zeros(m, dtype=torch.float64)
         total = 0
         for n in names:
-            zeros += (params[n].reshape(m, -1) == 0).sum(dim=1).to(torch.float64)
+            zeros += (params[n].reshape(m, -1) == 0).sum(dim=1).to("cpu", torch.float64)  # any device
             total += params[n][0].numel()
         achieved = zeros / total
         all_params = sum(p[0].numel() for p in params.values())
-        all_zero = sum((p.reshape(m, -1) == 0).sum(dim=1).to(torch.float64) for p in params.values())
+        all_zero = sum((p.reshape(m, -1) == 0).sum(dim=1).to("cpu", torch.float64) for p in params.values())
         return {
             "target_sparsity": float(self.sparsity),
             "achieved_sparsity": float(achieved.mean()),
