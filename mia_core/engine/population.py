@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import numpy as np
 import torch
@@ -25,6 +25,7 @@ from mia_core.engine.signals import Signals, compute_signals
 from mia_core.engine.trainer import (
     Params,
     TrainingRecipe,
+    TrainingResult,
     ensemble_logits,
     init_ensemble,
     make_keep_matrix,
@@ -44,6 +45,8 @@ class ModelPopulation:
         buffers: stacked buffers.
         recipe: the training recipe.
         seed: the run seed (keep matrix, initialisation and batch order derive from it).
+        training: what :meth:`train` did (per-epoch losses, steps, sampling rate, the train-time
+            defenses' reports); ``None`` for a population loaded from the cache.
     """
 
     records: Records
@@ -53,6 +56,7 @@ class ModelPopulation:
     buffers: Params
     recipe: TrainingRecipe
     seed: int
+    training: Optional[TrainingResult] = None
 
     # ----------------------------------------------------------------- construction
     @classmethod
@@ -66,11 +70,23 @@ class ModelPopulation:
         seed: int,
         on_epoch: Optional[Callable[[int, float], None]] = None,
         device: Optional[torch.device] = None,
+        defenses: Sequence[Any] = (),
     ) -> "ModelPopulation":
         """Draw the keep matrix, initialise ``n_models`` models and train them as one ensemble.
 
-        ``device``: where the models train (default the CPU). Initialisation always draws on the
-        CPU, so every device starts from the same weights.
+        Args:
+            records, build, recipe: the data, the model family's builder, the recipe.
+            n_models: ``M``, even.
+            seed: the run seed. The keep matrix, and model ``m``'s initialisation and data order
+                (and noise), derive from it, each model from its own stream
+                (:mod:`mia_core.engine.samplers`), so shards of the population train the same models.
+            on_epoch: called with ``(epoch, mean loss)`` after each epoch.
+            device: where the models train (default the CPU). Initialisation always draws on the
+                CPU, so every device starts from the same weights.
+            defenses: train-time defenses (:class:`~mia_core.base.TrainingDefense`), in order.
+
+        Returns:
+            the population; ``pop.training`` holds the :class:`~mia_core.engine.trainer.TrainingResult`.
         """
         recipe.validate()
         rng = np.random.default_rng(np.random.SeedSequence([seed, 0x6B656570]))  # "keep"
@@ -80,15 +96,21 @@ class ModelPopulation:
             params = {k: v.detach().to(device).requires_grad_(v.requires_grad) for k, v in params.items()}
             buffers = {k: v.to(device) for k, v in buffers.items()}
         pop = cls(records=records, keep=keep, base=base, params=params, buffers=buffers, recipe=recipe, seed=seed)
-        pop._train(recipe.epochs, rng, on_epoch=on_epoch)
+        pop.training = pop._train(recipe.epochs, seed, on_epoch=on_epoch, defenses=defenses)
         return pop
 
-    def _train(self, epochs, rng, *, lr=None, post_step=None, on_epoch=None) -> None:
+    def _train(self, epochs, rng, *, lr=None, post_step=None, on_epoch=None, defenses=()) -> TrainingResult:
+        """Train every model further on its own half and return what training did.
+
+        ``rng`` (an int seed, a SeedSequence, or a Generator to draw one from) roots the
+        per-model streams. An epoch walks the population's largest training half.
+        """
         x = torch.from_numpy(self.records.x).to(self.device)
         y = torch.from_numpy(self.records.y).to(self.device)
-        train_ensemble(
+        return train_ensemble(
             self.base, self.params, self.buffers, x, y, self.keep, self.recipe, rng,
-            epochs=epochs, lr=lr, post_step=post_step, on_epoch=on_epoch,
+            epochs=epochs, lr=lr, post_step=post_step, on_epoch=on_epoch, defenses=defenses,
+            epoch_size=int(self.keep.sum(axis=1).max()),
         )
 
     def clone(self) -> "ModelPopulation":

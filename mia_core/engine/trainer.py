@@ -1,25 +1,59 @@
-"""Training M models at once as one vectorized ensemble (``torch.func``).
+"""Training M models at once: the vectorized ensemble and its step pipeline.
 
 The M models of a population share an architecture, so their parameters are stacked along a new
-leading axis (``torch.func.stack_module_state``) and one ``vmap``-ed ``functional_call`` runs the
-forward and backward pass of all of them in a single batched call. Each model sees its own
-mini-batches, drawn from its own training half (its row of the keep matrix). Because the
-models' parameters are disjoint slices and Adam/SGD update elementwise, one optimizer over the
-stacked tensors performs exactly the M independent optimisations; ``tests/test_population.py``
-checks this against a plain per-model loop.
+leading axis (``torch.func.stack_module_state``) and one batched forward/backward pass trains all
+of them (:mod:`mia_core.engine.ensemble`: batched GEMMs for MLPs, ``vmap`` over
+``functional_call`` otherwise). Because the models' parameters are disjoint slices and Adam/SGD
+update elementwise, one optimizer over the stacked tensors performs exactly the M independent
+optimisations (``tests/engine/test_trainer.py`` checks this against per-model torch loops).
+
+One optimizer step of :class:`Trainer` runs these named stages, in the order of Opacus'
+``DPOptimizer`` (``pre_step`` -> clip and accumulate -> add noise -> scale -> step hook), each a
+method a subclass or a :class:`~mia_core.base.TrainingDefense` hook can change:
+
+================================  =============================================================
+stage                             where
+================================  =============================================================
+batch sampler                     :meth:`Trainer.sample_epoch` (a :class:`~mia_core.engine.samplers.BatchSampler`), :meth:`Trainer.batch`
+per-model loss (+ penalties)      :meth:`Trainer.losses`, :meth:`Trainer.penalty` (``TrainingDefense.penalty``)
+gradients                         :meth:`Trainer.gradients`: per batch, or per sample (``torch.func``)
+gradient transforms               ``transform_per_sample`` -> sum over the batch -> ``transform_batch`` -> / denominator
+optimizer step                    :meth:`Trainer.optimizer_step` (fused Adam/SGD where the device has it)
+post-step hooks                   :meth:`Trainer.post_step` (``TrainingDefense.post_step``, then ``post_step=``)
+================================  =============================================================
+
+The result is a typed :class:`TrainingResult`. Every model draws its data order (and any noise)
+from its own random stream derived from ``(seed, model index)``, so training models ``0..M-1``
+in one ensemble or in shards gives the same models.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-from dataclasses import asdict, dataclass
-from typing import Callable, Dict, Optional, Tuple
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call, stack_module_state, vmap
+
+from mia_core.engine.ensemble import EnsembleForward, ensemble_forward, per_sample_gradients
+from mia_core.engine.samplers import (
+    SAMPLERS,
+    STREAM_NOISE,
+    STREAM_ORDER,
+    BatchSampler,
+    EpochPlan,
+    FixedSizeSampler,
+    PoissonSampler,
+    SeedLike,
+    model_generators,
+    model_stream,
+    permutation_plan,
+    stream_root,
+)
 
 Params = Dict[str, torch.Tensor]
 
@@ -32,11 +66,17 @@ class TrainingRecipe:
 
     Attributes:
         epochs: passes over each model's training half.
-        batch_size: records per mini-batch and model.
+        batch_size: records per mini-batch and model (the expected number with Poisson sampling).
         lr: learning rate.
-        weight_decay: L2 penalty coefficient (as in ``torch.optim``).
+        weight_decay: L2 coefficient of the optimizer (as in ``torch.optim``: ``weight_decay * θ``
+            is added to the gradient; the ``weight-decay`` defense is the reported alternative).
         optimizer: ``"adam"`` or ``"sgd"`` (with ``momentum``).
         momentum: SGD momentum (ignored by Adam).
+        sampler: ``"fixed"`` (per-model permutations, ``batch_size`` records a step) or
+            ``"poisson"`` (each training record in a step's batch with probability
+            ``sampling_rate``). A train-time defense may replace the sampler (DP-SGD needs Poisson).
+        sampling_rate: Poisson's ``q`` in ``(0, 1]``; ``None`` = ``batch_size`` over the largest
+            training half (so a batch holds ``batch_size`` records on average). Only with ``poisson``.
     """
 
     epochs: int = 60
@@ -45,6 +85,8 @@ class TrainingRecipe:
     weight_decay: float = 0.0
     optimizer: str = "adam"
     momentum: float = 0.9
+    sampler: str = "fixed"
+    sampling_rate: Optional[float] = None
 
     def validate(self) -> None:
         if not isinstance(self.epochs, int) or self.epochs < 0:
@@ -59,6 +101,19 @@ class TrainingRecipe:
             raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if not (0 <= self.momentum < 1):
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
+        if self.sampling_rate is not None:
+            if self.sampler != "poisson":
+                raise ValueError(f"sampling_rate applies to the poisson sampler only (sampler is {self.sampler!r})")
+            if not (isinstance(self.sampling_rate, (int, float)) and 0 < self.sampling_rate <= 1):
+                raise ValueError(f"sampling_rate must be in (0, 1], got {self.sampling_rate!r}")
+
+    def make_sampler(self) -> BatchSampler:
+        """The batch sampler this recipe asks for."""
+        if self.sampler == "poisson":
+            return PoissonSampler(self.sampling_rate, batch_size=self.batch_size)
+        return FixedSizeSampler(self.batch_size)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -78,14 +133,22 @@ def make_keep_matrix(n_models: int, n_records: int, rng: np.random.Generator) ->
     return order < n_models // 2
 
 
-def model_seeds(seed: int, n_models: int) -> list:
-    """Independent per-model initialisation seeds derived from one run seed."""
+def model_seeds(seed: int, n_models: int, *, model_ids: Optional[Sequence[int]] = None) -> list:
+    """Independent per-model initialisation seeds derived from one run seed.
+
+    Model ``m``'s seed depends on ``(seed, m)`` only, so a shard given ``model_ids`` initialises
+    its models exactly as the whole ensemble does.
+    """
     ss = np.random.SeedSequence([seed, 0x6D6961])  # "mia": keeps streams apart from batching
-    return [int(s.generate_state(1)[0]) for s in ss.spawn(n_models)]
+    ids = range(n_models) if model_ids is None else model_ids
+    return [int(np.random.SeedSequence(ss.entropy, spawn_key=(int(m),)).generate_state(1)[0]) for m in ids]
 
 
-def init_ensemble(build: Callable[[], torch.nn.Module], n_models: int, seed: int) -> Tuple[torch.nn.Module, Params, Params]:
-    """Build ``n_models`` freshly initialised copies and stack their state.
+def init_ensemble(
+    build: Callable[[], torch.nn.Module], n_models: int, seed: int, *, model_ids: Optional[Sequence[int]] = None
+) -> Tuple[torch.nn.Module, Params, Params]:
+    """Build freshly initialised copies of models ``model_ids`` (default ``0..n_models-1``) and
+    stack their state.
 
     Returns:
         ``(base, params, buffers)``: ``base`` is a parameter-free (meta-device) copy of the
@@ -93,7 +156,7 @@ def init_ensemble(build: Callable[[], torch.nn.Module], n_models: int, seed: int
         tensors ``[M, ...]`` (params are leaves with ``requires_grad=True``).
     """
     models = []
-    for s in model_seeds(seed, n_models):
+    for s in model_seeds(seed, n_models, model_ids=model_ids):
         torch.manual_seed(s)
         models.append(build())
     params, buffers = stack_module_state(models)
@@ -101,36 +164,412 @@ def init_ensemble(build: Callable[[], torch.nn.Module], n_models: int, seed: int
     return base, params, buffers
 
 
-def _batch_plan(keep: np.ndarray, batch_size: int, rng: np.random.Generator) -> np.ndarray:
-    """Index plan for one epoch: int64 ``[steps, M, B]``.
+#: Today's name of :func:`~mia_core.engine.samplers.permutation_plan` (fixed-size batches).
+_batch_plan = permutation_plan
 
-    Each model walks a fresh permutation of its own training half. Models own slightly different
-    numbers of records; the epoch has ``ceil(max_m n_m / B)`` steps and a model with fewer records
-    continues into a second permutation of its half (so no step ever holds a non-member).
+
+# --------------------------------------------------------------------------- typed results
+@dataclass
+class TrainingContext:
+    """What :meth:`~mia_core.base.TrainingDefense.configure` sees before training.
+
+    Attributes:
+        recipe: the training recipe.
+        n_models: ``M``, the models trained together (a shard of the population, possibly).
+        model_ids: int64 ``[M]``: the population index of each model (its random streams).
+        train_sizes: int64 ``[M]``: ``n_m``, the records in each model's training half.
+        n_records: ``N``, records in the population.
+        epoch_size: records one epoch walks (population-level; the largest training half).
+        epochs, lr: what this training run uses (fine-tuning may override the recipe's).
+        param_shapes: ``{name: shape of one model's tensor}``.
+        device: where the parameters live.
+        seed: the root :class:`~numpy.random.SeedSequence` of the per-model streams.
+        sampler: the batch sampler; a defense may replace it (e.g. DP-SGD sets Poisson).
     """
-    n_models = keep.shape[0]
-    sizes = keep.sum(axis=1)
-    steps = max(1, int(math.ceil(sizes.max() / batch_size)))
-    total = steps * batch_size
-    plan = np.empty((n_models, total), dtype=np.int64)
-    for m in range(n_models):
-        own = np.flatnonzero(keep[m])
-        if own.size == 0:
-            raise ValueError(f"model {m} has no training records")
-        reps = int(math.ceil(total / own.size))
-        seq = np.concatenate([rng.permutation(own) for _ in range(reps)])
-        plan[m] = seq[:total]
-    return plan.reshape(n_models, steps, batch_size).transpose(1, 0, 2).copy()
+
+    recipe: TrainingRecipe
+    n_models: int
+    model_ids: np.ndarray
+    train_sizes: np.ndarray
+    n_records: int
+    epoch_size: int
+    epochs: int
+    lr: float
+    param_shapes: Dict[str, Tuple[int, ...]]
+    device: torch.device
+    seed: np.random.SeedSequence
+    sampler: BatchSampler
+
+    def model_stream(self, m: int, purpose: int) -> np.random.SeedSequence:
+        """The random stream of the ``m``-th model of this ensemble (``model_ids[m]`` in the
+        population) for ``purpose``; see :mod:`mia_core.engine.samplers`."""
+        return model_stream(self.seed, int(self.model_ids[m]), purpose)
 
 
-def _make_optimizer(params: Params, recipe: TrainingRecipe, lr: Optional[float] = None):
-    tensors = list(params.values())
+@dataclass
+class StepInfo:
+    """What gradient transforms and post-step hooks learn about the current step.
+
+    Attributes:
+        step: 0-based optimizer step since the start of this training run.
+        epoch: 0-based epoch.
+        denominator: float ``[M]`` on the parameters' device: what the summed gradients are
+            divided by (``B`` for fixed-size batches, ``q * n_m`` for Poisson).
+        batch_sizes: int64 ``[M]`` on the device: real (unpadded) samples of each model's batch.
+        generators: one :class:`torch.Generator` per model on the parameters' device, seeded from
+            the model's own noise stream: draw model ``m``'s noise from ``generators[m]`` only
+            (or use :meth:`randn`), so the noise does not depend on the other models.
+    """
+
+    step: int
+    epoch: int
+    denominator: torch.Tensor
+    batch_sizes: torch.Tensor
+    generators: Sequence[torch.Generator]
+
+    def randn(self, shape: Sequence[int], *, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Standard normal noise ``[M, *shape]``: row ``m`` from ``generators[m]``."""
+        dev = self.denominator.device
+        return torch.stack([torch.randn(tuple(shape), generator=g, dtype=dtype, device=dev) for g in self.generators])
+
+
+@dataclass
+class TrainingResult:
+    """What training did.
+
+    Attributes:
+        losses: per epoch, the mean over models and steps of each model's batch loss (the
+            cross-entropy data term, penalties excluded).
+        steps: optimizer steps taken.
+        epochs: epochs run.
+        steps_per_epoch: optimizer steps per epoch.
+        sampling_rate: ``q``, the expected fraction of a model's training half in one step's batch
+            (the largest over models: for fixed-size batches ``B / n_m`` varies per model).
+        sampler: the sampler's name (``"fixed"`` or ``"poisson"``).
+        forward: ``"stacked"`` (batched-GEMM MLP path) or ``"vmap"``.
+        per_sample_gradients: whether per-sample gradients were computed.
+        defenses: each train-time defense's ``report(result)``, in the order given.
+    """
+
+    losses: List[float]
+    steps: int
+    epochs: int
+    steps_per_epoch: int
+    sampling_rate: float
+    sampler: str
+    forward: str
+    per_sample_gradients: bool
+    defenses: List[Dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------- optimizer
+def make_optimizer(tensors: Sequence[torch.Tensor], recipe: TrainingRecipe, lr: Optional[float] = None) -> torch.optim.Optimizer:
+    """Adam or SGD over the stacked tensors: the fused implementation where the device has one
+    (one kernel per tensor), else ``foreach``. Both compute the same elementwise update."""
     lr = recipe.lr if lr is None else lr
     if recipe.optimizer == "adam":
-        return torch.optim.Adam(tensors, lr=lr, weight_decay=recipe.weight_decay, foreach=True)
-    return torch.optim.SGD(
-        tensors, lr=lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay, foreach=True
-    )
+        cls, kw = torch.optim.Adam, dict(lr=lr, weight_decay=recipe.weight_decay)
+    else:
+        cls, kw = torch.optim.SGD, dict(lr=lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
+    try:
+        return cls(list(tensors), fused=True, **kw)
+    except (RuntimeError, ValueError, TypeError):
+        return cls(list(tensors), foreach=True, **kw)
+
+
+
+def _overrides(obj: Any, hook: str) -> bool:
+    """Whether a defense overrides ``TrainingDefense.<hook>`` (so no-op hooks cost nothing)."""
+    from mia_core.base import TrainingDefense
+
+    base = getattr(TrainingDefense, hook)
+    return getattr(type(obj), hook, base) is not base
+
+
+@dataclass
+class _Batch:
+    """One step's batch on the device."""
+
+    x: torch.Tensor  # [M, W, ...]
+    y: torch.Tensor  # int64 [M, W]
+    mask: Optional[torch.Tensor]  # bool [M, W]; None = every row real
+    scale: Optional[torch.Tensor]  # float [M, W]: mask / denominator (Poisson only)
+    sizes: torch.Tensor  # int64 [M]
+
+
+# --------------------------------------------------------------------------- the trainer
+class Trainer:
+    """Trains ``M`` stacked models in place, one step pipeline for all of them.
+
+    Args:
+        base: meta-device module from :func:`init_ensemble`.
+        params: stacked parameters ``{name: Tensor[M, ...]}``, updated in place.
+        buffers: stacked buffers.
+        x: float ``[N, D]`` features of the whole population (any device; the parameters' device).
+        y: int64 ``[N]`` labels.
+        keep: bool ``[M, N]``; model ``m`` trains on records ``keep[m]`` only.
+        recipe: optimiser, batch size, epochs, sampler.
+        seed: the root of the per-model streams (``int``, ``SeedSequence`` or ``Generator``;
+            see :func:`~mia_core.engine.samplers.stream_root`).
+        model_ids: the population index of each of the ``M`` models (default ``0..M-1``); a
+            shard passes its own, and gets the same models as the full ensemble.
+        epoch_size: records one epoch walks; default the largest training half in ``keep``. A
+            shard passes the whole population's value.
+        defenses: train-time defenses (:class:`~mia_core.base.TrainingDefense`), in order.
+        epochs, lr: override the recipe's (fine-tuning).
+        post_step: called with ``params`` after every optimizer step (and after the defenses'
+            ``post_step``), under ``no_grad`` (e.g. to re-apply pruning masks).
+        on_epoch: called with ``(epoch, mean loss)`` after each epoch (one host sync per epoch).
+        sampler: use this sampler instead of the recipe's (defenses may still replace it).
+        stacked: allow the batched-GEMM fast path for MLPs (``False`` forces ``vmap``).
+    """
+
+    def __init__(
+        self,
+        base: torch.nn.Module,
+        params: Params,
+        buffers: Params,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        keep: np.ndarray,
+        recipe: TrainingRecipe,
+        *,
+        seed: SeedLike,
+        model_ids: Optional[Sequence[int]] = None,
+        epoch_size: Optional[int] = None,
+        defenses: Sequence[Any] = (),
+        epochs: Optional[int] = None,
+        lr: Optional[float] = None,
+        post_step: Optional[Callable[[Params], None]] = None,
+        on_epoch: Optional[Callable[[int, float], None]] = None,
+        sampler: Optional[BatchSampler] = None,
+        stacked: bool = True,
+    ):
+        keep = np.asarray(keep, dtype=bool)
+        n_models = keep.shape[0]
+        for name, p in params.items():
+            if p.shape[0] != n_models:
+                raise ValueError(f"parameter {name!r} stacks {p.shape[0]} models, the keep matrix has {n_models} rows")
+        if x.shape[0] != keep.shape[1] or y.shape[0] != keep.shape[1]:
+            raise ValueError(f"x and y must have one row per record ({keep.shape[1]}), got {x.shape[0]} and {y.shape[0]}")
+        ids = np.arange(n_models) if model_ids is None else np.asarray(model_ids, dtype=np.int64)
+        if ids.shape != (n_models,):
+            raise ValueError(f"model_ids must list {n_models} model indices, got {len(ids)}")
+        sizes = keep.sum(axis=1).astype(np.int64)
+        if (sizes == 0).any():
+            raise ValueError(f"model {int(ids[np.argmin(sizes)])} has no training records")
+        self.base, self.params, self.buffers = base, params, buffers
+        first = next(iter(params.values()))
+        self.device = first.device
+        self.x, self.y, self.keep = x, y, keep
+        self.recipe = recipe
+        self.defenses = list(defenses)
+        self._post_step_fn, self._on_epoch = post_step, on_epoch
+        self.ctx = TrainingContext(
+            recipe=recipe,
+            n_models=n_models,
+            model_ids=ids,
+            train_sizes=sizes,
+            n_records=int(keep.shape[1]),
+            epoch_size=int(sizes.max() if epoch_size is None else epoch_size),
+            epochs=recipe.epochs if epochs is None else int(epochs),
+            lr=recipe.lr if lr is None else float(lr),
+            param_shapes={k: tuple(v.shape[1:]) for k, v in params.items()},
+            device=self.device,
+            seed=stream_root(seed),
+            sampler=sampler if sampler is not None else recipe.make_sampler(),
+        )
+        for d in self.defenses:  # stage 0: configure (may replace the sampler)
+            d.configure(self.ctx)
+        self.sampler: BatchSampler = self.ctx.sampler
+        self.per_sample = any(getattr(d, "per_sample_gradients", False) for d in self.defenses)
+        self._penalizers = [d for d in self.defenses if _overrides(d, "penalty")]
+        self._per_sample_hooks = [d for d in self.defenses if _overrides(d, "transform_per_sample")]
+        self._batch_hooks = [d for d in self.defenses if _overrides(d, "transform_batch")]
+        self._post_hooks = [d for d in self.defenses if _overrides(d, "post_step")]
+        self.forward: EnsembleForward = ensemble_forward(base, allow_stacked=stacked and x.dim() == 2)
+        self._order_rngs = model_generators(self.ctx.seed, ids, STREAM_ORDER)
+        self._generators: Optional[List[torch.Generator]] = None
+        ctx = self.ctx
+        self.denominator = torch.as_tensor(
+            self.sampler.denominators(ctx.epoch_size, sizes), dtype=first.dtype, device=self.device
+        )
+        self.steps_per_epoch = self.sampler.steps_per_epoch(ctx.epoch_size)
+        self.sampling_rate = float(np.max(self.sampler.sampling_rates(ctx.epoch_size, sizes)))
+
+    # ------------------------------------------------------------------ streams
+    @property
+    def generators(self) -> List[torch.Generator]:
+        """Per-model torch generators for noise (created on first use)."""
+        if self._generators is None:
+            gens = []
+            for m in range(self.ctx.n_models):
+                g = torch.Generator(device=self.device)
+                g.manual_seed(int(self.ctx.model_stream(m, STREAM_NOISE).generate_state(1, np.uint64)[0]))
+                gens.append(g)
+            self._generators = gens
+        return self._generators
+
+    # ------------------------------------------------------------------ stage 1: sampling
+    def sample_epoch(self, epoch: int) -> EpochPlan:
+        """One epoch's batch plan, each model from its own generator."""
+        return self.sampler.plan(self.keep, self.ctx.epoch_size, self._order_rngs)
+
+    def batches(self, plan: EpochPlan):
+        """Yield the epoch's :class:`_Batch` es on the device. Index plans are drawn with numpy
+        on the host and moved once per epoch."""
+        dev = self.device
+        index = torch.from_numpy(plan.index).to(dev)
+        sizes = torch.from_numpy(plan.sizes).to(dev)
+        n_models, width = index.shape[1], index.shape[2]
+        mask = scale = None
+        if plan.ragged:
+            mask = torch.arange(width, device=dev) < sizes.unsqueeze(-1)  # [S, M, W]
+            scale = mask.to(self.denominator.dtype) / self.denominator.view(1, -1, 1)
+        feat = self.x.shape[1:]
+        for s in range(plan.steps):
+            w = int(plan.widths[s])
+            idx = index[s, :, :w]
+            flat = idx.reshape(-1)
+            yield _Batch(
+                x=self.x.index_select(0, flat).view(n_models, w, *feat),
+                y=self.y.index_select(0, flat).view(n_models, w),
+                mask=None if mask is None else mask[s, :, :w],
+                scale=None if scale is None else scale[s, :, :w],
+                sizes=sizes[s],
+            )
+
+    # ------------------------------------------------------------------ stage 2: loss
+    def losses(self, batch: _Batch) -> torch.Tensor:
+        """Per-sample cross-entropy ``[M, W]`` of every model on its batch (padding included)."""
+        logits = self.forward(self.params, self.buffers, batch.x)
+        n_models, width = batch.y.shape
+        return F.cross_entropy(logits.reshape(n_models * width, -1), batch.y.reshape(-1), reduction="none").view(n_models, width)
+
+    def data_loss(self, per_sample: torch.Tensor, batch: _Batch) -> torch.Tensor:
+        """Sum over models of each model's batch loss ``Σ_b mask·ℓ / denominator`` (a scalar);
+        padding rows are multiplied by exactly zero."""
+        if batch.scale is None:  # fixed-size batches: every model divides by B
+            return per_sample.sum() / self.denominator[0]
+        return (per_sample * batch.scale).sum()
+
+    def penalty(self) -> Optional[torch.Tensor]:
+        """Sum of the defenses' penalties, float ``[M]``, or ``None``."""
+        total = None
+        for d in self._penalizers:
+            p = d.penalty(self.params)
+            if p is not None:
+                total = p if total is None else total + p
+        return total
+
+    # ------------------------------------------------------------------ stage 3: gradients
+    def gradients(self, batch: _Batch, info: StepInfo) -> torch.Tensor:
+        """Set every parameter's ``.grad`` to its model's gradient for this step, after the
+        defenses' transforms; returns the summed data loss (detached scalar).
+
+        Three routes compute the same maths, ``g = T_batch(Σ_b T_sample(∇ mask·ℓ)) / denominator
+        + ∇ penalty``, and the cheapest that the defenses allow is taken: one backward pass of
+        ``data_loss + penalty`` when nobody transforms gradients; a backward pass of the summed
+        loss followed by ``transform_batch`` when only batch transforms exist; per-sample
+        gradients through ``torch.func`` when a defense asks for them.
+        """
+        params = list(self.params.values())
+        names = list(self.params)
+        if self.per_sample:
+            weight = batch.mask.to(self.denominator.dtype) if batch.mask is not None else torch.ones_like(batch.y, dtype=self.denominator.dtype)
+            grads, values = per_sample_gradients(self.base, self.params, self.buffers, batch.x, batch.y, weight)
+            mask = batch.mask if batch.mask is not None else torch.ones_like(batch.y, dtype=torch.bool)
+            for d in self._per_sample_hooks:
+                d.transform_per_sample(grads, mask, info)
+            summed = {k: g.sum(dim=1) for k, g in grads.items()}
+            data = values.detach().sum(dim=1).div(self.denominator).sum()
+        elif self._batch_hooks:
+            per_sample = self.losses(batch)
+            weighted = per_sample if batch.mask is None else per_sample * batch.mask
+            total = weighted.sum()
+            summed = dict(zip(names, torch.autograd.grad(total, params)))
+            data = self.data_loss(per_sample.detach(), batch)
+        else:
+            per_sample = self.losses(batch)
+            data = self.data_loss(per_sample, batch)
+            pen = self.penalty()
+            objective = data if pen is None else data + pen.sum()
+            for p in params:
+                p.grad = None
+            objective.backward()
+            return data.detach()
+        for d in self._batch_hooks:
+            d.transform_batch(summed, info)
+        pen = self.penalty()
+        pen_grads = [None] * len(params)
+        if pen is not None:
+            pen_grads = torch.autograd.grad(pen.sum(), params, allow_unused=True)
+        for name, p, pg in zip(names, params, pen_grads):
+            g = summed[name] / self.denominator.view(-1, *([1] * (p.dim() - 1)))
+            p.grad = g if pg is None else g + pg
+        return data
+
+    # ------------------------------------------------------------------ stage 4-5: step, hooks
+    def optimizer_step(self) -> None:
+        self.optimizer.step()
+
+    def post_step(self, info: StepInfo) -> None:
+        """The defenses' ``post_step`` hooks, then the ``post_step=`` callback, under ``no_grad``."""
+        if not self._post_hooks and self._post_step_fn is None:
+            return
+        with torch.no_grad():
+            for d in self._post_hooks:
+                d.post_step(self.params, info)
+            if self._post_step_fn is not None:
+                self._post_step_fn(self.params)
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self) -> TrainingResult:
+        """Run every epoch and return the :class:`TrainingResult` (with the defenses' reports)."""
+        epochs = self.ctx.epochs
+        losses: List[float] = []
+        step = 0
+        if epochs > 0:
+            for p in self.params.values():
+                p.requires_grad_(True)
+            self.optimizer = make_optimizer(self.params.values(), self.recipe, self.ctx.lr)
+            gens = self.generators if self.defenses else ()
+            n_models = self.ctx.n_models
+            try:
+                for epoch in range(epochs):
+                    plan = self.sample_epoch(epoch)
+                    total = torch.zeros((), dtype=self.denominator.dtype, device=self.device)
+                    for batch in self.batches(plan):
+                        info = StepInfo(step=step, epoch=epoch, denominator=self.denominator,
+                                        batch_sizes=batch.sizes, generators=gens)
+                        total += self.gradients(batch, info)
+                        self.optimizer_step()
+                        self.post_step(info)
+                        step += 1
+                    mean = float(total) / (plan.steps * n_models)  # the one host sync per epoch
+                    losses.append(mean)
+                    if self._on_epoch is not None:
+                        self._on_epoch(epoch, mean)
+            finally:
+                for p in self.params.values():
+                    p.requires_grad_(False)
+                    p.grad = None
+                self.optimizer = None
+        result = TrainingResult(
+            losses=losses,
+            steps=step,
+            epochs=epochs,
+            steps_per_epoch=self.steps_per_epoch,
+            sampling_rate=self.sampling_rate,
+            sampler=self.sampler.name,
+            forward=self.forward.name,
+            per_sample_gradients=self.per_sample,
+        )
+        result.defenses = [d.report(result) for d in self.defenses]
+        return result
 
 
 def train_ensemble(
@@ -141,58 +580,26 @@ def train_ensemble(
     y: torch.Tensor,
     keep: np.ndarray,
     recipe: TrainingRecipe,
-    rng: np.random.Generator,
+    rng: SeedLike,
     *,
     epochs: Optional[int] = None,
     lr: Optional[float] = None,
     post_step: Optional[Callable[[Params], None]] = None,
     on_epoch: Optional[Callable[[int, float], None]] = None,
-) -> None:
-    """Train the stacked ensemble in place.
+    defenses: Sequence[Any] = (),
+    model_ids: Optional[Sequence[int]] = None,
+    epoch_size: Optional[int] = None,
+) -> TrainingResult:
+    """Train the stacked ensemble in place: ``Trainer(...).fit()`` (see :class:`Trainer` for
+    the arguments; ``rng`` is its ``seed``, the root of the per-model streams).
 
-    Args:
-        base: meta-device module from :func:`init_ensemble`.
-        params: stacked parameters ``{name: Tensor[M, ...]}``, updated in place.
-        buffers: stacked buffers.
-        x: float32 ``[N, D]`` features of the whole population.
-        y: int64 ``[N]`` labels.
-        keep: bool ``[M, N]``; model ``m`` trains on records ``keep[m]`` only.
-        recipe: optimiser settings.
-        rng: source of the mini-batch order.
-        epochs, lr: override the recipe's (used for fine-tuning).
-        post_step: called with ``params`` after every optimiser step, under ``no_grad``
-            (e.g. to re-apply pruning masks).
-        on_epoch: called with ``(epoch, mean training loss over models)`` after each epoch.
+    Returns:
+        the :class:`TrainingResult`.
     """
-    epochs = recipe.epochs if epochs is None else epochs
-    if epochs <= 0:
-        return
-    for p in params.values():
-        p.requires_grad_(True)
-    opt = _make_optimizer(params, recipe, lr)
-
-    def one_loss(p, b, xb, yb):
-        return F.cross_entropy(functional_call(base, (p, b), (xb,)), yb)
-
-    batched_loss = vmap(one_loss)
-    for epoch in range(epochs):
-        plan = torch.from_numpy(_batch_plan(keep, recipe.batch_size, rng))
-        total = 0.0
-        for idx in plan:  # idx: [M, B]
-            losses = batched_loss(params, buffers, x[idx], y[idx])
-            opt.zero_grad(set_to_none=True)
-            # Summing over models keeps every model's gradient equal to its own loss's gradient.
-            losses.sum().backward()
-            opt.step()
-            if post_step is not None:
-                with torch.no_grad():
-                    post_step(params)
-            total += float(losses.detach().mean())
-        if on_epoch is not None:
-            on_epoch(epoch, total / len(plan))
-    for p in params.values():
-        p.requires_grad_(False)
-        p.grad = None
+    return Trainer(
+        base, params, buffers, x, y, keep, recipe, seed=rng, model_ids=model_ids, epoch_size=epoch_size,
+        defenses=defenses, epochs=epochs, lr=lr, post_step=post_step, on_epoch=on_epoch,
+    ).fit()
 
 
 @torch.no_grad()
@@ -207,10 +614,15 @@ def ensemble_logits(base: torch.nn.Module, params: Params, buffers: Params, x: t
 
 __all__ = [
     "OPTIMIZERS",
+    "StepInfo",
+    "Trainer",
+    "TrainingContext",
     "TrainingRecipe",
+    "TrainingResult",
     "ensemble_logits",
     "init_ensemble",
     "make_keep_matrix",
+    "make_optimizer",
     "model_seeds",
     "train_ensemble",
 ]

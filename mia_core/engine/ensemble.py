@@ -1,0 +1,149 @@
+"""The forward pass of M stacked models, and their per-sample gradients.
+
+Two interchangeable paths compute the logits of ``M`` models on their own batches
+(``x``: float ``[M, B, D]`` -> ``[M, B, C]``) from stacked parameters ``{name: Tensor[M, ...]}``:
+
+* :class:`StackedSequential` — the fast path for an ``nn.Sequential`` of ``nn.Linear`` layers and
+  parameter-free elementwise activations (and a bare ``nn.Linear``): one ``torch.baddbmm`` per
+  layer on ``[M, B, D]`` batches. It computes exactly what ``functional_call`` computes,
+  ``x @ W.T + b`` per model; only the kernels (batched GEMM instead of ``vmap``'s batching rules)
+  and hence the float rounding differ.
+* :class:`VmapForward` — any other module: ``torch.func.vmap`` over ``functional_call``.
+
+:func:`ensemble_forward` picks the fast path when the module qualifies.
+:func:`per_sample_gradients` is the generic ``torch.func`` path (``grad`` inside a double
+``vmap``: over models, then over samples) that train-time defenses such as DP-SGD ask for.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad_and_value, vmap
+
+Params = Dict[str, torch.Tensor]
+
+#: Parameter-free modules that act elementwise, so they apply unchanged to ``[M, B, H]``.
+ELEMENTWISE = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.CELU, nn.SELU, nn.GELU, nn.SiLU, nn.Mish,
+    nn.Tanh, nn.Sigmoid, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softplus, nn.Softsign,
+    nn.Tanhshrink, nn.Identity,
+)
+
+
+class EnsembleForward:
+    """Logits of ``M`` stacked models on their own batches."""
+
+    #: ``"stacked"`` or ``"vmap"``, reported in the training result.
+    name: str = ""
+
+    def __call__(self, params: Params, buffers: Params, x: torch.Tensor) -> torch.Tensor:
+        """``x`` float ``[M, B, D]`` -> logits ``[M, B, C]``."""
+        raise NotImplementedError
+
+
+class VmapForward(EnsembleForward):
+    """Any module: ``vmap`` over ``functional_call`` of the (meta-device) ``base``."""
+
+    name = "vmap"
+
+    def __init__(self, base: nn.Module):
+        self._fn = vmap(lambda p, b, xb: functional_call(base, (p, b), (xb,)))
+
+    def __call__(self, params, buffers, x):
+        return self._fn(params, buffers, x)
+
+
+class StackedSequential(EnsembleForward):
+    """``nn.Sequential`` of ``nn.Linear`` and elementwise activations, as batched GEMMs.
+
+    Layer ``Linear(weight [M, out, in], bias [M, out])`` becomes
+    ``baddbmm(bias[:, None, :], h, weight.transpose(1, 2))`` on ``h [M, B, in]``; activations are
+    called as they are (they are elementwise). Use :meth:`for_module` to build one.
+    """
+
+    name = "stacked"
+
+    def __init__(self, ops: List[Tuple[str, object]]):
+        self._ops = ops
+
+    @classmethod
+    def for_module(cls, module: nn.Module) -> Optional["StackedSequential"]:
+        """The fast path for ``module``, or ``None`` when it does not qualify (then use
+        :class:`VmapForward`). Only exact ``nn.Linear`` / ``nn.Sequential`` types qualify, so a
+        subclass with its own ``forward`` never takes this path."""
+        if type(module) is nn.Linear:
+            return cls([("linear", ("weight", "bias" if module.bias is not None else None))])
+        if type(module) is not nn.Sequential or len(module) == 0:
+            return None
+        if any(True for _ in module.buffers()):
+            return None
+        ops: List[Tuple[str, object]] = []
+        for name, child in module.named_children():
+            if type(child) is nn.Linear:
+                ops.append(("linear", (f"{name}.weight", f"{name}.bias" if child.bias is not None else None)))
+            elif isinstance(child, ELEMENTWISE) and not any(True for _ in child.parameters()):
+                ops.append(("act", child))
+            else:
+                return None
+        if not any(kind == "linear" for kind, _ in ops):
+            return None
+        return cls(ops)
+
+    def __call__(self, params, buffers, x):
+        h = x
+        for kind, op in self._ops:
+            if kind == "linear":
+                w_name, b_name = op
+                w = params[w_name].transpose(1, 2)
+                h = torch.bmm(h, w) if b_name is None else torch.baddbmm(params[b_name].unsqueeze(1), h, w)
+            else:
+                h = op(h)
+        return h
+
+
+def ensemble_forward(base: nn.Module, *, allow_stacked: bool = True) -> EnsembleForward:
+    """The fastest exact forward path for ``base`` (see the module docstring)."""
+    if allow_stacked:
+        fast = StackedSequential.for_module(base)
+        if fast is not None:
+            return fast
+    return VmapForward(base)
+
+
+def per_sample_gradients(
+    base: nn.Module, params: Params, buffers: Params, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor
+) -> Tuple[Params, torch.Tensor]:
+    """Gradients of every sample's weighted cross-entropy, for every model.
+
+    Args:
+        base: the meta-device module (``functional_call``).
+        params, buffers: stacked ``{name: Tensor[M, ...]}``.
+        x: float ``[M, B, D]``; y: int64 ``[M, B]``.
+        weight: float ``[M, B]``; sample ``b`` of model ``m`` contributes ``weight[m, b] * loss``
+            (0 for the padding rows of a ragged batch, whose gradient is then exactly zero).
+
+    Returns:
+        ``(grads, losses)``: ``grads[name]`` float ``[M, B, ...]`` (the gradient of
+        ``weight[m, b] * loss[m, b]``), ``losses`` float ``[M, B]`` weighted per-sample losses.
+    """
+
+    def one(p, b, x1, y1, w1):
+        out = functional_call(base, (p, b), (x1.unsqueeze(0),))
+        return w1 * F.cross_entropy(out, y1.unsqueeze(0))
+
+    per_model = vmap(grad_and_value(one), in_dims=(None, None, 0, 0, 0))
+    return vmap(per_model, in_dims=(0, 0, 0, 0, 0))(params, buffers, x, y, weight)
+
+
+__all__ = [
+    "ELEMENTWISE",
+    "EnsembleForward",
+    "StackedSequential",
+    "VmapForward",
+    "ensemble_forward",
+    "per_sample_gradients",
+]
