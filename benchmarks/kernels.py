@@ -1,7 +1,7 @@
 """Benchmark miafw's native kernels against their torch baselines and a bandwidth probe.
 
-A thin script over :func:`mia_core.bench.run` (the same code as ``miafw bench``). Run from the
-repository root after building the extension::
+A thin script over :func:`mia_core.kernels.bench.run` (the same code as ``miafw bench``). Run
+from the repository root after building the extension::
 
     python benchmarks/kernels.py                          # every registered kernel, table
     python benchmarks/kernels.py --kernel mask --size 1e7 --dtype float32
@@ -23,7 +23,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
 
-from mia_core import bench  # noqa: E402
+from mia_core.kernels import bench  # noqa: E402
 
 
 def _size(text: str) -> int:

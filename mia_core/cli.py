@@ -184,7 +184,7 @@ def runs_cmd(out, limit, as_json):
 
 
 def _bench_names():
-    from mia_core.bench import KERNELS
+    from mia_core.kernels.bench import KERNELS
 
     return list(KERNELS)
 
@@ -208,7 +208,8 @@ def bench_cmd(kernels, sizes, dtypes, backends, repeat, fmt):
     process and prints ratios (baseline time / variant time) and the fraction of the measured
     copy bandwidth. Numbers depend on the machine and on other load: run on an idle machine.
     """
-    from mia_core import bench, kernels as K
+    from mia_core import kernels as K
+    from mia_core.kernels import bench
 
     names = list(kernels) or list(bench.KERNELS)
     bad = [k for k in names if k not in bench.KERNELS]

@@ -25,7 +25,7 @@ import torch
 from torch.distributions import MultivariateNormal, Normal, kl_divergence
 
 from mia_core import kernels
-from mia_core.bench.common import dtype_of, Measurement, compare, median_time, with_bandwidth
+from mia_core.kernels.bench.common import dtype_of, Measurement, compare, median_time, with_bandwidth
 
 #: Pairs per call for the full-covariance cases (before the max(sizes) cap).
 FULL_SIZES = {2: 200_000, 8: 50_000, 64: 2_000}

@@ -1,13 +1,13 @@
-"""The one module that imports the extension ``mia_core._C``, and what every op shares.
+"""The one module that imports the extension ``mia_core._C``, and the buffer helpers every op shares.
 
-Op modules (``mia_core/_mask.py``, ``_kl.py``, ``_quant.py``) read :data:`_C` through this module
-at call time (``_native._C``), so tests can simulate a missing extension by patching it here.
+The op modules (``_mask.py``, ``_kl.py``, ``_quant.py``) and the dispatcher (``_dispatch.py``) read
+:data:`_C` and :func:`cuda_kernels` through this module at call time (``_native._C``), so tests
+can simulate a missing extension, or a build without CUDA kernels, by patching them here.
 Users go through :mod:`mia_core.kernels`, the only public door.
 """
 
 from __future__ import annotations
 
-import warnings
 from typing import Optional, Sequence
 
 import torch
@@ -18,30 +18,6 @@ try:
 except (ImportError, OSError) as exc:  # not built, wrong ABI, missing libgomp, ...
     _C = None
     _IMPORT_ERROR = exc
-
-BACKENDS = ("auto", "native", "torch")
-
-#: Set once ``auto`` has warned that the extension is missing (one warning per process).
-_warned_missing = False
-
-
-class NativeKernelWarning(UserWarning):
-    """``backend="auto"`` fell back to torch because ``mia_core._C`` could not be imported."""
-
-
-def check_backend(backend) -> None:
-    """Raise ValueError naming ``backend`` unless it is one of :data:`BACKENDS`."""
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; allowed: {', '.join(map(repr, BACKENDS))}")
-
-
-def missing_message() -> str:
-    """Why ``backend='native'`` cannot run at all (the extension did not import)."""
-    return (
-        "backend='native' requested but the extension mia_core._C failed to import "
-        f"({_IMPORT_ERROR!r}); rebuild it (pip install -e . or python setup.py "
-        "build_ext --inplace) or use backend='auto' / 'torch'"
-    )
 
 
 def numpy_view(t: torch.Tensor):
@@ -75,20 +51,6 @@ def bump_versions(tensors: Sequence[torch.Tensor]) -> None:
     except TypeError:  # torch < 2.3 takes one tensor at a time
         for t in tensors:
             torch.autograd.graph.increment_version(t)
-
-
-def warn_missing_once() -> None:
-    global _warned_missing
-    if _warned_missing:
-        return
-    _warned_missing = True
-    warnings.warn(
-        f"mia_core._C (native kernels) failed to import ({_IMPORT_ERROR!r}); backend='auto' "
-        "falls back to the torch reference, which gives the same results more slowly. "
-        "Rebuild with `pip install -e .`. (Shown once per process.)",
-        NativeKernelWarning,
-        stacklevel=3,
-    )
 
 
 # --------------------------------------------------------------------------------------

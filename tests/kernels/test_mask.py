@@ -14,7 +14,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mia_core import _native, kernels
+from mia_core import kernels
+from mia_core.kernels import _dispatch, _native
 from kernel_helpers import assert_bitwise_equal, bits, make_weights
 
 NATIVE = kernels.native_available()
@@ -390,7 +391,7 @@ def test_extension_validates_numpy_inputs():
 def test_auto_without_extension_warns_exactly_once(monkeypatch):
     monkeypatch.setattr(_native, "_C", None)
     monkeypatch.setattr(_native, "_IMPORT_ERROR", ImportError("simulated: _C.so missing"))
-    monkeypatch.setattr(_native, "_warned_missing", False)
+    monkeypatch.setattr(_dispatch, "_warned_missing", False)
     assert not kernels.native_available()
     tensors, masks = make_case(8, torch.float32, "float", [100, 200])
     expected = [t.clone() for t in tensors]
@@ -525,7 +526,7 @@ def test_mask_plan_input_errors():
 def test_mask_plan_without_extension(monkeypatch):
     monkeypatch.setattr(_native, "_C", None)
     monkeypatch.setattr(_native, "_IMPORT_ERROR", ImportError("simulated"))
-    monkeypatch.setattr(_native, "_warned_missing", True)
+    monkeypatch.setattr(_dispatch, "_warned_missing", True)
     t, m = _pair()
     assert kernels.MaskPlan([t], [m]).apply() == "torch"
     with pytest.raises(RuntimeError, match=r"simulated"):

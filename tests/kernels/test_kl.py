@@ -23,7 +23,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch.distributions import MultivariateNormal, Normal, kl_divergence
 
-from mia_core import _native, kernels
+from mia_core import kernels
+from mia_core.kernels import _dispatch, _native
 
 NATIVE = kernels.native_available()
 needs_native = pytest.mark.skipif(
@@ -572,7 +573,7 @@ def test_extension_validates_numpy_inputs():
 def test_auto_without_extension_warns_once(monkeypatch):
     monkeypatch.setattr(_native, "_C", None)
     monkeypatch.setattr(_native, "_IMPORT_ERROR", ImportError("simulated: _C.so missing"))
-    monkeypatch.setattr(_native, "_warned_missing", False)
+    monkeypatch.setattr(_dispatch, "_warned_missing", False)
     inputs = _diag_args()
     full = make_full(3, 2, torch.float64, 11)
     with warnings.catch_warnings(record=True) as caught:

@@ -24,10 +24,10 @@ from typing import Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
-from mia_core import _native
-from mia_core._native import bump_versions as _bump_versions
-from mia_core._native import numpy_view as _numpy_view
-from mia_core._native import warn_missing_once as _warn_missing_once
+from mia_core.kernels import _dispatch, _native
+from mia_core.kernels._dispatch import Refusal
+from mia_core.kernels._native import bump_versions as _bump_versions
+from mia_core.kernels._native import numpy_view as _numpy_view
 
 __all__ = [
     "MaskPlan",
@@ -117,7 +117,7 @@ def apply_masks(
     views, so for many tiny tensors a Python loop of ``mul_`` can be faster; it wins on large
     tensors and bool masks. To apply the same masks repeatedly (e.g. after every fine-tuning
     step) build a :class:`MaskPlan` once: its ``apply()`` beats the loop (see
-    ``mia_core/bench/mask.py``).
+    ``mia_core/kernels/bench/mask.py``).
 
     Raises:
         ValueError: unknown ``backend``; different numbers of tensors and masks; a shape or
@@ -127,41 +127,43 @@ def apply_masks(
         RuntimeError: ``backend="native"`` with the extension missing or an input it does not
             support.
     """
-    _native.check_backend(backend)
     tensors, masks = _as_lists(tensors, masks)
-
+    refused = None
     _C = _native._C
-    if backend == "torch" or _C is None:
-        _validate_masks(tensors, masks)
-        if backend == "native":
-            raise RuntimeError(_native.missing_message())
-        if backend == "auto":
-            _warn_missing_once()
+    if (backend == "auto" or backend == "native") and _C is not None:
+        # Fast path: the extension validates dtypes, shapes, contiguity and aliasing itself
+        # (before writing anything), so the per-tensor Python checks below are only paid when
+        # it refuses (invalid inputs, or valid ones it cannot take).
+        try:
+            # Zero-copy numpy views (inlined _numpy_view: this loop is the per-tensor cost).
+            t_arrays = [(t.detach() if t.requires_grad else t).numpy() for t in tensors]
+            m_arrays = [(m.detach() if m.requires_grad else m).numpy() for m in masks]
+            _C.apply_masks(t_arrays, m_arrays, num_threads=torch.get_num_threads())
+        except (TypeError, ValueError, RuntimeError, AttributeError) as exc:
+            refused = exc
+        else:
+            _bump_versions(tensors)
+            return _dispatch.record("native")
+    # Invalid inputs raise the same errors on every backend; valid inputs the CPU kernel
+    # refused go to the CUDA twin (CUDA tensors) or to the reference (auto) or raise (native).
+    _validate_masks(tensors, masks)
+    if _dispatch.choose(backend, lambda b: _refusal(tensors, masks, refused)) == "torch":
         _reference_unchecked(tensors, masks)
         return "torch"
-
-    # Fast path: the extension validates dtypes, shapes, contiguity and aliasing itself
-    # (before writing anything), so per-tensor Python checks are only paid when it refuses.
-    try:
-        # Zero-copy numpy views (inlined _numpy_view: this loop is the per-tensor cost).
-        t_arrays = [(t.detach() if t.requires_grad else t).numpy() for t in tensors]
-        m_arrays = [(m.detach() if m.requires_grad else m).numpy() for m in masks]
-        _C.apply_masks(t_arrays, m_arrays, num_threads=torch.get_num_threads())
-    except (TypeError, ValueError, RuntimeError, AttributeError) as exc:
-        # Slow path. Invalid inputs raise the same errors as on the torch backend; valid
-        # inputs the kernel cannot take go to the reference (auto) or raise (native).
-        _validate_masks(tensors, masks)
-        if any(t.is_cuda for t in tensors):  # CUDA tensors have no numpy view
-            return _apply_masks_cuda(tensors, masks, backend)
-        reason = _native_mask_unsupported(tensors, masks) or f"the extension refused the inputs: {exc}"
-        if backend == "native":
-            raise RuntimeError(
-                f"backend='native' cannot run: {reason}; use backend='auto' or 'torch'"
-            ) from exc
-        _reference_unchecked(tensors, masks)
-        return "torch"
-    _bump_versions(tensors)
+    device = tensors[0].device  # only CUDA tensors get here: the CPU kernel refused the rest
+    with torch.cuda.device(device):
+        _cuda_launch(_native.cuda_kernels(), _native.cuda_stream(device), tensors, masks)
     return "native"
+
+
+def _refusal(tensors: List[torch.Tensor], masks: List[torch.Tensor],
+             refused: Optional[BaseException]) -> Optional[Refusal]:
+    """Why the native implementation cannot take these (validated) inputs, or None (CUDA
+    tensors the twin takes). ``refused`` is the CPU kernel's own refusal, if it was tried."""
+    if any(t.is_cuda for t in tensors):  # CUDA tensors have no numpy view
+        return _cuda_mask_refusal(tensors, masks)
+    reason = _native_mask_unsupported(tensors, masks)
+    return Refusal(reason or f"the extension refused the inputs: {refused}")
 
 
 _CUDA_MASK_KINDS = {
@@ -172,49 +174,31 @@ _CUDA_MASK_KINDS = {
 }
 
 
-def _cuda_mask_unsupported(tensors: List[torch.Tensor], masks: List[torch.Tensor]) -> Optional[str]:
+def _cuda_mask_refusal(tensors: List[torch.Tensor], masks: List[torch.Tensor]) -> Optional[Refusal]:
     """Why the CUDA twin cannot take these (validated) inputs, or None if it can."""
     if _native.cuda_kernels() is None:
-        return _native.CUDA_MISSING_MESSAGE
+        return _dispatch.NO_CUDA_KERNELS
     device = tensors[0].device
     for i, (t, m) in enumerate(zip(tensors, masks)):
         if t.dtype not in _NATIVE_DTYPES:
-            return f"tensors[{i}] has dtype {t.dtype}; the CUDA kernel supports float32 and float64"
+            return Refusal(f"tensors[{i}] has dtype {t.dtype}; the CUDA kernel supports float32 "
+                           "and float64")
         if t.device != device:
-            return (f"tensors[{i}] is on {t.device} but tensors[0] is on {device}; the CUDA "
-                    "kernel masks the tensors of one device per call")
+            return Refusal(f"tensors[{i}] is on {t.device} but tensors[0] is on {device}; the "
+                           "CUDA kernel masks the tensors of one device per call")
         if not t.is_contiguous():
-            return (f"tensors[{i}] is not contiguous (strides {t.stride()}); the CUDA kernel "
-                    "writes in place and cannot take a contiguous copy")
+            return Refusal(f"tensors[{i}] is not contiguous (strides {t.stride()}); the CUDA "
+                           "kernel writes in place and cannot take a contiguous copy")
         if not m.is_contiguous():
-            return f"masks[{i}] is not contiguous (strides {m.stride()}); pass mask.contiguous()"
-    return _aliasing(tensors, masks)
-
-
-def _apply_masks_cuda(tensors: List[torch.Tensor], masks: List[torch.Tensor], backend: str) -> str:
-    """CUDA tensors: the CUDA twin (one launch on the current stream), else the reference."""
-    reason = _cuda_mask_unsupported(tensors, masks)
-    if reason is not None:
-        if backend == "native":
-            raise _cuda_refusal(reason)
-        _reference_unchecked(tensors, masks)
-        return "torch"
-    device = tensors[0].device
-    with torch.cuda.device(device):
-        _cuda_launch(_native.cuda_kernels(), _native.cuda_stream(device), tensors, masks)
-    return "native"
-
-
-def _cuda_refusal(reason: str) -> RuntimeError:
-    """The error of ``backend="native"`` when the CUDA twin cannot take the inputs."""
-    if reason is _native.CUDA_MISSING_MESSAGE:
-        return RuntimeError(reason)
-    return RuntimeError(f"backend='native' cannot run: {reason}; use backend='auto' or 'torch'")
+            return Refusal(f"masks[{i}] is not contiguous (strides {m.stride()}); pass "
+                           "mask.contiguous()")
+    reason = _aliasing(tensors, masks)
+    return None if reason is None else Refusal(reason)
 
 
 def _cuda_launch(kernels, stream: int, tensors: List[torch.Tensor], masks: List[torch.Tensor]) -> None:
     """One call of the CUDA twin ``kernels.cuda_apply_masks`` on ``stream`` (inputs accepted by
-    :func:`_cuda_mask_unsupported`). Device-agnostic on purpose: the tests pass the host
+    :func:`_cuda_mask_refusal`). Device-agnostic on purpose: the tests pass the host
     emulation (``mia_core._cuda_emu``) with CPU tensors."""
     _CudaMaskSet(tensors, masks).apply(kernels, stream)
     _bump_versions(tensors)
@@ -265,7 +249,7 @@ class MaskPlan:
     prepared ``mia_core._C.MaskSet`` holding the zero-copy numpy views and the kernel's
     segment lists. ``plan.apply()`` then costs one call plus a ``data_ptr()`` check per
     tensor, so it beats a Python loop of ``w.mul_(m)`` even for many small tensors (see
-    ``mia_core/bench/mask.py``, case ``model-50-tensors``). CUDA tensors, in a
+    ``mia_core/kernels/bench/mask.py``, case ``model-50-tensors``). CUDA tensors, in a
     ``MIAFW_CUDA=1`` build: the plan keeps the CUDA twin's segment lists, and ``apply()`` is
     the same ``data_ptr()`` check plus ONE kernel launch on the current stream (a loop of
     ``mul_`` is one launch per tensor); otherwise the plan runs the torch loop on the GPU.
@@ -297,7 +281,6 @@ class MaskPlan:
 
     def __init__(self, tensors: Iterable[torch.Tensor], masks: Iterable[torch.Tensor], *,
                  backend: str = "auto"):
-        _native.check_backend(backend)
         tensors, masks = _as_lists(tensors, masks)
         _validate_masks(tensors, masks)
         self.tensors: List[torch.Tensor] = tensors
@@ -317,42 +300,28 @@ class MaskPlan:
     def _build(self) -> None:
         self._set = None
         self._cuda = None
-        self.backend = "torch"
+        refused = None
         _C = _native._C
-        if self._requested == "torch":
-            return
-        if _C is None:
-            if self._requested == "native":
-                raise RuntimeError(_native.missing_message())
-            _warn_missing_once()
-            return
-        if any(t.is_cuda for t in self.tensors):
-            reason = _cuda_mask_unsupported(self.tensors, self.masks)
-            if reason is None:
-                self._cuda = _CudaMaskSet(self.tensors, self.masks)
-                self.backend = "native"
-                return
-            if self._requested == "native":
-                raise _cuda_refusal(reason)
-            return
-        reason = _native_mask_unsupported(self.tensors, self.masks)
-        if reason is None:
+        on_cuda = any(t.is_cuda for t in self.tensors)
+        if self._requested != "torch" and _C is not None and not on_cuda:
             try:
-                # Views of detached aliases: their base tensors hold the storage, so the
-                # arrays stay valid even if a user's tensor is later re-pointed (the owner
-                # check then reports the plan stale instead of writing freed memory).
+                # The extension validates dtypes, contiguity and aliasing itself; the Python
+                # reasons are only worked out when it refuses. Views of detached aliases: their
+                # base tensors hold the storage, so the arrays stay valid even if a user's
+                # tensor is later re-pointed (the owner check then reports the plan stale
+                # instead of writing freed memory).
                 self._set = _C.MaskSet(
                     [t.detach().numpy() for t in self.tensors],
                     [m.detach().numpy() for m in self.masks],
                     self.tensors,
                 )
-            except (TypeError, ValueError) as exc:  # pragma: no cover - Python checks agree
-                reason = f"the extension refused the inputs: {exc}"
-        if self._set is None:
-            if self._requested == "native":
-                raise RuntimeError(f"backend='native' cannot run: {reason}; use backend='auto' or 'torch'")
-            return
-        self.backend = "native"
+            except (TypeError, ValueError, RuntimeError, AttributeError) as exc:
+                refused = exc
+        ran = _dispatch.choose(self._requested, lambda b: None if self._set is not None
+                               else _refusal(self.tensors, self.masks, refused))
+        if ran == "native" and on_cuda:
+            self._cuda = _CudaMaskSet(self.tensors, self.masks)
+        self.backend = ran
 
     def rebuild(self) -> "MaskPlan":
         """Re-validate against the tensors' current storage (after a reallocation); returns self.
@@ -390,11 +359,11 @@ class MaskPlan:
             with torch.cuda.device(self._cuda.device):
                 self._cuda.apply(_native.cuda_kernels(), _native.cuda_stream(self._cuda.device))
             _bump_versions(self.tensors)
-            return "native"
+            return _dispatch.record("native")
         s = self._set
         if s is None:
             _reference_unchecked(self.tensors, self.masks)
-            return "torch"
+            return _dispatch.record("torch")
         try:
             s.apply(num_threads=torch.get_num_threads())
         except RuntimeError as exc:
@@ -402,7 +371,7 @@ class MaskPlan:
                 raise
             raise self._stale(s.moved()) from None
         _bump_versions(self.tensors)
-        return "native"
+        return _dispatch.record("native")
 
     @staticmethod
     def _stale(i: int) -> StaleMaskPlanError:
@@ -520,20 +489,9 @@ def magnitude_masks(
         TypeError: ``sparsity`` not a real number; a non-tensor or non-floating-point entry.
         RuntimeError: ``backend="native"`` with the extension missing or inputs it cannot take.
     """
-    _native.check_backend(backend)
     tensors = _validate_magnitude(tensors, sparsity, scope, stacked)
     sparsity = float(sparsity)
-    _C = _native._C
-    if backend == "torch" or _C is None:
-        if backend == "native":
-            raise RuntimeError(_native.missing_message())
-        if backend == "auto" and _C is None:
-            _warn_missing_once()
-        return _magnitude_reference_unchecked(tensors, sparsity, scope, stacked)
-    reason = _native_magnitude_unsupported(tensors)
-    if reason is not None:
-        if backend == "native":
-            raise RuntimeError(f"backend='native' cannot run: {reason}; use backend='auto' or 'torch'")
+    if _dispatch.choose(backend, lambda b: _magnitude_refusal(tensors)) == "torch":
         return _magnitude_reference_unchecked(tensors, sparsity, scope, stacked)
     if not tensors:
         return []
@@ -544,7 +502,7 @@ def magnitude_masks(
     else:
         ks = [int(round(sparsity * n)) for n in inner]
     keeps = [torch.empty(t.shape, dtype=torch.bool) for t in tensors]
-    _C.magnitude_masks(
+    _native._C.magnitude_masks(
         [_numpy_view(t.detach().contiguous()) for t in tensors],
         [k.numpy() for k in keeps],
         ks,
@@ -583,15 +541,17 @@ def _validate_magnitude(tensors, sparsity, scope, stacked) -> List[torch.Tensor]
     return tensors
 
 
-def _native_magnitude_unsupported(tensors: List[torch.Tensor]) -> Optional[str]:
+def _magnitude_refusal(tensors: List[torch.Tensor]) -> Optional[Refusal]:
+    """Why the native kernel cannot rank these (validated) tensors, or None."""
     for i, t in enumerate(tensors):
         if t.dtype not in _NATIVE_DTYPES:
-            return f"tensors[{i}] has dtype {t.dtype}; the native kernel supports float32 and float64"
+            return Refusal(f"tensors[{i}] has dtype {t.dtype}; the native kernel supports "
+                           "float32 and float64")
         if not t.is_cpu:
-            return f"tensors[{i}] is on {t.device}; the native kernel is CPU-only"
+            return Refusal(f"tensors[{i}] is on {t.device}; the native kernel is CPU-only")
         if t.dtype != tensors[0].dtype:
-            return (f"tensors[{i}] has dtype {t.dtype} but tensors[0] has {tensors[0].dtype}; "
-                    "the native kernel ranks one dtype at a time")
+            return Refusal(f"tensors[{i}] has dtype {t.dtype} but tensors[0] has "
+                           f"{tensors[0].dtype}; the native kernel ranks one dtype at a time")
     return None
 
 

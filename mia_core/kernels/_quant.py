@@ -38,7 +38,8 @@ Conventions shared by every op here:
 * **backend**: ``"auto"`` runs the native kernel when the extension imported and ``x`` (and
   ``mask``) are contiguous CPU tensors, else the torch reference (warning once per process if
   the extension failed to import); ``"native"`` raises RuntimeError instead of falling back;
-  ``"torch"`` always runs the reference. ``last_backend()`` tells which one ran last.
+  ``"torch"`` always runs the reference. ``last_backend()`` tells which one ran last in the
+  calling thread.
   CUDA ``x``: a ``MIAFW_CUDA=1`` build has a CUDA twin for :func:`fake_quantize` and
   :func:`masked_fake_quantize` on a contiguous ``x`` (and ``mask``): per tensor or per channel,
   nearest or stochastic rounding, on the current stream, bit-identical to the CPU kernel (it
@@ -59,9 +60,9 @@ from typing import Optional, Tuple, Union
 import numpy as np
 import torch
 
-from mia_core import _native
-from mia_core._native import bump_versions as _bump_versions
-from mia_core._native import warn_missing_once as _warn_missing_once
+from mia_core.kernels import _dispatch, _native
+from mia_core.kernels._dispatch import Refusal
+from mia_core.kernels._native import bump_versions as _bump_versions
 
 __all__ = [
     "FakeQuantizeSTE",
@@ -85,15 +86,9 @@ SCALE_FLOOR = 2.0 ** -23
 _PRECLAMP = float(2 ** 22)
 _M64 = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15
-_last_backend: Optional[str] = None
 
 Tensor = torch.Tensor
 Number = Union[int, float]
-
-
-def last_backend() -> Optional[str]:
-    """The backend (``"native"`` or ``"torch"``) that ran the most recent fake-quantize call."""
-    return _last_backend
 
 
 # --------------------------------------------------------------------------------------
@@ -383,71 +378,48 @@ def _check_mask(mask, x: Tensor) -> None:
 # --------------------------------------------------------------------------------------
 
 
-def _choose(backend: str, x: Tensor, mask: Optional[Tensor] = None) -> str:
-    global _last_backend
-    _native.check_backend(backend)
-    if backend == "torch":
-        _last_backend = "torch"
-        return "torch"
-    if _native._C is None:
-        if backend == "native":
-            raise RuntimeError(_native.missing_message())
-        _warn_missing_once()
-        _last_backend = "torch"
-        return "torch"
-    reason = None
+_CPU_HINT = "use backend='auto' (falls back to torch) or pass a contiguous CPU tensor"
+_CUDA_HINT = "use backend='auto' (falls back to the torch reference on the GPU)"
+
+
+def _cpu_refusal(x: Tensor, mask: Optional[Tensor] = None) -> Optional[Refusal]:
+    """Why the CPU kernel cannot take these (validated) inputs, or None."""
     if not x.is_cpu:
-        reason = f"x is on {x.device}; the native kernel is CPU-only"
-    elif not x.is_contiguous():
-        reason = f"x is not contiguous (strides {x.stride()})"
-    elif mask is not None and not mask.is_contiguous():
-        reason = f"mask is not contiguous (strides {mask.stride()}); pass mask.contiguous()"
-    if reason is not None:
-        if backend == "native":
-            raise RuntimeError(f"backend='native' cannot run: {reason}; use backend='auto' "
-                               "(falls back to torch) or pass a contiguous CPU tensor")
-        _last_backend = "torch"
-        return "torch"
-    _last_backend = "native"
-    return "native"
+        return Refusal(f"x is on {x.device}; the native kernel is CPU-only", _CPU_HINT)
+    if not x.is_contiguous():
+        return Refusal(f"x is not contiguous (strides {x.stride()})", _CPU_HINT)
+    if mask is not None and not mask.is_contiguous():
+        return Refusal(f"mask is not contiguous (strides {mask.stride()}); pass mask.contiguous()",
+                       _CPU_HINT)
+    return None
 
 
-def _choose_cuda(backend: str, x: Tensor, mask, given, stochastic: bool, out) -> str:
-    """Backend for a CUDA ``x``: ``"cuda"`` (the CUDA twin) or ``"torch"`` (the reference, which
-    runs on the GPU through torch ops). The twin covers contiguous inputs with nearest or
-    stochastic rounding, masked or not; min-max parameters are derived by torch first."""
-    global _last_backend
-    _native.check_backend(backend)
-    if _native._C is None:
-        if backend == "native":
-            raise RuntimeError(_native.missing_message())
-        _warn_missing_once()
-        _last_backend = "torch"
-        return "torch"
-    missing = _native.cuda_kernels() is None
-    reason = None
-    if missing:
-        reason = _native.CUDA_MISSING_MESSAGE
-    elif not x.is_contiguous():
-        reason = f"x is not contiguous (strides {x.stride()})"
-    elif mask is not None and not mask.is_contiguous():
-        reason = f"mask is not contiguous (strides {mask.stride()}); pass mask.contiguous()"
-    if reason is not None:
-        if backend == "native":
-            if missing:
-                raise RuntimeError(reason)
-            raise RuntimeError(f"backend='native' cannot run: {reason}; use backend='auto' "
-                               "(falls back to the torch reference on the GPU)")
-        _last_backend = "torch"
-        return "torch"
-    _last_backend = "native"
-    return "cuda"
+def _cuda_refusal(x: Tensor, mask: Optional[Tensor] = None) -> Optional[Refusal]:
+    """Why the CUDA twin cannot take a CUDA ``x`` (and ``mask``), or None. The twin covers
+    contiguous inputs, masked or not, given or derived parameters (min-max derived by torch
+    first), nearest or stochastic rounding."""
+    if _native.cuda_kernels() is None:
+        return _dispatch.NO_CUDA_KERNELS
+    if not x.is_contiguous():
+        return Refusal(f"x is not contiguous (strides {x.stride()})", _CUDA_HINT)
+    if mask is not None and not mask.is_contiguous():
+        return Refusal(f"mask is not contiguous (strides {mask.stride()}); pass mask.contiguous()",
+                       _CUDA_HINT)
+    return None
+
+
+def _choose(backend: str, x: Tensor, mask: Optional[Tensor] = None, *, cuda_twin: bool) -> str:
+    """The dispatcher's choice for ``x``: ``"native"`` (the CPU kernel, or the CUDA twin for a
+    CUDA ``x`` when the op has one: ``cuda_twin``) or ``"torch"``."""
+    if cuda_twin and x.is_cuda:
+        return _dispatch.choose(backend, lambda b: _cuda_refusal(x, mask))
+    return _dispatch.choose(backend, lambda b: _cpu_refusal(x, mask))
 
 
 def _fq_cuda_launch(kernels, stream: int, x: Tensor, mask, given, axis, qmin: int, qmax: int,
                     scheme: str, stochastic: bool, seed: int, out, return_codes: bool):
     """One call of the CUDA twin ``kernels.cuda_fake_quantize`` on ``stream``, on tensors that
-    :func:`_choose_cuda` accepted (contiguous ``x`` and ``mask``, given (scale, zero_point)).
+    :func:`_cuda_refusal` accepted (contiguous ``x`` and ``mask``, given (scale, zero_point)).
 
     ``given=None`` derives the min-max parameters first with the reference's torch code
     (:func:`_derive_reference` on the masked values: ``aminmax`` runs on the GPU), which gives
@@ -514,12 +486,8 @@ def _fq(x, mask, *, bits, scheme, axis, scale, zero_point, rounding, seed, out, 
         raise ValueError("mask overlaps the memory of out (or codes); pass a separate buffer")
     if not isinstance(return_codes, bool):
         raise TypeError(f"return_codes must be a bool, got {type(return_codes).__name__}")
-    if not reference_only and backend != "torch" and x.is_cuda:
-        ran = _choose_cuda(backend, x, mask, given, stochastic, out)
-    else:
-        ran = "torch" if reference_only else _choose(backend, x, mask)
-
-    if ran == "cuda":
+    ran = "torch" if reference_only else _choose(backend, x, mask, cuda_twin=True)
+    if ran == "native" and x.is_cuda:
         res, codes = _fq_cuda(x, mask, given, axis, qmin, qmax, scheme, stochastic, seed, out,
                               return_codes)
     elif ran == "torch":
@@ -734,7 +702,7 @@ def _sign(x, axis, scale, out, backend, reference_only=False):
         if bool(bad.any()):
             raise ValueError(f"scale={given[bad][0].item()!r} is invalid; it must be finite and > 0")
     _check_out(out, x)
-    ran = "torch" if reference_only else _choose(backend, x)
+    ran = "torch" if reference_only else _choose(backend, x, cuda_twin=False)
     if ran == "torch":
         with torch.no_grad():
             s = given if given is not None else _mean_abs_reference(x, axis)
@@ -798,7 +766,7 @@ def _ternary(x, sparsity, axis, out, backend, reference_only=False):
     C = _channels(x, axis)
     per = x.numel() // C if C else 0
     k = _ternary_k(float(sparsity), per)
-    ran = "torch" if reference_only else _choose(backend, x)
+    ran = "torch" if reference_only else _choose(backend, x, cuda_twin=False)
     if ran == "torch":
         with torch.no_grad():
             flat = x.reshape(1, -1) if axis is None else x.movedim(axis, 0).reshape(C, -1)

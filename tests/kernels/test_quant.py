@@ -15,7 +15,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mia_core import _native, _quant, kernels
+from mia_core import kernels
+from mia_core.kernels import _dispatch, _native, _quant
 from kernel_helpers import assert_bitwise_equal
 
 NATIVE = kernels.native_available()
@@ -53,7 +54,7 @@ def test_per_tensor_matches_torch(bits, scheme, size, backend):
     zp = (qmin + qmax + 1) // 2 if scheme == "affine" else 0
     out = kernels.fake_quantize(x, bits=bits, scheme=scheme, scale=scale, zero_point=zp,
                                 backend=backend)
-    assert _quant.last_backend() == expected_ran(backend)
+    assert kernels.last_backend() == expected_ran(backend)
     assert_bitwise_equal(out, torch.fake_quantize_per_tensor_affine(x, scale, zp, qmin, qmax))
 
 
@@ -100,7 +101,7 @@ def test_strided_input_auto_path(layout, backend):
             kernels.fake_quantize(x, **kw, backend=backend)
         return
     out = kernels.fake_quantize(x, **kw, backend=backend)
-    assert _quant.last_backend() == "torch"
+    assert kernels.last_backend() == "torch"
     ref = torch.fake_quantize_per_channel_affine(x, kw["scale"], torch.full((x.shape[1],), 128,
                                                  dtype=torch.int32), 1, 0, 255)
     assert_bitwise_equal(out, ref)
@@ -419,7 +420,7 @@ def test_masked_equals_mask_then_quantize(given, size, axis, dtype, kind, backen
     ref = kernels.fake_quantize_reference(masked, **kw)
     x_before = x.clone()
     out = kernels.masked_fake_quantize(x, m, **kw, backend=backend)
-    assert _quant.last_backend() == expected_ran(backend)
+    assert kernels.last_backend() == expected_ran(backend)
     assert_bitwise_equal(out, ref)
     assert_bitwise_equal(x, x_before)
     if given and dtype == torch.float32 and axis is None:
@@ -705,14 +706,14 @@ def test_extension_validates_numpy_inputs():
 def test_auto_without_extension_warns_once_and_matches(monkeypatch):
     monkeypatch.setattr(_native, "_C", None)
     monkeypatch.setattr(_native, "_IMPORT_ERROR", ImportError("simulated: no _C"))
-    monkeypatch.setattr(_native, "_warned_missing", False)
+    monkeypatch.setattr(_dispatch, "_warned_missing", False)
     x = make_x(1000, seed=2)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         a = kernels.fake_quantize(x)
         kernels.masked_fake_quantize(x, x > 0)
         kernels.fake_quantize_sign(x)
-    assert _quant.last_backend() == "torch"
+    assert kernels.last_backend() == "torch"
     assert len([w for w in caught if issubclass(w.category, kernels.NativeKernelWarning)]) == 1
     assert_bitwise_equal(a, kernels.fake_quantize_reference(x))
     with pytest.raises(RuntimeError, match=r"simulated: no _C"):

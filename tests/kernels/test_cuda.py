@@ -13,7 +13,8 @@ import subprocess
 import pytest
 import torch
 
-from mia_core import _kl, _mask, _native, _quant, kernels
+from mia_core import kernels
+from mia_core.kernels import _dispatch, _kl, _mask, _native, _quant
 from kernel_helpers import assert_bitwise_equal, make_weights
 
 C = _native._C
@@ -196,7 +197,7 @@ def test_fake_quantize_cuda_per_tensor_parity(dtype, n, scheme, bits):
     kw = dict(bits=bits, scheme=scheme, scale=scale, zero_point=zp, return_codes=True)
     eo, ec = _quant.fake_quantize_reference(x, **kw)
     go, gc = kernels.fake_quantize(x.cuda(), backend="native", **kw)
-    assert _quant.last_backend() == "native"
+    assert kernels.last_backend() == "native"
     assert_bitwise_equal(go, eo)
     assert torch.equal(gc.cpu(), ec)
     if C is not None:  # the CPU kernel agrees bit for bit too
@@ -243,14 +244,14 @@ def test_fake_quantize_cuda_in_place_and_fallbacks():
     # derived min-max parameters: torch's aminmax on the GPU, then the twin (CPU kernel's bits)
     z = torch.randn(100, 3, device="cuda")
     got = kernels.fake_quantize(z, axis=1, backend="native")
-    assert _quant.last_backend() == "native"
+    assert kernels.last_backend() == "native"
     if C is not None:
         assert_bitwise_equal(got, kernels.fake_quantize(z.cpu(), axis=1, backend="native"))
     # out of the CUDA twin's scope (a strided x): auto -> the torch reference on the GPU,
     # native -> a clear error
     s = torch.randn(10, 10, device="cuda").t()
     r = kernels.fake_quantize(s, scale=0.1, zero_point=3)
-    assert _quant.last_backend() == "torch" and r.device.type == "cuda"
+    assert kernels.last_backend() == "torch" and r.device.type == "cuda"
     with pytest.raises(RuntimeError, match="cannot run"):
         kernels.fake_quantize(s, scale=0.1, zero_point=3, backend="native")
 
@@ -282,7 +283,7 @@ def test_fake_quantize_cuda_masked_and_stochastic_match_cpu_kernel(dtype, mask_k
     else:
         ref = kernels.masked_fake_quantize(x, mask, backend="native" if C is not None else "torch", **kw)
         got = kernels.masked_fake_quantize(x.cuda(), mask.cuda(), backend="native", **_to_cuda(kw))
-    assert _quant.last_backend() == "native"
+    assert kernels.last_backend() == "native"
     assert_bitwise_equal(got[0], ref[0])
     assert torch.equal(got[1].cpu(), ref[1])
 
@@ -318,29 +319,31 @@ def no_cuda_kernels(monkeypatch):
     monkeypatch.setattr(_native, "_C", _NoCudaC())
 
 
-# The dispatch helpers below are what apply_masks / gaussian_kl / fake_quantize call for CUDA
-# tensors; without a GPU they are driven with CPU tensors (only the decision is tested).
+# The refusals below are what apply_masks / gaussian_kl / fake_quantize ask the dispatcher
+# about for CUDA tensors; without a GPU they are driven with CPU tensors (only the decision
+# is tested).
 
 
 def test_cuda_dispatch_native_without_cuda_kernels_raises(no_cuda_kernels):
-    t, m = [torch.ones(3)], [torch.ones(3, dtype=torch.bool)]
-    with pytest.raises(RuntimeError, match="built without CUDA kernels; rebuild with MIAFW_CUDA=1"):
-        _mask._apply_masks_cuda(t, m, "native")
     x = torch.ones(4)
-    with pytest.raises(RuntimeError, match="built without CUDA kernels; rebuild with MIAFW_CUDA=1"):
-        _kl._diag_cuda("native", (x, x, x, x), ("mu0", "var0", "mu1", "var1"), None, "forward")
-    with pytest.raises(RuntimeError, match="built without CUDA kernels; rebuild with MIAFW_CUDA=1"):
-        _quant._choose_cuda("native", x, None, (x, x), False, None)
+    t, m = [torch.ones(3)], [torch.ones(3, dtype=torch.bool)]
+    refusals = [_mask._cuda_mask_refusal(t, m),
+                _kl._cuda_refusal((x, x, x, x), ("mu0", "var0", "mu1", "var1"), "native"),
+                _quant._cuda_refusal(x, None)]
+    for refusal in refusals:
+        with pytest.raises(RuntimeError, match="built without CUDA kernels; rebuild with MIAFW_CUDA=1"):
+            _dispatch.choose("native", lambda b: refusal)
 
 
 def test_cuda_dispatch_auto_without_cuda_kernels_falls_back(no_cuda_kernels):
-    t = [torch.tensor([1.0, 2.0, 3.0])]
-    assert _mask._apply_masks_cuda(t, [torch.tensor([True, False, True])], "auto") == "torch"
-    assert torch.equal(t[0], torch.tensor([1.0, 0.0, 3.0]))
     x = torch.ones(4)
-    assert _kl._diag_cuda("auto", (x, x, x, x), ("mu0", "var0", "mu1", "var1"), None, "forward") is None
-    assert _quant._choose_cuda("auto", x, None, (x, x), False, None) == "torch"
-    assert _quant.last_backend() == "torch"
+    t, m = [torch.ones(3)], [torch.ones(3, dtype=torch.bool)]
+    for refusal in (_mask._cuda_mask_refusal(t, m),
+                    _kl._cuda_refusal((x, x, x, x), ("mu0", "var0", "mu1", "var1"), "auto"),
+                    _quant._cuda_refusal(x, None)):
+        assert refusal is _dispatch.NO_CUDA_KERNELS
+        assert _dispatch.choose("auto", lambda b: refusal) == "torch"
+        assert kernels.last_backend() == "torch"
 
 
 def test_cuda_kernels_none_without_extension(monkeypatch):
@@ -352,12 +355,12 @@ NVCC = shutil.which("nvcc")
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc not found (the CUDA twins are only compiled where it is)")
-@pytest.mark.parametrize("twin", sorted(p.name for p in (pathlib.Path(__file__).resolve().parents[1] / "csrc" / "cuda").glob("*.cu")))
+@pytest.mark.parametrize("twin", sorted(p.name for p in (pathlib.Path(__file__).resolve().parents[2] / "csrc" / "cuda").glob("*.cu")))
 def test_twin_compiles_with_nvcc(twin, tmp_path):
     """Device compilation of each twin (sm_90 only, to stay quick) with setup.py's flags: the
     emulated tests compile the same sources as host C++, which cannot catch device-only errors
     (a host-only function called from a kernel, say)."""
-    root = pathlib.Path(__file__).resolve().parents[1]
+    root = pathlib.Path(__file__).resolve().parents[2]
     setup_text = (root / "setup.py").read_text()
     flags = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "--fmad=false"]
     for f in flags:

@@ -11,7 +11,7 @@ What is checked, each in a fresh interpreter where import order or fork matters:
 (c) the built .so imports no GOMP_/OMP_ symbol version newer than GOMP_5.0 / OMP_5.0 (what
     torch's bundled libgomp exports), and every one it imports is exported by torch's copy;
 (d) a ``fork`` after an OpenMP region may deadlock the child (GNU libgomp's thread pool does not
-    survive fork), while the ``spawn`` multiprocessing context works: see mia_core/_mask.py.
+    survive fork), while the ``spawn`` multiprocessing context works: see mia_core/kernels/_mask.py.
 """
 
 from __future__ import annotations
@@ -28,9 +28,10 @@ import textwrap
 import pytest
 import torch
 
-from mia_core import _native, kernels
+from mia_core import kernels
+from mia_core.kernels import _native
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 needs_native = pytest.mark.skipif(not kernels.native_available(),
                                   reason="mia_core._C is not built")
 
@@ -48,7 +49,8 @@ _ORDER_SCRIPT = """
 import json, os
 {imports}
 import torch
-from mia_core import kernels, _native
+from mia_core import kernels
+from mia_core.kernels import _native
 maps = [l.split()[-1] for l in open("/proc/self/maps") if "libgomp" in l or "libiomp" in l]
 libs = sorted({{os.path.realpath(p) for p in maps}})
 torch.set_num_threads(2)

@@ -11,11 +11,11 @@ import importlib
 from typing import Dict, Sequence
 
 
-#: ``miafw bench --kernel`` name -> module under mia_core.bench.
+#: ``miafw bench --kernel`` name -> module under mia_core.kernels.bench.
 KERNELS: Dict[str, str] = {
-    "mask": "mia_core.bench.mask",
-    "kl": "mia_core.bench.kl",
-    "fake_quantize": "mia_core.bench.quant",
+    "mask": "mia_core.kernels.bench.mask",
+    "kl": "mia_core.kernels.bench.kl",
+    "fake_quantize": "mia_core.kernels.bench.quant",
 }
 
 
@@ -32,8 +32,8 @@ def run(kernels: Sequence[str], *, sizes: Sequence[int], dtypes: Sequence[str], 
 
 
 def format_table(rows) -> str:
-    """See :func:`mia_core.bench.common.format_table` (imported lazily: it needs torch)."""
-    from mia_core.bench.common import format_table as _fmt
+    """See :func:`mia_core.kernels.bench.common.format_table` (imported lazily: it needs torch)."""
+    from mia_core.kernels.bench.common import format_table as _fmt
 
     return _fmt(rows)
 

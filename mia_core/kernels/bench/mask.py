@@ -27,7 +27,7 @@ from typing import List, Sequence
 import torch
 
 from mia_core import kernels
-from mia_core.bench.common import Measurement, compare, dtype_of, timed_row, with_bandwidth
+from mia_core.kernels.bench.common import Measurement, compare, dtype_of, timed_row, with_bandwidth
 
 KERNEL = "mask"
 

@@ -26,12 +26,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mia_core import _kl, _mask, _native, _quant, kernels
+from mia_core import kernels
+from mia_core.kernels import _dispatch, _kl, _mask, _native, _quant
 from kernel_helpers import assert_bitwise_equal, bits, make_weights
 
 emu = pytest.importorskip("mia_core._cuda_emu", reason="the CUDA host emulation is not built")
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 NAMES = ("mu0", "var0", "mu1", "var1")
 NATIVE = "native" if _native._C is not None else "torch"  # CPU oracle: the CPU kernel if built
 DTYPES = [torch.float32, torch.float64]
@@ -347,7 +348,7 @@ def _quant_twin(x, mask, kw, rounding="nearest", seed=None, out=None, return_cod
     stochastic, seed_ = _quant._check_rounding(rounding, seed)
     given = _quant._given_params(x, axis, kw.get("scale"), kw.get("zero_point"), qmin, qmax, kw["scheme"],
                                  kw["bits"])
-    assert _quant._choose_cuda("native", x, mask, given, stochastic, out) == "cuda"
+    assert _quant._cuda_refusal(x, mask) is None  # what the dispatcher asks for a CUDA x
     return _quant._fq_cuda_launch(emu, 0, x, mask, given, axis, qmin, qmax, kw["scheme"], stochastic, seed_,
                                   out, return_codes)
 
@@ -361,7 +362,7 @@ def _quant_cpu(x, mask, kw, rounding="nearest", seed=None):
 
 @pytest.fixture
 def twin_dispatch(monkeypatch):
-    """Make _choose_cuda see the emulated twins as this build's CUDA kernels."""
+    """Make the dispatcher see the emulated twins as this build's CUDA kernels."""
     if _native._C is None:
         pytest.skip("mia_core._C is not built")
     monkeypatch.setattr(_native, "cuda_kernels", lambda: emu)
@@ -477,21 +478,25 @@ def test_fake_quantize_twin_property(shape, axis_pick, dtype, mask_kind, roundin
 
 
 def test_fake_quantize_twin_dispatch_scope(twin_dispatch):
-    """What _choose_cuda sends to the twin now: contiguous inputs, given or derived parameters,
-    masked or not, any rounding; strided inputs go to the reference (overlapping buffers are
-    rejected before, on every device and backend)."""
+    """What the dispatcher sends to the twin: contiguous inputs, masked or not (given or
+    derived parameters and any rounding are the twin's business); strided inputs go to the
+    reference under auto and are an error under native (overlapping buffers are rejected
+    before, on every device and backend)."""
     x = torch.randn(10, 10)
-    given = (torch.tensor([0.1]), torch.tensor([3.0]))
     m = torch.rand(10, 10) < 0.5
-    assert _quant._choose_cuda("auto", x, m, given, True, None) == "cuda"
-    assert _quant._choose_cuda("auto", x, None, None, False, None) == "cuda"
-    assert _quant._choose_cuda("auto", x, None, given, False, x) == "cuda"  # in place
-    assert _quant._choose_cuda("auto", x.t(), None, given, False, None) == "torch"
-    assert _quant._choose_cuda("auto", x, m.t(), given, False, None) == "torch"
-    for args, msg in (((x.t(), None, None, False, None), "x is not contiguous"),
-                      ((x, m.t(), given, False, None), "mask is not contiguous")):
+
+    def choose(backend, x, mask):
+        return _dispatch.choose(backend, lambda b: _quant._cuda_refusal(x, mask))
+
+    assert choose("auto", x, m) == "native"
+    assert choose("auto", x, None) == "native"
+    assert choose("auto", x.t(), None) == "torch"
+    assert choose("auto", x, m.t()) == "torch"
+    for args, msg in (((x.t(), None), r"backend='native' cannot run: x is not contiguous.*"
+                                      r"falls back to the torch reference on the GPU"),
+                      ((x, m.t()), "mask is not contiguous")):
         with pytest.raises(RuntimeError, match=msg):
-            _quant._choose_cuda("native", *args)
+            choose("native", *args)
 
 
 @pytest.mark.parametrize("backend", ["auto", "native", "torch"])

@@ -6,8 +6,8 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
-from mia_core import _native
-from mia_core._native import warn_missing_once as _warn_missing_once
+from mia_core.kernels import _dispatch, _native
+from mia_core.kernels._dispatch import Refusal
 
 __all__ = [
     "KL_DIRECTIONS",
@@ -154,24 +154,21 @@ def gaussian_kl(
         RuntimeError: ``backend="native"`` when the extension is missing or cannot take the
             inputs.
     """
-    _native.check_backend(backend)
     _check_diag(mu0, var0, mu1, var1, direction)
-    _check_out(out, mu0, (mu0, var0, mu1, var1), ("mu0", "var0", "mu1", "var1"))
     names = ("mu0", "var0", "mu1", "var1")
     inputs = (mu0, var0, mu1, var1)
-    if backend != "torch" and mu0.is_cuda:
-        result = _diag_cuda(backend, inputs, names, out, direction)
-        if result is not None:
-            return result
-        result = _diag_reference_unchecked(mu0, var0, mu1, var1, direction)
-        return _into_out(result, out)
-    if _use_native(backend, inputs, names):
-        arrays, result = _native_args(inputs, out)
-        _native._C.gaussian_kl(*arrays, _native.numpy_view(result), direction=direction,
-                               num_threads=torch.get_num_threads())
-        return result
-    result = _diag_reference_unchecked(mu0, var0, mu1, var1, direction)
-    return _into_out(result, out)
+    _check_out(out, mu0, inputs, names)
+    if _dispatch.choose(backend, lambda b: _refusal(inputs, names, b, cuda_twin=True)) == "torch":
+        return _into_out(_diag_reference_unchecked(mu0, var0, mu1, var1, direction), out)
+    if mu0.is_cuda:
+        device = mu0.device
+        with torch.cuda.device(device):
+            return _diag_cuda_launch(_native.cuda_kernels(), _native.cuda_stream(device), inputs,
+                                     names, out, direction)
+    arrays, result = _native_args(inputs, out)
+    _native._C.gaussian_kl(*arrays, _native.numpy_view(result), direction=direction,
+                           num_threads=torch.get_num_threads())
+    return result
 
 
 def gaussian_kl_full(
@@ -239,19 +236,18 @@ def gaussian_kl_full(
         RuntimeError: ``backend="native"`` when the extension is missing or cannot take the
             inputs.
     """
-    _native.check_backend(backend)
     _check_full(mu0, cov0, mu1, cov1, direction, jitter)
     names = ("mu0", "cov0", "mu1", "cov1")
     inputs = (mu0, cov0, mu1, cov1)
     _check_out(out, mu0, inputs, names)
-    if _use_native(backend, inputs, names):
-        arrays, result = _native_args(inputs, out)
-        _native._C.gaussian_kl_full(*arrays, _native.numpy_view(result), direction=direction,
-                                    cholesky=bool(cholesky), jitter=float(jitter),
-                                    num_threads=torch.get_num_threads())
-        return result
-    result = _full_reference_unchecked(mu0, cov0, mu1, cov1, direction, cholesky, jitter)
-    return _into_out(result, out)
+    if _dispatch.choose(backend, lambda b: _refusal(inputs, names, b, cuda_twin=False)) == "torch":
+        result = _full_reference_unchecked(mu0, cov0, mu1, cov1, direction, cholesky, jitter)
+        return _into_out(result, out)
+    arrays, result = _native_args(inputs, out)
+    _native._C.gaussian_kl_full(*arrays, _native.numpy_view(result), direction=direction,
+                                cholesky=bool(cholesky), jitter=float(jitter),
+                                num_threads=torch.get_num_threads())
+    return result
 
 
 # --------------------------------------------------------------------------------------
@@ -348,70 +344,42 @@ def _check_out(out, mu0, inputs, names) -> None:
 # --------------------------------------------------------------------------------------
 
 
-def _native_refusal(inputs, names, *, strict: bool) -> Optional[str]:
-    """Why the native kernel cannot take these (validated) inputs, or None."""
-    if _native._C is None:
-        return "missing"
+def _refusal(inputs, names, backend: str, *, cuda_twin: bool) -> Optional[Refusal]:
+    """Why the native implementation cannot take these (validated) inputs, or None: the CUDA
+    twin for CUDA tensors when the op has one (``cuda_twin``), else the CPU kernel."""
+    if cuda_twin and inputs[0].is_cuda:
+        return _cuda_refusal(inputs, names, backend)
+    return _cpu_refusal(inputs, names, backend)
+
+
+def _cpu_refusal(inputs, names, backend: str) -> Optional[Refusal]:
+    """Why the CPU kernel cannot take these inputs, or None."""
+    if not inputs[0].is_cpu:
+        return Refusal(f"{names[0]} is on {inputs[0].device}; the native kernel is CPU-only")
+    return _kernel_refusal(inputs, names, backend, "the native kernel")
+
+
+def _cuda_refusal(inputs, names, backend: str) -> Optional[Refusal]:
+    """Why the CUDA twin cannot take these inputs, or None (device-agnostic: the tests drive
+    it with CPU tensors and the host emulation)."""
+    if _native.cuda_kernels() is None:
+        return _dispatch.NO_CUDA_KERNELS
+    return _kernel_refusal(inputs, names, backend, "the CUDA kernel")
+
+
+def _kernel_refusal(inputs, names, backend: str, kernel: str) -> Optional[Refusal]:
     first = inputs[0]
     if first.dtype not in _NATIVE_DTYPES:
-        return f"{names[0]} has dtype {first.dtype}; the native kernel supports float32 and float64"
-    if not first.is_cpu:
-        return f"{names[0]} is on {first.device}; the native kernel is CPU-only"
+        return Refusal(f"{names[0]} has dtype {first.dtype}; {kernel} supports float32 and float64")
     if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
-        return "an input requires grad; the native kernel does not record autograd"
-    if strict:
-        for t, name in zip(inputs, names):
-            if not t.is_contiguous():
-                return (f"{name} is not contiguous (strides {t.stride()}); pass "
-                        f"{name}.contiguous()")
-    return None
-
-
-def _use_native(backend: str, inputs, names) -> bool:
-    if backend == "torch":
-        return False
-    reason = _native_refusal(inputs, names, strict=backend == "native")
-    if reason is None:
-        return True
+        return Refusal(f"an input requires grad; {kernel} does not record autograd")
+    # Contiguity binds backend="native" only: "auto" reads a contiguous copy (inputs are read).
     if backend == "native":
-        if reason == "missing":
-            raise RuntimeError(_native.missing_message())
-        raise RuntimeError(f"backend='native' cannot run: {reason}; use backend='auto' or 'torch'")
-    if reason == "missing":
-        _warn_missing_once()
-    return False
-
-
-def _diag_cuda(backend: str, inputs, names, out, direction) -> Optional[torch.Tensor]:
-    """CUDA inputs: the CUDA twin's result, or None when ``auto`` falls back to the reference."""
-    reason = None
-    if _native._C is None:
-        reason = "missing"
-    elif _native.cuda_kernels() is None:
-        reason = _native.CUDA_MISSING_MESSAGE
-    elif inputs[0].dtype not in _NATIVE_DTYPES:
-        reason = f"{names[0]} has dtype {inputs[0].dtype}; the CUDA kernel supports float32 and float64"
-    elif torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
-        reason = "an input requires grad; the CUDA kernel does not record autograd"
-    elif backend == "native":
         for t, name in zip(inputs, names):
             if not t.is_contiguous():
-                reason = f"{name} is not contiguous (strides {t.stride()}); pass {name}.contiguous()"
-                break
-    if reason is not None:
-        if backend == "native":
-            if reason == "missing":
-                raise RuntimeError(_native.missing_message())
-            if reason is _native.CUDA_MISSING_MESSAGE:
-                raise RuntimeError(reason)
-            raise RuntimeError(f"backend='native' cannot run: {reason}; use backend='auto' or 'torch'")
-        if reason == "missing":
-            _warn_missing_once()
-        return None
-    device = inputs[0].device
-    with torch.cuda.device(device):
-        return _diag_cuda_launch(_native.cuda_kernels(), _native.cuda_stream(device), inputs,
-                                 names, out, direction)
+                return Refusal(f"{name} is not contiguous (strides {t.stride()}); pass "
+                               f"{name}.contiguous()")
+    return None
 
 
 def _diag_cuda_launch(kernels, stream: int, inputs, names, out, direction) -> torch.Tensor:
