@@ -30,7 +30,7 @@ def l2_penalty(params: Dict[str, torch.Tensor], lam: float) -> torch.Tensor:
 
 
 class WeightDecay(TrainingDefense):
-    """Train every model with the quadratic regulariser ``λ‖θ‖²`` added to its loss.
+    """L2 regularisation λ‖θ‖² added to every model's training loss (Farokhi & Kaafar 2020, Theorem 3).
 
     Farokhi & Kaafar (2020) train ``θ* ∈ argmin_θ f(θ, D)`` with
     ``f(θ, D) = λ g(θ) + (1/|D|) Σ_{(x,y)∈D} ℓ(M(x; θ), y)`` and, in their experiments, the
@@ -49,7 +49,7 @@ class WeightDecay(TrainingDefense):
     SGD and for Adam (torch's L2-coupled ``weight_decay``, not AdamW's decoupled decay). It differs
     in what surrounds it: as a defense it is part of the population's cache key and of the defense
     chain, it is reported (λ and the parameter norm it leaves) next to the attacks and the
-    accuracy cost, and ``miafw sweep --defense weight-decay --grid lam=...`` traces its trade-off.
+    accuracy cost, and a sweep over ``lam`` traces its privacy-utility trade-off.
     Combined with gradient transforms (DP-SGD), its gradient is added after clipping, noise and
     the division by the batch denominator, as Opacus treats an optimizer's weight decay.
 
