@@ -1,6 +1,6 @@
-"""Build script for miafw's native extensions: ``mia_core._C`` (the kernels) and
-``mia_core._cuda_emu`` (the CUDA twins' sources on a host emulation of the CUDA runtime, for
-the tests; see csrc/cuda_emu/host_cuda.h).
+"""Build script for miafw's native extensions: ``mia_core._C`` (the kernels) and, with
+``MIAFW_CUDA_EMU=1``, ``mia_core._cuda_emu`` (the CUDA twins' sources on a host emulation of the
+CUDA runtime, for the tests only; see csrc/cuda_emu/host_cuda.h).
 
 Project metadata lives in pyproject.toml; this file only adds the extension and its build
 command. The extension is plain C++17 over numpy buffers: it never includes or links torch,
@@ -8,7 +8,8 @@ so ``pip install .`` works under build isolation with only setuptools and pybind
 must never import torch or numpy).
 
 Like torchvision's setup.py it prints what it decided: the sources (globbed and sorted for
-reproducible builds), the flags, whether OpenMP is used and why, and the CUDA status.
+reproducible builds), the flags, whether OpenMP is used and why, the CUDA status and whether
+the CUDA emulation is built.
 """
 
 import os
@@ -32,8 +33,12 @@ def log(msg):
     print(f"[miafw setup] {msg}", flush=True)
 
 
+def _env_flag(name):
+    return os.environ.get(name, "0").strip().lower() in {"1", "true", "yes", "on"}
+
+
 def _cuda_requested():
-    return os.environ.get("MIAFW_CUDA", "0").strip().lower() in {"1", "true", "yes", "on"}
+    return _env_flag("MIAFW_CUDA")
 
 
 def find_nvcc():
@@ -148,7 +153,7 @@ def openmp_symbol_report(path):
 
     torch's bundled libgomp exports up to GOMP_5.0 / OMP_5.0, and only one libgomp is loaded per
     process, so anything newer would fail to resolve beside torch. Informational: never fails
-    the build (tests/test_threading.py asserts it).
+    the build (tests/kernels/test_openmp_threading.py asserts it).
     """
     import re
     import subprocess
@@ -193,6 +198,7 @@ class MiafwBuildExt(build_ext):
                 f"extra_compile_args={ext.extra_compile_args}, "
                 f"extra_link_args={ext.extra_link_args}")
         log(f"CUDA: {cuda_decision()}")
+        log(f"CUDA emulation ({EMU_NAME}): {EMU_REASON}")
         stamp, config = self._force_on_config_change()
         if CUDA_BUILD:
             self._compile_cuda()
@@ -202,6 +208,22 @@ class MiafwBuildExt(build_ext):
             f.write(config)
         for ext in self.extensions:
             log(f"OpenMP symbol versions of {ext.name}: {openmp_symbol_report(self.get_ext_fullpath(ext.name))}")
+
+    def run(self):
+        # In-place and editable builds put the libraries in the source tree (build_extensions
+        # runs with inplace switched off, so this is decided here).
+        if not EMU_BUILD and (self.inplace or getattr(self, "editable_mode", False)):
+            self._drop_stale_emulation()
+        super().run()
+
+    def _drop_stale_emulation(self):
+        """Without MIAFW_CUDA_EMU=1, remove the mia_core._cuda_emu an earlier in-place build
+        left in the source tree: it would no longer be rebuilt, so tests would run stale twins."""
+        path = os.path.join(ROOT, self.get_ext_filename(EMU_NAME))
+        if os.path.exists(path):
+            log(f"CUDA emulation: removing the stale {os.path.relpath(path, ROOT)} "
+                "(MIAFW_CUDA_EMU unset)")
+            os.remove(path)
 
     def _force_on_config_change(self):
         """Rebuild everything when MIAFW_CUDA's outcome changed since the last build: the
@@ -282,15 +304,6 @@ if CUDA_BUILD:
 MAIN_NAME = "mia_core._C"
 EMU_NAME = "mia_core._cuda_emu"
 
-# The CUDA twins' own sources compiled as C++ against a host emulation of the CUDA runtime
-# (csrc/cuda_emu/host_cuda.h), built in every build so the tests run the twins' code without a
-# GPU. Never a backend: mia_core.kernels does not use it.
-emu_sources = _globbed(os.path.join("cuda_emu", "*.cpp")) + [f"{CSRC}/cuda/bind_cuda.cpp"]
-emu_depends = (_globbed(os.path.join("cuda", "*.cu")) + _globbed(os.path.join("cuda", "*.h")) +
-               _globbed(os.path.join("cuda", "*.cuh")) + _globbed(os.path.join("cuda_emu", "*.h")) +
-               kernel_headers + [f"{CSRC}/bind_util.h"])
-log(f"CUDA emulation sources ({EMU_NAME}): {emu_sources}")
-
 ext_modules = [
     Pybind11Extension(
         MAIN_NAME,
@@ -300,7 +313,21 @@ ext_modules = [
         cxx_std=17,
         **ext_kwargs,
     ),
-    Pybind11Extension(
+]
+
+# The CUDA twins' own sources compiled as C++ against a host emulation of the CUDA runtime
+# (csrc/cuda_emu/host_cuda.h), so the tests run the twins' code without a GPU. Never a backend
+# (mia_core.kernels does not use it), so it is built only when asked for: it roughly doubles
+# the build time of a plain `pip install .`. CI sets MIAFW_CUDA_EMU=1 (.ci/run).
+EMU_BUILD = _env_flag("MIAFW_CUDA_EMU")
+if EMU_BUILD:
+    EMU_REASON = "yes (MIAFW_CUDA_EMU=1)"
+    emu_sources = _globbed(os.path.join("cuda_emu", "*.cpp")) + [f"{CSRC}/cuda/bind_cuda.cpp"]
+    emu_depends = (_globbed(os.path.join("cuda", "*.cu")) + _globbed(os.path.join("cuda", "*.h")) +
+                   _globbed(os.path.join("cuda", "*.cuh")) +
+                   _globbed(os.path.join("cuda_emu", "*.h")) + kernel_headers +
+                   [f"{CSRC}/bind_util.h"])
+    ext_modules.append(Pybind11Extension(
         EMU_NAME,
         sources=emu_sources,
         include_dirs=[CSRC],
@@ -308,7 +335,11 @@ ext_modules = [
         define_macros=[("MIAFW_CUDA_EMULATION", "1")],
         extra_compile_args=["-ffp-contract=off"] if os.name != "nt" else [],
         cxx_std=17,
-    ),
-]
+    ))
+    log(f"CUDA emulation ({EMU_NAME}): {EMU_REASON}; sources: {emu_sources}")
+else:
+    EMU_REASON = ("not built (MIAFW_CUDA_EMU unset; set MIAFW_CUDA_EMU=1 to build the host "
+                  "emulation that tests/kernels/test_cuda_emulated.py runs)")
+    log(f"CUDA emulation ({EMU_NAME}): {EMU_REASON}")
 
 setup(ext_modules=ext_modules, cmdclass={"build_ext": MiafwBuildExt}, zip_safe=False)

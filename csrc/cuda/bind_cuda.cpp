@@ -3,9 +3,9 @@
 //
 // Everything is passed as integers: device pointers (torch's Tensor.data_ptr()), sizes and
 // the stream (torch.cuda.current_stream().cuda_stream). The functions only enqueue work on
-// that stream; mia_core/_mask.py, _kl.py and _quant.py are the callers meant for users and
-// check devices, dtypes, shapes, contiguity and aliasing before calling. CUDA errors raise
-// RuntimeError with the CUDA error text.
+// that stream; mia_core/kernels/_mask.py, _kl.py and _quant.py are the callers meant for
+// users and check devices, dtypes, shapes, contiguity and aliasing before calling. CUDA errors
+// raise RuntimeError with the CUDA error text.
 
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>

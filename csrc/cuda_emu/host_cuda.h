@@ -14,7 +14,7 @@
 // What this cannot show: device code generation (nvcc's), the device's libm (logf differs
 // from glibc's by an ulp or so), real concurrency, memory spaces (pointers here are host
 // pointers), streams (work runs at once; a stream is only recorded) and timing. Those need
-// the needs_cuda tests (tests/test_kernels_cuda.py) on a real GPU.
+// the needs_cuda tests (tests/kernels/test_cuda.py) on a real GPU.
 //
 // Names mimic CUDA's (some begin with "__", as CUDA's do); this header is only ever compiled
 // with MIAFW_CUDA_EMULATION defined, in csrc/cuda_emu/*.cpp.

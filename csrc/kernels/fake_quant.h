@@ -44,7 +44,7 @@
 // (float mask), bit-identical to applying the mask (mia_core apply_masks) and then quantizing.
 //
 // Derived parameters (when asked): per channel min/max of v (0 always included), then, in
-// double (see quant_params below, mirrored by mia_core/_quant.py):
+// double (see quant_params below, mirrored by mia_core/kernels/_quant.py):
 //     affine:    scale = max((max_pos - min_neg) / (quant_max - quant_min), eps)
 //                zero_point = clamp(quant_min - nearbyint(min_neg / T(scale)), quant_min, quant_max)
 //     symmetric: scale = max(max(-min_neg, max_pos) / ((quant_max - quant_min) / 2), eps); zp = 0

@@ -160,7 +160,7 @@ inline void apply_masks(const std::vector<MaskSegment<T, M>>& segs, int num_thre
 //   * equal magnitudes (also -0.0 vs +0.0, and NaN vs NaN) are broken by position: the
 //     lower position is removed first.
 // This is exactly torch.argsort(|w|, stable=True)[:k] (torch sorts NaN last, stably), the
-// reference in mia_core/_mask.py.
+// reference in mia_core/kernels/_mask.py.
 //
 // Method: |w| is mapped to an unsigned integer key (the IEEE bits without the sign; every
 // NaN -> the key of +inf plus one) whose integer order is the magnitude order. A histogram

@@ -6,8 +6,8 @@
 * :func:`magnitude_masks` -- keep-masks that remove exactly ``round(sparsity * count)``
   smallest-magnitude weights, per model for stacked ensembles.
 
-Threading and processes (verified by tests/test_threading.py on the 2-core CI machine): the
-native kernels use OpenMP through the one libgomp already in the process (torch's bundled
+Threading and processes (verified by tests/kernels/test_openmp_threading.py on the 2-core CI
+machine): the native kernels use OpenMP through the one libgomp already in the process (torch's bundled
 copy, whichever of torch and ``mia_core._C`` is imported first), with
 ``torch.get_num_threads()`` threads, so ``torch.set_num_threads(n)`` governs them too. Do not
 ``fork`` a process that has run an OpenMP region (any torch op or native kernel that used

@@ -13,8 +13,8 @@ has 2 SMs, so grids are at most 16 blocks of 256 threads and every large input t
 strides), variant dispatch, the first-bad-element report through atomicMin (also with the
 thread order reversed), descriptor buffers and their freeing, the allocator fallback, and the
 propagation of launch and allocation errors. What it cannot cover (device code generation,
-the device libm, real concurrency, memory spaces, streams) is left to tests/test_kernels_cuda.py
-on a GPU.
+the device libm, real concurrency, memory spaces, streams) is left to tests/kernels/test_cuda.py
+on a GPU. The module is built only with MIAFW_CUDA_EMU=1 (as CI does); without it these tests skip.
 """
 
 import math
@@ -30,7 +30,10 @@ from mia_core import kernels
 from mia_core.kernels import _dispatch, _kl, _mask, _native, _quant
 from kernel_helpers import assert_bitwise_equal, bits, make_weights
 
-emu = pytest.importorskip("mia_core._cuda_emu", reason="the CUDA host emulation is not built")
+emu = pytest.importorskip(
+    "mia_core._cuda_emu",
+    reason="the CUDA host emulation mia_core._cuda_emu is not built: build with MIAFW_CUDA_EMU=1 "
+    "(MIAFW_CUDA_EMU=1 pip install -e . --no-deps --no-build-isolation)")
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 NAMES = ("mu0", "var0", "mu1", "var1")
