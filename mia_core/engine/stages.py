@@ -21,6 +21,7 @@ and executors call it. Every usage error (unknown name, bad value, unusable data
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -407,17 +408,16 @@ def train_population(plan: Plan, records: Records, *, cache: Optional[Population
     defenses = [d.plugin for d in plan.train_defenses]
     names = "".join(f" + {d.label}" for d in plan.train_defenses)
     desc = f"training {c.n_models} x {fam.name}{names} on {records.name} ({records.n} records)"
+    owner = fam.owner if not plan.train_defenses else \
+        f"training ({fam.owner} with " + ", ".join(d.owner for d in plan.train_defenses) + ")"
     with reporter.progress(c.recipe.epochs, desc) as update:
         pop = _guarded(
-            fam.owner,
+            owner,
             lambda: ModelPopulation.train(records, build, c.recipe, n_models=c.n_models, seed=c.seed,
-                                          device=plan.device,
+                                          defenses=defenses, device=plan.device,
                                           on_epoch=lambda e, loss: update(1, loss=loss)),
         )
-    reports = []
-    for d in plan.train_defenses:
-        rep = _guarded(d.owner, d.plugin.report, pop.training)
-        reports.append(_defense_entry(d, rep))
+    reports = [_defense_entry(d, rep) for d, rep in zip(plan.train_defenses, pop.training.defenses)]
     cache.store(key, pop.state(), {"key": key, "dataset": plan.dataset.spec.to_dict(),
                                    "model": fam.spec.to_dict(), "recipe": c.recipe.to_dict(),
                                    "train_defense_reports": [r["report"] for r in reports], "n_models": c.n_models, "seed": c.seed,
@@ -595,7 +595,9 @@ def compute_metrics(plan: Plan, *, records: Records, trained: PopulationResult, 
                     undefended_signals: Signals, signals: Signals, scores: Dict[str, np.ndarray],
                     estimates: Dict[str, Estimate]) -> MetricsResult:
     """Stage 8: pooled attack metrics (members positive), estimator rows beside the best
-    measured advantage, target accuracy before and after the post-training defenses."""
+    measured advantage, and the targets' accuracy with the defenses and without any
+    (``undefended_signals``: the population trained without train-time defenses, before the
+    post-training ones), which gives the defenses' accuracy cost."""
     c, targets = plan.config, list(plan.targets)
     keep = defended.population.keep
     membership = keep[targets]
@@ -696,9 +698,15 @@ def run_stages(plan: Plan, *, cache: Optional[PopulationCache] = None,
     reporter = reporter or Reporter()
     records = load_records(plan)
     trained = train_population(plan, records, cache=cache, reporter=reporter)
-    undefended_signals = compute_signals(trained.population)
+    trained_signals = compute_signals(trained.population)
+    undefended_signals = trained_signals
+    if plan.train_defenses:  # the accuracy cost of a train-time defense needs the population without it
+        reporter.message("the same population without train-time defenses, for their accuracy cost:")
+        baseline = train_population(dataclasses.replace(plan, train_defenses=()), records, cache=cache,
+                                    reporter=reporter)
+        undefended_signals = compute_signals(baseline.population)
     defended = apply_defenses(plan, trained.population, reporter=reporter)
-    signals = compute_signals(defended.population) if plan.post_defenses else undefended_signals
+    signals = compute_signals(defended.population) if plan.post_defenses else trained_signals
     scores = run_attacks(plan, defended.population, signals, reporter=reporter)
     estimates = run_estimators(plan, defended.population, signals, reporter=reporter)
     m = compute_metrics(plan, records=records, trained=trained, defended=defended,
