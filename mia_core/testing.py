@@ -38,7 +38,7 @@ from typing import Any, Dict, Mapping, Optional
 
 import numpy as np
 
-from mia_core.base import ACCESS_LEVELS, Attack, Defense, Estimator, Plugin, check_api_version
+from mia_core.base import ACCESS_LEVELS, Attack, Defense, Estimator, Plugin, TrainingDefense, check_api_version
 from mia_core.engine import AccessError, AttackContext, DefenseContext, EstimatorContext, ModelPopulation
 from mia_core.results import json_default
 
@@ -56,8 +56,8 @@ def _fail(cls, rule: str) -> None:
     raise ConformanceError(f"{getattr(cls, '__qualname__', cls)}: {rule}")
 
 
-@functools.lru_cache(maxsize=2)
-def _planted(seed: int) -> ModelPopulation:
+def _planted_setup(seed: int):
+    """The planted population's records, model builder and recipe."""
     import torch
 
     from mia_core.data import Records
@@ -70,7 +70,12 @@ def _planted(seed: int) -> ModelPopulation:
     def build():
         return torch.nn.Sequential(torch.nn.Linear(d, 64), torch.nn.ReLU(), torch.nn.Linear(64, c))
 
-    recipe = TrainingRecipe(epochs=40, lr=5e-3, batch_size=32)
+    return records, build, TrainingRecipe(epochs=40, lr=5e-3, batch_size=32)
+
+
+@functools.lru_cache(maxsize=2)
+def _planted(seed: int) -> ModelPopulation:
+    records, build, recipe = _planted_setup(seed)
     return ModelPopulation.train(records, build, recipe, n_models=8, seed=seed)
 
 
@@ -247,22 +252,55 @@ def _apply(cls, params, pop: ModelPopulation) -> Dict[str, Any]:
 
 
 def check_defense(cls, *, params: Optional[Mapping[str, Any]] = None, seed: int = 0) -> Dict[str, Any]:
-    """Check a :class:`~mia_core.base.Defense` subclass; returns its report on the planted population."""
+    """Check a defense: a :class:`~mia_core.base.Defense` (stage ``post``) applied to the planted
+    population, or a :class:`~mia_core.base.TrainingDefense` (stage ``train``) training it.
+    Returns its report."""
     import torch
 
-    if not (isinstance(cls, type) and issubclass(cls, Defense)):
-        _fail(cls, "is not a subclass of mia_core.base.Defense")
+    if not (isinstance(cls, type) and issubclass(cls, (Defense, TrainingDefense))):
+        _fail(cls, "is not a subclass of mia_core.base.Defense (post-training) or TrainingDefense (train-time)")
     params = dict(params or {})
     check_params(cls, params)
-    if getattr(cls, "stage", None) != "post":
-        _fail(cls, f"stage must be 'post' (the stage this miafw runs), got {getattr(cls, 'stage', None)!r}")
-    a, b = planted_population(seed), planted_population(seed)
-    rep_a, rep_b = _apply(cls, params, a), _apply(cls, params, b)
+    expected = "train" if issubclass(cls, TrainingDefense) else "post"
+    if getattr(cls, "stage", None) != expected:
+        _fail(cls, f"stage must be {expected!r} for a {'TrainingDefense' if expected == 'train' else 'Defense'} "
+                   f"subclass, got {getattr(cls, 'stage', None)!r}")
+    if expected == "train":
+        a, rep_a = _train_with(cls, params, seed)
+        b, rep_b = _train_with(cls, params, seed)
+    else:
+        a, b = planted_population(seed), planted_population(seed)
+        rep_a, rep_b = _apply(cls, params, a), _apply(cls, params, b)
     same = all(torch.equal(a.params[k], b.params[k]) for k in a.params)
     if not same or json.dumps(rep_a, sort_keys=True, default=json_default) != json.dumps(rep_b, sort_keys=True, default=json_default):
         _fail(cls, "two applications with the same parameters and seed gave different weights or reports "
-                   "(draw randomness from ctx.rng())")
+                   "(draw randomness from ctx.rng() or, while training, from the step's per-model generators)")
     return rep_a
+
+
+#: Epochs of the planted recipe a train-time defense trains for (enough to see it act, and fast).
+TRAIN_CHECK_EPOCHS = 10
+
+
+def _train_with(cls, params, seed: int):
+    """The planted population trained (shortly) with one train-time defense: ``(pop, report)``."""
+    import dataclasses
+
+    records, build, recipe = _planted_setup(seed)
+    recipe = dataclasses.replace(recipe, epochs=TRAIN_CHECK_EPOCHS)
+    obj = cls(**params)
+    pop = ModelPopulation.train(records, build, recipe, n_models=8, seed=seed, defenses=[obj])
+    report = pop.training.defenses[0]
+    if not isinstance(report, dict):
+        _fail(cls, f"report() must return a dict, returned {type(report).__name__}")
+    try:
+        json.dumps(report, allow_nan=False, default=json_default)
+    except (TypeError, ValueError) as exc:
+        _fail(cls, f"report() is not JSON-serialisable (or holds NaN/inf): {exc}")
+    for k, v in pop.params.items():
+        if not bool(v.isfinite().all()):
+            _fail(cls, f"training with it left non-finite values in {k!r}")
+    return pop, report
 
 
 # ----------------------------------------------------------------------------- estimators

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
 from mia_core import registry
-from mia_core.base import Attack, Defense, Estimator
+from mia_core.base import Attack, Defense, Estimator, TrainingDefense
 from mia_core.testing import ConformanceError, check_attack, check_defense, check_estimator, check_params
 
 # Extra parameter sets worth covering for the built-ins (the defaults always run).
@@ -198,3 +200,45 @@ def test_kit_on_estimators():
     assert check_estimator(MeanLossGap)["value"] > 0
     with pytest.raises(ConformanceError, match="NaN"):
         check_estimator(NaNEstimator)
+
+
+class ShrinkGradients(TrainingDefense):
+    """Halves every summed gradient (a sound, deterministic train-time defense)."""
+
+    def __init__(self, factor: float = 0.5):
+        self.factor = factor
+
+    def transform_batch(self, grads, step):
+        for g in grads.values():
+            g.mul_(self.factor)
+
+    def report(self, result):
+        return {"factor": self.factor, "steps": result.steps}
+
+
+class UnseededNoise(ShrinkGradients):
+    def transform_batch(self, grads, step):
+        import torch
+
+        for g in grads.values():
+            g.add_(torch.randn(g.shape, generator=torch.Generator().manual_seed(int(time.time_ns()) % 2**31)))
+
+
+class NaNPenalty(ShrinkGradients):
+    def penalty(self, params):
+        return sum(p.reshape(p.shape[0], -1).sum(1) for p in params.values()) * float("nan")
+
+
+class WrongStage(ShrinkGradients):
+    stage = "post"
+
+
+def test_kit_on_train_time_defenses():
+    rep = check_defense(ShrinkGradients)
+    assert rep["factor"] == 0.5 and rep["steps"] > 0
+    with pytest.raises(ConformanceError, match="different weights or reports"):
+        check_defense(UnseededNoise)
+    with pytest.raises(ConformanceError, match="non-finite"):
+        check_defense(NaNPenalty)
+    with pytest.raises(ConformanceError, match="stage must be 'train'"):
+        check_defense(WrongStage)
