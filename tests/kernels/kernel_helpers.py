@@ -27,3 +27,38 @@ def make_weights(n, dtype, g, *, specials=True):
         pos = torch.randint(0, n, (k,), generator=g)
         w[pos] = vals[torch.randint(0, len(vals), (k,), generator=g)]
     return w
+
+
+def all_pairs(*axes):
+    """Rows that cover every PAIR of values of any two axes, instead of every combination.
+
+    ``all_pairs(sizes, dtypes, kinds)`` returns tuples ``(size, dtype, kind)`` in which each
+    (size, dtype), (size, kind) and (dtype, kind) pair appears at least once: about
+    ``len(largest axis) * len(second largest)`` rows instead of the full product. Greedy and
+    deterministic (the same rows on every run). Kernel bugs that need a particular value of
+    three axes at once are what the hypothesis sweeps and the dedicated edge-case tests are for.
+    """
+    axes = [list(a) for a in axes]
+    n = len(axes)
+    if n < 2:
+        return [(v,) for v in (axes[0] if axes else [])]
+    uncovered = {(i, a, j, b) for i in range(n) for j in range(i + 1, n)
+                 for a in range(len(axes[i])) for b in range(len(axes[j]))}
+    rows = []
+    while uncovered:
+        i, a, j, b = min(uncovered)
+        row = {i: a, j: b}
+        for k in range(n):
+            if k in row:
+                continue
+
+            def gain(v, k=k):
+                return sum(((min(k, m), v if k < m else w, max(k, m), w if k < m else v)
+                            in uncovered) for m, w in row.items())
+
+            row[k] = max(range(len(axes[k])), key=lambda v: (gain(v), -v))
+        for p in range(n):
+            for q in range(p + 1, n):
+                uncovered.discard((p, row[p], q, row[q]))
+        rows.append(tuple(axes[k][row[k]] for k in range(n)))
+    return rows

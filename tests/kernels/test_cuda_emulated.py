@@ -15,6 +15,10 @@ thread order reversed), descriptor buffers and their freeing, the allocator fall
 propagation of launch and allocation errors. What it cannot cover (device code generation,
 the device libm, real concurrency, memory spaces, streams) is left to tests/kernels/test_cuda.py
 on a GPU. The module is built only with MIAFW_CUDA_EMU=1 (as CI does); without it these tests skip.
+
+The parameter sweeps cover every pair of values (kernel_helpers.all_pairs), not every
+combination; the hypothesis properties sweep random combinations with a bounded number of
+examples.
 """
 
 import math
@@ -28,7 +32,7 @@ from hypothesis import strategies as st
 
 from mia_core import kernels
 from mia_core.kernels import _dispatch, _kl, _mask, _native, _quant
-from kernel_helpers import assert_bitwise_equal, bits, make_weights
+from kernel_helpers import all_pairs, assert_bitwise_equal, bits, make_weights
 
 emu = pytest.importorskip(
     "mia_core._cuda_emu",
@@ -102,9 +106,7 @@ def _mask_inputs(dtype, kind, seed, sizes=MASK_SIZES):
     return ts, ms
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("kind", ["bool", "float"])
-@pytest.mark.parametrize("order", ["forward", "reverse"])
+@pytest.mark.parametrize("dtype,kind,order", all_pairs(DTYPES, ["bool", "float"], ["forward", "reverse"]))
 def test_apply_masks_twin_matches_reference(dtype, kind, order):
     emu.configure(order=order)
     ts, ms = _mask_inputs(dtype, kind, seed=5)
@@ -235,9 +237,9 @@ def _kl_twin(inputs, direction="forward", out=None):
     return _kl._diag_cuda_launch(emu, 0, inputs, NAMES, out, direction)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("direction", ["forward", "reverse", "symmetric"])
-@pytest.mark.parametrize("shape", [(0,), (1,), (7,), (20_003,), (5, 3), (1001, 17), (0, 4)])
+@pytest.mark.parametrize("shape,direction,dtype", all_pairs(
+    [(0,), (1,), (7,), (20_003,), (5, 3), (1001, 17), (0, 4)], ["forward", "reverse", "symmetric"],
+    DTYPES))
 def test_gaussian_kl_twin_matches_cpu_kernel_and_reference(dtype, direction, shape):
     mu0, v0, mu1, v1 = _kl_inputs(shape, dtype, seed=sum(shape) + 7)
     if mu0.numel() > 2:
@@ -371,12 +373,11 @@ def twin_dispatch(monkeypatch):
     monkeypatch.setattr(_native, "cuda_kernels", lambda: emu)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("mask_kind", [None, "bool", "float"])
-@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
-@pytest.mark.parametrize("shape,axis", [((0,), None), ((1,), None), ((7,), None), ((30_011,), None),
-                                        ((3, 1001, 7), 1), ((64, 513), 0), ((5, 6, 7), -1), ((0, 3), 1)])
-def test_fake_quantize_twin_is_bit_identical_to_cpu_kernel(twin_dispatch, dtype, mask_kind, rounding, shape, axis):
+@pytest.mark.parametrize("shape_axis,mask_kind,dtype,rounding", all_pairs(
+    [((0,), None), ((1,), None), ((7,), None), ((30_011,), None), ((3, 1001, 7), 1), ((64, 513), 0),
+     ((5, 6, 7), -1), ((0, 3), 1)], [None, "bool", "float"], DTYPES, ["nearest", "stochastic"]))
+def test_fake_quantize_twin_is_bit_identical_to_cpu_kernel(twin_dispatch, dtype, mask_kind, rounding, shape_axis):
+    shape, axis = shape_axis
     x, mask, kw = _quant_case(shape, axis, dtype, mask_kind, seed=sum(shape) + 3)
     seed = 2024 if rounding == "stochastic" else None
     got, got_codes = _quant_twin(x, mask, kw, rounding, seed)
@@ -420,12 +421,12 @@ def test_fake_quantize_twin_in_place_and_without_codes(twin_dispatch, rounding):
     assert_bitwise_equal(x, ref)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("mask_kind", [None, "bool", "float"])
-@pytest.mark.parametrize("scheme", ["affine", "symmetric"])
-@pytest.mark.parametrize("shape,axis", [((20_000,), None), ((3, 1001, 7), 1), ((40, 9), -1), ((0, 5), 1)])
+@pytest.mark.parametrize("shape_axis,mask_kind,dtype,scheme", all_pairs(
+    [((20_000,), None), ((3, 1001, 7), 1), ((40, 9), -1), ((0, 5), 1)], [None, "bool", "float"], DTYPES,
+    ["affine", "symmetric"]))
 def test_fake_quantize_twin_derived_parameters_match_cpu_kernel(twin_dispatch, dtype, mask_kind, scheme,
-                                                                shape, axis):
+                                                                shape_axis):
+    shape, axis = shape_axis
     """No scale given: min-max parameters from torch (the reference's code), then the twin."""
     x, mask, kw = _quant_case(shape, axis, dtype, mask_kind, seed=sum(shape), scheme=scheme)
     x = torch.nan_to_num(x, nan=0.5, posinf=4.0, neginf=-3.0)

@@ -3,6 +3,11 @@
 Oracles: torch.fake_quantize_per_tensor_affine / _per_channel_affine (bit for bit, float32,
 given parameters), the pure-torch *_reference functions (bit for bit with the native kernel),
 and a numpy float64 formula for the derived min-max parameters.
+
+Grid: the sweeps run on the native kernel, covering every pair of parameter values
+(kernel_helpers.all_pairs) rather than every combination; the ``torch`` backend gets the cases
+that check the reference against an independent oracle (torch's ops, the numpy formula),
+``auto`` one case each; the random sweep is hypothesis with a bounded number of examples.
 """
 
 import math
@@ -17,7 +22,7 @@ from hypothesis import strategies as st
 
 from mia_core import kernels
 from mia_core.kernels import _dispatch, _native, _quant
-from kernel_helpers import assert_bitwise_equal
+from kernel_helpers import all_pairs, assert_bitwise_equal
 
 NATIVE = kernels.native_available()
 needs_native = pytest.mark.skipif(not NATIVE, reason="mia_core._C is not built")
@@ -41,10 +46,23 @@ def expected_ran(backend):
 # ------------------------------------------------------------------------------ torch parity
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("size", SIZES)
-@pytest.mark.parametrize("bits,scheme", [(8, "affine"), (4, "affine"), (1, "affine"),
-                                         (16, "affine"), (8, "symmetric"), (2, "symmetric")])
+def _on_native(*values):
+    return pytest.param(*values, marks=needs_native)
+
+
+BITS_SCHEMES = [(8, "affine"), (4, "affine"), (1, "affine"), (16, "affine"), (8, "symmetric"),
+                (2, "symmetric")]
+# Every bit width / scheme at an odd size past the SIMD width, every size (the loops' tails
+# and the OpenMP path) at 8-bit affine and 2-bit symmetric: natively, and on the reference.
+PER_TENSOR_GRID = [
+    *(_on_native(b, sc, 1023, "native") for b, sc in BITS_SCHEMES),
+    *(_on_native(8, "affine", n, "native") for n in (0, 1, 7, 70001)),
+    _on_native(2, "symmetric", 70001, "native"),
+    *((b, sc, 7, "torch") for b, sc in BITS_SCHEMES),
+    (8, "affine", 0, "torch"), (8, "affine", 70001, "torch"), (4, "affine", 1023, "auto")]
+
+
+@pytest.mark.parametrize("bits,scheme,size,backend", PER_TENSOR_GRID)
 def test_per_tensor_matches_torch(bits, scheme, size, backend):
     qmin, qmax = kernels.quant_range(bits, scheme)
     x = make_x(size, seed=seed_of(bits, scheme, size))
@@ -58,9 +76,14 @@ def test_per_tensor_matches_torch(bits, scheme, size, backend):
     assert_bitwise_equal(out, torch.fake_quantize_per_tensor_affine(x, scale, zp, qmin, qmax))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("shape,axis", [((0, 3), 1), ((1,), 0), ((5, 7), 0), ((5, 7), -1),
-                                        ((3, 5, 4667), 1), ((70001, 3), 1), ((3, 4, 5), 2)])
+PER_CHANNEL_SHAPES = [((0, 3), 1), ((1,), 0), ((5, 7), 0), ((5, 7), -1), ((3, 5, 4667), 1),
+                      ((70001, 3), 1), ((3, 4, 5), 2)]
+
+
+@pytest.mark.parametrize("shape,axis,backend", [
+    *(_on_native(shape, axis, "native") for shape, axis in PER_CHANNEL_SHAPES),
+    ((0, 3), 1, "torch"), ((5, 7), -1, "torch"), ((70001, 3), 1, "torch"), ((3, 4, 5), 2, "torch"),
+    ((3, 5, 4667), 1, "auto")])
 def test_per_channel_matches_torch(shape, axis, backend):
     x = make_x(shape, seed=seed_of(shape, axis))
     C = shape[axis]
@@ -111,13 +134,12 @@ def test_strided_input_auto_path(layout, backend):
 
 
 @needs_native
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("shape,axis", [((0,), None), ((1,), None), ((70001,), None),
-                                        ((257, 301), 0), ((257, 301), 1), ((9, 11, 719), 1),
-                                        ((2, 3), None)])
-@pytest.mark.parametrize("scheme", ["affine", "symmetric"])
-@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
-def test_native_matches_reference(dtype, shape, axis, scheme, rounding):
+@pytest.mark.parametrize("shape_axis,dtype,scheme,rounding", all_pairs(
+    [((0,), None), ((1,), None), ((70001,), None), ((257, 301), 0), ((257, 301), 1),
+     ((9, 11, 719), 1), ((2, 3), None)],
+    [torch.float32, torch.float64], ["affine", "symmetric"], ["nearest", "stochastic"]))
+def test_native_matches_reference(shape_axis, dtype, scheme, rounding):
+    shape, axis = shape_axis
     x = make_x(shape, dtype, seed=seed_of(dtype, shape, axis, scheme, rounding))
     kw = dict(bits=5, scheme=scheme, axis=axis, rounding=rounding,
               seed=12345 if rounding == "stochastic" else None, return_codes=True)
@@ -128,7 +150,7 @@ def test_native_matches_reference(dtype, shape, axis, scheme, rounding):
 
 
 @needs_native
-@pytest.mark.parametrize("num_threads", [1, 2, 3, 7])
+@pytest.mark.parametrize("num_threads", [1, 3])
 def test_native_thread_splits_are_exact(num_threads):
     x = make_x((71003, 3), seed=5)
     ref = kernels.fake_quantize_reference(x, axis=1, rounding="stochastic", seed=9)
@@ -162,14 +184,13 @@ def adversarial_x(n, scale, zp, qmin, qmax, seed):
 
 
 @needs_native
-@pytest.mark.parametrize("isa", supported_isas())
-@pytest.mark.parametrize("bits,scheme,zp_kind", [(8, "affine", "mid"), (8, "affine", "min"),
-                                                 (8, "affine", "max"), (16, "affine", "mid"),
-                                                 (1, "affine", "min"), (4, "symmetric", "zero"),
-                                                 (16, "symmetric", "zero")])
-@pytest.mark.parametrize("n", [1, 15, 1023, 70001])
-@pytest.mark.parametrize("store", ["regular", "streaming"])
-def test_every_isa_matches_torch_bitwise(isa, bits, scheme, zp_kind, n, store):
+@pytest.mark.parametrize("isa,code_range,n,store", all_pairs(
+    supported_isas(),
+    [(8, "affine", "mid"), (8, "affine", "min"), (8, "affine", "max"), (16, "affine", "mid"),
+     (1, "affine", "min"), (4, "symmetric", "zero"), (16, "symmetric", "zero")],
+    [1, 15, 1023, 70001], ["regular", "streaming"]))
+def test_every_isa_matches_torch_bitwise(isa, code_range, n, store):
+    bits, scheme, zp_kind = code_range
     qmin, qmax = kernels.quant_range(bits, scheme)
     zp = {"mid": (qmin + qmax + 1) // 2, "min": qmin, "max": qmax, "zero": 0}[zp_kind]
     scale = 0.0371 if bits > 1 else 0.9
@@ -220,11 +241,9 @@ def test_every_isa_matches_torch_bitwise(isa, bits, scheme, zp_kind, n, store):
 
 
 @needs_native
-@pytest.mark.parametrize("isa", supported_isas())
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
-@pytest.mark.parametrize("store", ["regular", "streaming"])
-@pytest.mark.parametrize("in_place", [False, True])
+@pytest.mark.parametrize("isa,dtype,rounding,store,in_place", all_pairs(
+    supported_isas(), [torch.float32, torch.float64], ["nearest", "stochastic"],
+    ["regular", "streaming"], [False, True]))
 def test_every_isa_matches_reference_float64_and_stochastic(isa, dtype, rounding, store,
                                                             in_place):
     x = make_x((70001,), dtype, seed=seed_of(isa, dtype, rounding), scale=40.0)
@@ -297,11 +316,14 @@ def numpy_params(x, bits, scheme, axis):
     return s.astype(a.dtype), z
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("scheme", ["affine", "symmetric"])
-@pytest.mark.parametrize("shape,axis", [((1000,), None), ((40, 70001 // 40), 0), ((6, 0), 0),
-                                        ((0,), None), ((8, 9), 1)])
+DERIVED_SHAPES = [((1000,), None), ((40, 70001 // 40), 0), ((6, 0), 0), ((0,), None), ((8, 9), 1)]
+
+
+@pytest.mark.parametrize("shape,axis,scheme,dtype,backend", [
+    *(_on_native(shape, axis, scheme, dtype, "native") for (shape, axis), scheme, dtype in all_pairs(
+        DERIVED_SHAPES, ["affine", "symmetric"], [torch.float32, torch.float64])),
+    ((1000,), None, "affine", torch.float64, "torch"), ((8, 9), 1, "symmetric", torch.float32, "torch"),
+    ((40, 70001 // 40), 0, "affine", torch.float32, "auto")])
 def test_derived_params_match_numpy_formula(shape, axis, scheme, dtype, backend):
     x = make_x(shape, dtype, seed=seed_of(shape, axis, scheme)) + 0.7  # skewed: zp != midpoint
     if x.numel():
@@ -397,12 +419,12 @@ def test_stochastic_unbiased_and_on_neighbouring_levels(dtype, backend):
 # ------------------------------------------------------------------------------ masked (fused)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("kind", ["bool", "float"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("size,axis", [(0, None), (1, None), (1023, None), (70001, None),
-                                       (70001, 0)])
-@pytest.mark.parametrize("given", [True, False])
+@pytest.mark.parametrize("given,size,axis,dtype,kind,backend", [
+    *(_on_native(given, size, axis, dtype, kind, "native") for (size, axis), given, dtype, kind in all_pairs(
+        [(0, None), (1, None), (1023, None), (70001, None), (70001, 0)], [True, False],
+        [torch.float32, torch.float64], ["bool", "float"])),
+    (True, 1023, None, torch.float32, "bool", "torch"), (False, 70001, 0, torch.float64, "float", "torch"),
+    (True, 70001, 0, torch.float32, "float", "auto")])
 def test_masked_equals_mask_then_quantize(given, size, axis, dtype, kind, backend):
     seed = seed_of(given, size, axis, dtype, kind)
     shape = (size,) if axis is None else (7, size // 7)
@@ -462,10 +484,15 @@ def test_out_preallocated_and_in_place(backend):
 # ------------------------------------------------------------------------------ sign / ternary
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("shape,axis", [((0,), None), ((1,), None), ((70001,), None),
-                                        ((31, 17), 0), ((31, 17), 1), ((4, 0), 0)])
+SIGN_SHAPES = [((0,), None), ((1,), None), ((70001,), None), ((31, 17), 0), ((31, 17), 1), ((4, 0), 0)]
+
+
+@pytest.mark.parametrize("shape,axis,dtype,backend", [
+    *(_on_native(shape, axis, [torch.float32, torch.float64][i % 2], "native")
+      for i, (shape, axis) in enumerate(SIGN_SHAPES)),
+    _on_native((70001,), None, torch.float64, "native"),
+    ((31, 17), 1, torch.float32, "torch"), ((70001,), None, torch.float64, "torch"),
+    ((31, 17), 0, torch.float64, "auto")])
 def test_sign_levels_and_reference(shape, axis, dtype, backend):
     x = make_x(shape, dtype, seed=seed_of(shape, axis))
     if x.numel() > 2:
@@ -485,23 +512,25 @@ def test_sign_levels_and_reference(shape, axis, dtype, backend):
     assert set(given.unique().tolist()) <= {-0.5, 0.5}
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("sparsity", [0.0, 0.25, 0.5, 0.9])
-@pytest.mark.parametrize("shape,axis", [((101,), None), ((70001,), None), ((12, 33), 0),
-                                        ((12, 33), 1), ((3, 5, 7), 2)])
-def test_ternary_exact_sparsity_and_levels(shape, axis, sparsity, backend):
-    x = make_x(shape, seed=seed_of(shape, axis, sparsity))
-    x.reshape(-1)[::5] = 0.5  # many ties in |x|
-    out = kernels.fake_quantize_ternary(x, sparsity=sparsity, axis=axis, backend=backend)
-    ref = kernels.fake_quantize_ternary_reference(x, sparsity=sparsity, axis=axis)
-    assert torch.equal(out == 0, ref == 0) and torch.equal(out < 0, ref < 0)
-    torch.testing.assert_close(out, ref, rtol=2e-7, atol=0)
-    C = 1 if axis is None else shape[axis]
-    flat = out.reshape(1, -1) if axis is None else out.movedim(axis, 0).reshape(C, -1)
-    k = round(sparsity * flat.shape[1])
-    assert flat.eq(0).sum(dim=1).tolist() == [k] * C
-    for row in flat:
-        assert len(set(row[row != 0].abs().tolist())) <= 1  # one magnitude s per channel
+@pytest.mark.parametrize("shape,axis,backend", [
+    *(_on_native(shape, axis, "native")
+      for shape, axis in [((101,), None), ((70001,), None), ((12, 33), 0), ((12, 33), 1),
+                          ((3, 5, 7), 2)]),
+    ((101,), None, "torch"), ((12, 33), 1, "torch"), ((3, 5, 7), 2, "auto")])
+def test_ternary_exact_sparsity_and_levels(shape, axis, backend):
+    for sparsity in [0.0, 0.25, 0.5, 0.9]:
+        x = make_x(shape, seed=seed_of(shape, axis, sparsity))
+        x.reshape(-1)[::5] = 0.5  # many ties in |x|
+        out = kernels.fake_quantize_ternary(x, sparsity=sparsity, axis=axis, backend=backend)
+        ref = kernels.fake_quantize_ternary_reference(x, sparsity=sparsity, axis=axis)
+        assert torch.equal(out == 0, ref == 0) and torch.equal(out < 0, ref < 0)
+        torch.testing.assert_close(out, ref, rtol=2e-7, atol=0)
+        C = 1 if axis is None else shape[axis]
+        flat = out.reshape(1, -1) if axis is None else out.movedim(axis, 0).reshape(C, -1)
+        k = round(sparsity * flat.shape[1])
+        assert flat.eq(0).sum(dim=1).tolist() == [k] * C
+        for row in flat:
+            assert len(set(row[row != 0].abs().tolist())) <= 1  # one magnitude s per channel
 
 
 def test_ternary_ties_by_position():
@@ -653,12 +682,13 @@ ERRORS = {
 }
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", list(ERRORS))
-def test_input_errors(case, backend):
+def test_input_errors(case):
+    # Every backend: the errors do not depend on which one would have run.
     fn, exc, match = ERRORS[case]
-    with pytest.raises(exc, match=match):
-        fn(backend)
+    for backend in ["auto", "torch"] + (["native"] if NATIVE else []):
+        with pytest.raises(exc, match=match):
+            fn(backend)
 
 
 @needs_native
