@@ -5,9 +5,11 @@ Two interchangeable paths compute the logits of ``M`` models on their own batche
 
 * :class:`StackedSequential` — the fast path for an ``nn.Sequential`` of ``nn.Linear`` layers and
   parameter-free elementwise activations (and a bare ``nn.Linear``): one ``torch.baddbmm`` per
-  layer on ``[M, B, D]`` batches. It computes exactly what ``functional_call`` computes,
-  ``x @ W.T + b`` per model; only the kernels (batched GEMM instead of ``vmap``'s batching rules)
-  and hence the float rounding differ.
+  layer. It computes exactly what ``functional_call`` computes, ``x @ W.T + b`` per model; only
+  the kernels (batched GEMM instead of ``vmap``'s batching rules) and hence the float rounding
+  differ. Activations are kept feature-major, ``h [M, F, B]`` with ``h' = W h + b``, so that
+  autograd's weight gradient ``g hᵀ`` comes out ``[M, out, in]``, contiguous in the parameter's
+  own layout (a row-major ``h Wᵀ`` yields a transposed gradient that must be copied every step).
 * :class:`VmapForward` — any other module: ``torch.func.vmap`` over ``functional_call``.
 
 :func:`ensemble_forward` picks the fast path when the module qualifies.
@@ -60,9 +62,10 @@ class VmapForward(EnsembleForward):
 class StackedSequential(EnsembleForward):
     """``nn.Sequential`` of ``nn.Linear`` and elementwise activations, as batched GEMMs.
 
-    Layer ``Linear(weight [M, out, in], bias [M, out])`` becomes
-    ``baddbmm(bias[:, None, :], h, weight.transpose(1, 2))`` on ``h [M, B, in]``; activations are
-    called as they are (they are elementwise). Use :meth:`for_module` to build one.
+    On feature-major activations ``h [M, in, B]`` (the input batch ``x [M, B, D]`` enters as the
+    transposed view), layer ``Linear(weight [M, out, in], bias [M, out])`` is
+    ``baddbmm(bias[:, :, None], weight, h)``; activations are called as they are (they are
+    elementwise). Use :meth:`for_module` to build one.
     """
 
     name = "stacked"
@@ -93,16 +96,27 @@ class StackedSequential(EnsembleForward):
             return None
         return cls(ops)
 
-    def __call__(self, params, buffers, x):
-        h = x
+    def features_last(self, params: Params, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``[M, C, B]`` (class axis second, as ``F.cross_entropy`` takes it) of
+        ``x [M, B, D]``: the layout the layers compute in, without a final transpose."""
+        h = x.transpose(1, 2)
+        fresh = False  # h is a linear layer's output that nothing has saved for backward yet
         for kind, op in self._ops:
             if kind == "linear":
                 w_name, b_name = op
-                w = params[w_name].transpose(1, 2)
-                h = torch.bmm(h, w) if b_name is None else torch.baddbmm(params[b_name].unsqueeze(1), h, w)
+                w = params[w_name]
+                h = torch.bmm(w, h) if b_name is None else torch.baddbmm(params[b_name].unsqueeze(2), w, h)
+                fresh = True
+            elif fresh and type(op) is nn.ReLU:
+                h = h.relu_()  # in place on the GEMM's output: one pass and one buffer fewer
+                fresh = False  # relu saved it for its backward
             else:
-                h = op(h)
+                h = op(h)  # activations may save their output (tanh, sigmoid): never overwritten
+                fresh = False
         return h
+
+    def __call__(self, params, buffers, x):
+        return self.features_last(params, x).transpose(1, 2)
 
 
 def ensemble_forward(base: nn.Module, *, allow_stacked: bool = True) -> EnsembleForward:

@@ -39,7 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, stack_module_state, vmap
 
-from mia_core.engine.ensemble import EnsembleForward, ensemble_forward, per_sample_gradients
+from mia_core.engine import optim as _optim
+from mia_core.engine.ensemble import EnsembleForward, StackedSequential, ensemble_forward, per_sample_gradients
 from mia_core.engine.samplers import (
     SAMPLERS,
     STREAM_NOISE,
@@ -266,19 +267,14 @@ class TrainingResult:
 
 
 # --------------------------------------------------------------------------- optimizer
-def make_optimizer(tensors: Sequence[torch.Tensor], recipe: TrainingRecipe, lr: Optional[float] = None) -> torch.optim.Optimizer:
-    """Adam or SGD over the stacked tensors: the fused implementation where the device has one
-    (one kernel per tensor), else ``foreach``. Both compute the same elementwise update."""
-    lr = recipe.lr if lr is None else lr
-    if recipe.optimizer == "adam":
-        cls, kw = torch.optim.Adam, dict(lr=lr, weight_decay=recipe.weight_decay)
-    else:
-        cls, kw = torch.optim.SGD, dict(lr=lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
-    try:
-        return cls(list(tensors), fused=True, **kw)
-    except (RuntimeError, ValueError, TypeError):
-        return cls(list(tensors), foreach=True, **kw)
-
+def make_optimizer(tensors: Sequence[torch.Tensor], recipe: TrainingRecipe, lr: Optional[float] = None):
+    """Adam or SGD over the stacked tensors, per the recipe: torch's fused kernel where the device
+    has one (:mod:`mia_core.engine.optim`), else ``torch.optim``'s ``foreach``. Both compute the
+    same elementwise update; the returned object has ``step()`` and ``kind``."""
+    return _optim.make_optimizer(
+        tensors, optimizer=recipe.optimizer, lr=recipe.lr if lr is None else lr,
+        weight_decay=recipe.weight_decay, momentum=recipe.momentum,
+    )
 
 
 def _overrides(obj: Any, hook: str) -> bool:
@@ -445,6 +441,8 @@ class Trainer:
     # ------------------------------------------------------------------ stage 2: loss
     def losses(self, batch: _Batch) -> torch.Tensor:
         """Per-sample cross-entropy ``[M, W]`` of every model on its batch (padding included)."""
+        if isinstance(self.forward, StackedSequential):  # logits [M, C, W]: no transpose needed
+            return F.cross_entropy(self.forward.features_last(self.params, batch.x), batch.y, reduction="none")
         logits = self.forward(self.params, self.buffers, batch.x)
         n_models, width = batch.y.shape
         return F.cross_entropy(logits.reshape(n_models * width, -1), batch.y.reshape(-1), reduction="none").view(n_models, width)

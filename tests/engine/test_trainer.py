@@ -132,6 +132,32 @@ def test_recipe_rejects_bad_sampler_settings(kw, match):
         TrainingRecipe(**kw).validate()
 
 
+# --------------------------------------------------------------------------- optimizer
+@pytest.mark.parametrize("kind,kw", [("adam", dict(weight_decay=0.01)), ("sgd", dict(momentum=0.9, weight_decay=0.01)),
+                                     ("sgd", dict(momentum=0.0))])
+def test_fused_step_is_bitwise_torch_optim(kind, kw):
+    """The direct fused kernels compute exactly torch.optim's fused update, step after step."""
+    from mia_core.engine.optim import FusedAdam, FusedSGD, make_optimizer
+
+    torch.manual_seed(0)
+    ours = [torch.randn(4, 3, 5), torch.randn(4, 7)]
+    ref = [t.clone() for t in ours]
+    opt = make_optimizer(ours, optimizer=kind, lr=0.01, **kw)
+    assert isinstance(opt, FusedAdam if kind == "adam" else FusedSGD) and opt.kind == "fused"
+    cls = torch.optim.Adam if kind == "adam" else torch.optim.SGD
+    torch_opt = cls(ref, lr=0.01, fused=True, **kw)
+    for _ in range(5):
+        for a, b in zip(ours, ref):
+            a.grad = torch.randn_like(a)
+            b.grad = a.grad.clone()
+        opt.step()
+        torch_opt.step()
+        for a, b in zip(ours, ref):
+            assert torch.equal(a, b)
+    foreach = make_optimizer(ours, optimizer=kind, lr=0.01, fused=False, **kw)
+    assert foreach.kind == "foreach"
+
+
 # --------------------------------------------------------------------------- against torch loops
 @pytest.mark.parametrize("optimizer", ["adam", "sgd"])
 @pytest.mark.parametrize("sampler", ["fixed", "poisson"])
@@ -158,10 +184,18 @@ def test_trainer_equals_independent_torch_loops(optimizer, sampler):
     assert len(result.losses) == recipe.epochs and result.forward == "stacked"
 
 
-def test_stacked_and_vmap_paths_agree():
+@pytest.mark.parametrize("layers", [
+    lambda: [torch.nn.Linear(D, H), torch.nn.Tanh(), torch.nn.Linear(H, C)],
+    lambda: [torch.nn.Identity(), torch.nn.ReLU(), torch.nn.Linear(D, H), torch.nn.ReLU(), torch.nn.Identity(),
+             torch.nn.ReLU(), torch.nn.Linear(H, H, bias=False), torch.nn.GELU(), torch.nn.Linear(H, C)],
+], ids=["tanh", "relu-identity-nobias"])
+def test_stacked_and_vmap_paths_agree(layers):
     """The batched-GEMM fast path computes the same maths as vmap(functional_call)."""
-    x, y, keep, base, params, buffers = _setup()
+    x, y = _data()
+    keep = make_keep_matrix(4, x.shape[0], np.random.default_rng(1))
+    base, params, buffers = init_ensemble(lambda: torch.nn.Sequential(*layers()), 4, seed=7)
     assert isinstance(ensemble_forward(base), StackedSequential)
+    x_before = x.clone()
     recipe = TrainingRecipe(epochs=4, batch_size=16, lr=0.01)
     runs = []
     for stacked in (True, False):
@@ -172,6 +206,7 @@ def test_stacked_and_vmap_paths_agree():
     for k in params:
         torch.testing.assert_close(runs[0][0][k], runs[1][0][k], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(runs[0][1].losses, runs[1][1].losses, rtol=1e-5)
+    assert torch.equal(x, x_before)  # in-place activations never touch the data
 
 
 def test_fast_path_only_for_linear_stacks():
