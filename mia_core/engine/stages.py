@@ -746,10 +746,11 @@ def evaluate(config: Union[EvalConfig, Plan], *, out: Optional[Union[str, Path]]
     """
     plan = config if isinstance(config, Plan) else resolve(config)
     if not isinstance(cache, PopulationCache):
-        cache = PopulationCache(cache)
+        cache = PopulationCache(None if cache is None else Path(cache).expanduser())
     if out is None:
         return run_stages(plan, cache=cache, reporter=reporter)
-    run = RunDir(Path(out), plan.document, index=RunIndex(Path(out)), discard_on=USAGE_ERRORS)
+    out = Path(out).expanduser()
+    run = RunDir(out, plan.document, index=RunIndex(out), discard_on=USAGE_ERRORS)
     with run:
         ev = run_stages(plan, cache=cache, reporter=reporter)
         write_run(run, ev)
