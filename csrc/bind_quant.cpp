@@ -2,12 +2,15 @@
 //
 // Arrays are taken as py::array, never as a force-cast py::array_t: a cast would silently
 // copy, and writes into `out`, `codes` or derived `scale` / `zero_point` would be lost.
-// Everything is validated (messages name the argument) before the GIL is released.
+// What the kernels need to stay in bounds (dtypes, shapes, contiguity, alignment, the code
+// range, the axis) is validated here, naming the argument, before the GIL is released. Rules
+// about VALUES (a given scale > 0, an integer zero point in range, out not partially
+// overlapping x or the mask) are mia_core.kernels' (one check, on every backend): breaking
+// them here gives wrong numbers, never an out-of-bounds access.
 
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
-#include <cmath>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -22,8 +25,6 @@ using namespace miafw::bind;
 namespace {
 
 constexpr int64_t kQuantBound = 65536;  // |quant_min|, |quant_max| < 2^16 (1..16 bits)
-
-std::string num(double v) { return py::str(py::float_(v)).cast<std::string>(); }
 
 py::array as_array(const py::handle& obj, const char* name) {
   if (!py::isinstance<py::array>(obj)) {
@@ -56,9 +57,6 @@ std::uintptr_t hi_of(const py::array& a) {
 bool overlaps(const py::array& a, const py::array& b) {
   if (a.size() == 0 || b.size() == 0) return false;
   return lo_of(a) < hi_of(b) && lo_of(b) < hi_of(a);
-}
-bool same_buffer(const py::array& a, const py::array& b) {
-  return lo_of(a) == lo_of(b) && hi_of(a) == hi_of(b) && a.itemsize() == b.itemsize();
 }
 
 // An output array: dtype/shape like `like` (dtype given), contiguous, writeable.
@@ -174,21 +172,7 @@ py::object run_fq(const py::array& x, const py::object& mask_obj, py::array out,
   T* z = static_cast<T*>(zero_point.mutable_data());
   std::vector<T> inv(static_cast<size_t>(C));
   if (!spec.derive) {
-    for (int64_t c = 0; c < C; ++c) {
-      const T sc = s[c];
-      if (!(sc > T(0)) || !std::isfinite(sc) || !std::isfinite(T(1) / sc)) {
-        throw py::value_error("scale[" + std::to_string(c) + "]=" + num(double(sc)) +
-                              "; it must be finite and > 0 (with a finite reciprocal)");
-      }
-      const T zc = z[c];
-      if (!(zc == std::nearbyint(zc)) || zc < T(spec.quant_min) || zc > T(spec.quant_max)) {
-        throw py::value_error("zero_point[" + std::to_string(c) + "]=" + num(double(zc)) +
-                              " must be an integer in [quant_min, quant_max] = [" +
-                              std::to_string(spec.quant_min) + ", " +
-                              std::to_string(spec.quant_max) + "]");
-      }
-      inv[c] = T(1) / sc;
-    }
+    for (int64_t c = 0; c < C; ++c) inv[c] = T(1) / s[c];  // values checked by mia_core.kernels
   }
   mk::QuantParams<T> params{s, inv.data(), z};
   const T* xp = static_cast<const T*>(x.data());
@@ -219,8 +203,8 @@ py::object run_fq(const py::array& x, const py::object& mask_obj, py::array out,
                             shape_str(x) + "; they must be equal (no broadcasting)");
     }
     if (!c_contiguous(m)) throw py::value_error("mask is not C-contiguous");
-    if (overlaps(m, out) || (cp && overlaps(m, codes))) {
-      throw py::value_error("mask overlaps the memory of out (or codes); pass a separate buffer");
+    if (cp && overlaps(m, codes)) {
+      throw py::value_error("mask overlaps the memory of codes; pass a separate buffer");
     }
     if (!is_bool && m.size() && !aligned_for<T>(m.data())) {
       throw py::value_error("mask is not aligned for its dtype");
@@ -249,9 +233,6 @@ py::object fake_quantize(const py::handle& x_obj, const py::handle& out_obj,
   const mk::QuantStore store = parse_quant_store(store_name);
   py::array x = check_x(x_obj);
   py::array out = check_out(out_obj, "out", x, x.dtype());
-  if (overlaps(out, x) && !same_buffer(out, x)) {
-    throw py::value_error("out partially overlaps x; pass x itself (in place) or a separate buffer");
-  }
   check_range(quant_min, quant_max);
   if (scheme != 0 && scheme != 1) {
     throw py::value_error("scheme=" + std::to_string(scheme) + "; allowed: 0 (affine), 1 (symmetric)");
@@ -275,15 +256,9 @@ void fake_quantize_sign(const py::handle& x_obj, const py::handle& out_obj, cons
                         const py::handle& scale_obj, bool derive, int num_threads) {
   py::array x = check_x(x_obj);
   py::array out = check_out(out_obj, "out", x, x.dtype());
-  if (overlaps(out, x) && !same_buffer(out, x)) {
-    throw py::value_error("out partially overlaps x; pass x itself (in place) or a separate buffer");
-  }
   const mk::QuantLayout L = layout_of(x, axis);
   py::array scale = check_param(scale_obj, "scale", x.dtype(), L.channels, derive);
   if (overlaps(scale, out)) throw py::value_error("scale overlaps out");
-  if (derive && same_buffer(out, x) && x.size()) {
-    // The scale pass reads all of x before any write (barrier in the kernel): fine.
-  }
   if (is_f32(x)) {
     const float* xp = static_cast<const float*>(x.data());
     float* op = static_cast<float*>(out.mutable_data());
@@ -355,11 +330,13 @@ MIAFW_BINDER(quant) {
         R"doc(Fake-quantize x into out (optionally masked), one parallel region.
 
 x: C-contiguous float32/float64 array. out: same dtype and shape, C-contiguous, writeable;
-    may be x itself. axis: None (per tensor) or the channel axis (negative allowed).
+    x itself or disjoint from x and mask (not checked here). axis: None (per tensor) or the
+    channel axis (negative allowed).
 quant_min < quant_max: integer range, both within (-65536, 65536). scheme: 0 affine, 1 symmetric
     (only used when derive). scale, zero_point: arrays of x's dtype and shape (C,) (C = 1 per
-    tensor); read when derive is False (scale > 0, zero_point an integer in range), written when
-    derive is True (min-max of the (masked) data, 0 included, floor 2^-23).
+    tensor); read when derive is False (scale finite and > 0, zero_point an integer in range:
+    mia_core.kernels checks these values, this function does not), written when derive is True
+    (min-max of the (masked) data, 0 included, floor 2^-23).
 stochastic, seed: stochastic rounding from a counter-based hash of (seed, flat index).
 codes: optional int32 array like x that receives the integer codes.
 mask: optional bool or x-dtype array like x: the quantized value is mask ? x : 0 (bool) or x * mask.

@@ -750,6 +750,9 @@ def fake_quantize_sign_reference(x: Tensor, *, axis: Optional[int] = None, scale
     return _sign(x, axis, scale, out, "torch", reference_only=True)
 
 
+_TERNARY_NAN = "x contains NaN; ternary quantization ranks |x| and NaN has no rank"
+
+
 def _ternary_k(sparsity, count: int) -> int:
     return int(round(sparsity * count))
 
@@ -761,13 +764,15 @@ def _ternary(x, sparsity, axis, out, backend, reference_only=False):
         raise ValueError(f"sparsity={sparsity!r} is out of range; allowed: 0 <= sparsity < 1")
     axis = _norm_axis(x, axis)
     _check_out(out, x)
-    if bool(torch.isnan(x).any()):
-        raise ValueError("x contains NaN; ternary quantization ranks |x| and NaN has no rank")
     C = _channels(x, axis)
     per = x.numel() // C if C else 0
     k = _ternary_k(float(sparsity), per)
     ran = "torch" if reference_only else _choose(backend, x, cuda_twin=False)
+    # NaN is refused once per call: here on the torch path, by the extension (which must scan
+    # anyway: NaN would break its selection) on the native one.
     if ran == "torch":
+        if bool(torch.isnan(x).any()):
+            raise ValueError(_TERNARY_NAN)
         with torch.no_grad():
             flat = x.reshape(1, -1) if axis is None else x.movedim(axis, 0).reshape(C, -1)
             zero = torch.zeros(flat.shape, dtype=torch.bool, device=x.device)
@@ -793,8 +798,8 @@ def _ternary(x, sparsity, axis, out, backend, reference_only=False):
     tmp = torch.empty_like(x, memory_format=torch.contiguous_format)
     ok = _native._C.fake_quantize_ternary(_np(x), tmp.numpy(), axis=axis, zero_count=zc.numpy(),
                                           scale=s.numpy(), num_threads=torch.get_num_threads())
-    if not ok:  # pragma: no cover - checked above
-        raise ValueError("x contains NaN; ternary quantization ranks |x| and NaN has no rank")
+    if not ok:  # nothing was written
+        raise ValueError(_TERNARY_NAN)
     if out is not None:
         out.copy_(tmp)
         _bump_versions([out])

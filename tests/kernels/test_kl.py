@@ -563,6 +563,8 @@ def test_autograd_goes_through_reference_on_auto():
 
 @needs_native
 def test_extension_validates_numpy_inputs():
+    # What keeps the kernel in bounds; out overlapping an input and a bad jitter are the
+    # kernels module's errors, checked once on every backend (_err_cases above).
     C = _native._C
     a = np.ones(4)
     out = np.empty(4)
@@ -574,9 +576,6 @@ def test_extension_validates_numpy_inputs():
     ro.flags.writeable = False
     with pytest.raises(ValueError, match=r"out is read-only"):
         C.gaussian_kl(a, a, a, a, ro)
-    with pytest.raises(ValueError, match=r"out overlaps the memory of mu1"):
-        b = np.ones(4)
-        C.gaussian_kl(a, a, b, a, b)
     with pytest.raises(TypeError, match=r"mu0 must be a numpy.ndarray, got list"):
         C.gaussian_kl([1.0], a, a, a, out)
     with pytest.raises(ValueError, match=r"unknown direction"):

@@ -705,6 +705,9 @@ def test_native_rejects_noncontiguous():
 
 @needs_native
 def test_extension_validates_numpy_inputs():
+    # What keeps the kernel in bounds. The VALUE rules (scale > 0, zero point in range, out
+    # not partially overlapping x) are the kernels module's, checked once on every backend
+    # (ERRORS above, test_cuda_emulated's overlapping-buffers test).
     C = _native._C
     a = np.ones((4, 5), dtype=np.float32)
     p = np.ones(1, dtype=np.float32)
@@ -715,17 +718,10 @@ def test_extension_validates_numpy_inputs():
         C.fake_quantize(a, np.ones((5, 4), dtype=np.float32), **kw)
     with pytest.raises(ValueError, match=r"x is not C-contiguous"):
         C.fake_quantize(a.T, np.ones((5, 4), dtype=np.float32), **kw)
-    with pytest.raises(ValueError, match=r"scale\[0\]=-1\.0"):
-        C.fake_quantize(a, a.copy(), **{**kw, "scale": -p})
-    with pytest.raises(ValueError, match=r"zero_point\[0\]=300\.0"):
-        C.fake_quantize(a, a.copy(), **{**kw, "zero_point": p * 300})
     with pytest.raises(ValueError, match=r"scale has shape \(1,\); expected \(5,\)"):
         C.fake_quantize(a, a.copy(), axis=1, **kw)
     with pytest.raises(ValueError, match=r"axis 2 is out of range"):
         C.fake_quantize(a, a.copy(), axis=2, **kw)
-    with pytest.raises(ValueError, match=r"out partially overlaps x"):
-        big = np.ones(21, dtype=np.float32)
-        C.fake_quantize(big[:20].reshape(4, 5), big[1:].reshape(4, 5), **kw)
     with pytest.raises(ValueError, match=r"quant_min=5, quant_max=5"):
         C.fake_quantize(a, a.copy(), **{**kw, "quant_min": 5, "quant_max": 5})
 
