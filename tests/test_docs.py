@@ -45,3 +45,12 @@ def test_readme_python_api_example_runs(tmp_path, monkeypatch, capsys):
     _module_from(code, "readme_api")
     out = capsys.readouterr().out
     assert "LiRA AUC" in out and "(2, 300) (2, 300)" in out and "runs/" in out
+
+
+def test_docs_train_time_defense_passes_the_kit():
+    from mia_core.testing import check_defense
+
+    block = next(b for b in _python_blocks(ROOT / "docs" / "plugins.md") if "class GradientNoise" in b)
+    mod = _module_from(block, "miafw_noise")
+    rep = check_defense(mod.GradientNoise)
+    assert rep["sigma"] == 0.1 and rep["noisy_steps"] > 0
