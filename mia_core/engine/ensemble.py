@@ -8,8 +8,12 @@ Two interchangeable paths compute the logits of ``M`` models on their own batche
   layer. It computes exactly what ``functional_call`` computes, ``x @ W.T + b`` per model; only
   the kernels (batched GEMM instead of ``vmap``'s batching rules) and hence the float rounding
   differ. Activations are kept feature-major, ``h [M, F, B]`` with ``h' = W h + b``, so that
-  autograd's weight gradient ``g hᵀ`` comes out ``[M, out, in]``, contiguous in the parameter's
-  own layout (a row-major ``h Wᵀ`` yields a transposed gradient that must be copied every step).
+  the weight gradient ``g hᵀ`` comes out ``[M, out, in]``, contiguous in the parameter's own
+  layout (a row-major ``h Wᵀ`` yields a transposed gradient that must be copied every step).
+  For the common activations it also runs the backward pass itself
+  (:meth:`StackedSequential.loss_and_grads`): the very ATen kernels autograd would call (so the
+  gradients are bitwise autograd's), written into a workspace reused from step to step. Fresh
+  multi-megabyte buffers every step cost page faults that were ~20% of a step here.
 * :class:`VmapForward` — any other module: ``torch.func.vmap`` over ``functional_call``.
 
 :func:`ensemble_forward` picks the fast path when the module qualifies.
@@ -34,6 +38,51 @@ ELEMENTWISE = (
     nn.Tanh, nn.Sigmoid, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softplus, nn.Softsign,
     nn.Tanhshrink, nn.Identity,
 )
+
+
+_A = torch.ops.aten
+
+
+def _same_kernels_as_autograd():
+    """Per activation type: ``(forward into out=, backward in place on g)``, the kernels autograd
+    uses for that activation (``ReluBackward0`` is ``threshold_backward(g, result, 0)``, and so
+    on). ``fwd(op, h, out)`` may return ``h`` itself (ReLU in place); ``bwd(op, g, inp, res)``."""
+    return {
+        nn.ReLU: (lambda op, h, out: torch.clamp_min(h, 0, out=out),
+                  lambda op, g, inp, res: _A.threshold_backward.grad_input(g, res, 0, grad_input=g)),
+        nn.Tanh: (lambda op, h, out: torch.tanh(h, out=out),
+                  lambda op, g, inp, res: _A.tanh_backward.grad_input(g, res, grad_input=g)),
+        nn.Sigmoid: (lambda op, h, out: torch.sigmoid(h, out=out),
+                     lambda op, g, inp, res: _A.sigmoid_backward.grad_input(g, res, grad_input=g)),
+        nn.GELU: (lambda op, h, out: _A.gelu.out(h, approximate=op.approximate, out=out),
+                  lambda op, g, inp, res: _A.gelu_backward.grad_input(g, inp, approximate=op.approximate, grad_input=g)),
+        nn.SiLU: (lambda op, h, out: _A.silu.out(h, out=out),
+                  lambda op, g, inp, res: _A.silu_backward.grad_input(g, inp, grad_input=g)),
+        nn.LeakyReLU: (lambda op, h, out: _A.leaky_relu.out(h, op.negative_slope, out=out),
+                       lambda op, g, inp, res: _A.leaky_relu_backward.grad_input(g, inp, op.negative_slope, False, grad_input=g)),
+        nn.Identity: (lambda op, h, out: h, lambda op, g, inp, res: g),
+    }
+
+
+MANUAL_BACKWARD = _same_kernels_as_autograd()
+
+
+class Workspace:
+    """Buffers reused from one training step to the next, one per key, grown on demand."""
+
+    def __init__(self):
+        self._flat: Dict[object, torch.Tensor] = {}
+
+    def get(self, key, shape, like: torch.Tensor) -> torch.Tensor:
+        """A contiguous ``shape`` view of the buffer ``key`` (contents undefined)."""
+        numel = 1
+        for n in shape:
+            numel *= int(n)
+        buf = self._flat.get(key)
+        if buf is None or buf.numel() < numel or buf.dtype != like.dtype or buf.device != like.device:
+            buf = torch.empty(max(numel, 1), dtype=like.dtype, device=like.device)
+            self._flat[key] = buf
+        return buf[:numel].view(shape)
 
 
 class EnsembleForward:
@@ -72,6 +121,8 @@ class StackedSequential(EnsembleForward):
 
     def __init__(self, ops: List[Tuple[str, object]]):
         self._ops = ops
+        #: whether :meth:`loss_and_grads` can run (every activation has its backward kernel here)
+        self.manual = all(kind == "linear" or type(op) in MANUAL_BACKWARD for kind, op in ops)
 
     @classmethod
     def for_module(cls, module: nn.Module) -> Optional["StackedSequential"]:
@@ -118,6 +169,74 @@ class StackedSequential(EnsembleForward):
     def __call__(self, params, buffers, x):
         return self.features_last(params, x).transpose(1, 2)
 
+    @torch.no_grad()
+    def loss_and_grads(
+        self, params: Params, x: torch.Tensor, y: torch.Tensor, weight, ws: Workspace
+    ) -> Tuple[torch.Tensor, Params]:
+        """Per-sample cross-entropy and the gradients of ``Σ_{m,b} weight[m, b] · loss[m, b]``,
+        without autograd (requires :attr:`manual`).
+
+        Args:
+            params: stacked parameters.
+            x: float ``[M, B, D]``; y: int64 ``[M, B]``.
+            weight: a float (every sample) or float ``[M, B]`` (0 on padding rows, whose
+                gradient is then exactly zero).
+            ws: the workspace; the returned gradients live in it and are overwritten by the next
+                call (the trainer hands them to the optimizer as ``.grad`` at once).
+
+        Returns:
+            ``(loss, grads)``: ``loss`` float ``[M, B]`` (unweighted), ``grads[name]`` shaped like
+            ``params[name]``.
+        """
+        n_models, width = y.shape
+        h = x.transpose(1, 2)  # [M, D, B], a view
+        saved: List[Tuple[torch.Tensor, torch.Tensor]] = []  # (input, output) of every op
+        fresh = False
+        for i, (kind, op) in enumerate(self._ops):
+            if kind == "linear":
+                w_name, b_name = op
+                w = params[w_name]
+                out = ws.get(("z", i), (n_models, w.shape[1], width), w)
+                if b_name is None:
+                    torch.bmm(w, h, out=out)
+                else:
+                    torch.baddbmm(params[b_name].unsqueeze(2), w, h, out=out)
+                fresh = True
+            else:
+                fwd, _ = MANUAL_BACKWARD[type(op)]
+                if fresh and type(op) is nn.ReLU:  # the linear output is needed by no backward
+                    out = h.relu_()
+                else:
+                    out = fwd(op, h, ws.get(("a", i), h.shape, h))
+                fresh = False
+            saved.append((h, out))
+            h = out
+        logp = torch.log_softmax(h, 1)  # [M, C, B]
+        loss = F.nll_loss(logp, y, reduction="none")
+        # nll_loss's backward: -weight at each sample's label; then log_softmax's backward.
+        g = torch.zeros_like(logp)
+        if isinstance(weight, torch.Tensor):
+            g.scatter_(1, y.unsqueeze(1), weight.neg().unsqueeze(1).to(g.dtype))
+        else:
+            g.scatter_(1, y.unsqueeze(1), -float(weight))
+        g = _A._log_softmax_backward_data(g, logp, 1, logp.dtype)
+        grads: Params = {}
+        first_linear = next(i for i, (kind, _) in enumerate(self._ops) if kind == "linear")
+        for i in range(len(self._ops) - 1, first_linear - 1, -1):
+            kind, op = self._ops[i]
+            inp, out = saved[i]
+            if kind == "linear":
+                w_name, b_name = op
+                w = params[w_name]
+                grads[w_name] = torch.bmm(g, inp.transpose(1, 2), out=ws.get(("grad", w_name), w.shape, w))
+                if b_name is not None:
+                    grads[b_name] = torch.sum(g, 2, out=ws.get(("grad", b_name), params[b_name].shape, w))
+                if i > first_linear:
+                    g = torch.bmm(w.transpose(1, 2), g, out=ws.get(("g", i), inp.shape, w))
+            else:
+                g = MANUAL_BACKWARD[type(op)][1](op, g, inp, out)
+        return loss, grads
+
 
 def ensemble_forward(base: nn.Module, *, allow_stacked: bool = True) -> EnsembleForward:
     """The fastest exact forward path for ``base`` (see the module docstring)."""
@@ -155,6 +274,8 @@ def per_sample_gradients(
 
 __all__ = [
     "ELEMENTWISE",
+    "MANUAL_BACKWARD",
+    "Workspace",
     "EnsembleForward",
     "StackedSequential",
     "VmapForward",

@@ -30,9 +30,17 @@ class _FusedStep:
         self.weight_decay = float(weight_decay)
 
     def _grads(self) -> List[torch.Tensor]:
-        grads = [p.grad for p in self.params]
-        if any(g is None for g in grads):
-            raise RuntimeError("every stacked parameter needs a gradient before the optimizer step")
+        """The parameters' gradients, each in its parameter's memory layout: the fused kernels
+        pair elements by position in memory, so a transposed gradient (as autograd returns for
+        some views) is copied into the parameter's strides first."""
+        grads = []
+        for p in self.params:
+            g = p.grad
+            if g is None:
+                raise RuntimeError("every stacked parameter needs a gradient before the optimizer step")
+            if g.stride() != p.stride():
+                g = torch.empty_like(p).copy_(g)
+            grads.append(g)
         return grads
 
 

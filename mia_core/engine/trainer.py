@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch.func import functional_call, stack_module_state, vmap
 
 from mia_core.engine import optim as _optim
-from mia_core.engine.ensemble import EnsembleForward, StackedSequential, ensemble_forward, per_sample_gradients
+from mia_core.engine.ensemble import EnsembleForward, StackedSequential, Workspace, ensemble_forward, per_sample_gradients
 from mia_core.engine.samplers import (
     SAMPLERS,
     STREAM_NOISE,
@@ -248,6 +248,8 @@ class TrainingResult:
             (the largest over models: for fixed-size batches ``B / n_m`` varies per model).
         sampler: the sampler's name (``"fixed"`` or ``"poisson"``).
         forward: ``"stacked"`` (batched-GEMM MLP path) or ``"vmap"``.
+        backward: ``"manual"`` (the MLP path's own backward into a reused workspace),
+            ``"autograd"``, or ``"per-sample"`` (``torch.func``, when a defense asks).
         per_sample_gradients: whether per-sample gradients were computed.
         defenses: each train-time defense's ``report(result)``, in the order given.
     """
@@ -259,6 +261,7 @@ class TrainingResult:
     sampling_rate: float
     sampler: str
     forward: str
+    backward: str
     per_sample_gradients: bool
     defenses: List[Dict[str, Any]] = field(default_factory=list)
 
@@ -321,6 +324,8 @@ class Trainer:
         on_epoch: called with ``(epoch, mean loss)`` after each epoch (one host sync per epoch).
         sampler: use this sampler instead of the recipe's (defenses may still replace it).
         stacked: allow the batched-GEMM fast path for MLPs (``False`` forces ``vmap``).
+        manual_backward: on that path, run the backward pass without autograd where every
+            activation allows it (``False`` uses autograd; both give the same gradients).
     """
 
     def __init__(
@@ -343,6 +348,7 @@ class Trainer:
         on_epoch: Optional[Callable[[int, float], None]] = None,
         sampler: Optional[BatchSampler] = None,
         stacked: bool = True,
+        manual_backward: bool = True,
     ):
         keep = np.asarray(keep, dtype=bool)
         n_models = keep.shape[0]
@@ -387,6 +393,8 @@ class Trainer:
         self._batch_hooks = [d for d in self.defenses if _overrides(d, "transform_batch")]
         self._post_hooks = [d for d in self.defenses if _overrides(d, "post_step")]
         self.forward: EnsembleForward = ensemble_forward(base, allow_stacked=stacked and x.dim() == 2)
+        self._manual = isinstance(self.forward, StackedSequential) and self.forward.manual and manual_backward
+        self._workspace = Workspace()
         self._order_rngs = model_generators(self.ctx.seed, ids, STREAM_ORDER)
         self._generators: Optional[List[torch.Generator]] = None
         ctx = self.ctx
@@ -464,50 +472,66 @@ class Trainer:
         return total
 
     # ------------------------------------------------------------------ stage 3: gradients
+    def batch_gradients(self, batch: _Batch, *, normalized: bool) -> Tuple[Params, torch.Tensor]:
+        """Gradients of every model's weighted batch loss, and the per-sample losses.
+
+        ``normalized``: each sample weighs ``mask / denominator`` (the final data gradient);
+        otherwise ``mask`` (the summed gradient that ``transform_batch`` hooks receive). On the
+        MLP fast path the backward pass runs without autograd, into a reused workspace
+        (:meth:`~mia_core.engine.ensemble.StackedSequential.loss_and_grads`); elsewhere autograd.
+
+        Returns:
+            ``(grads, losses)``: ``grads[name]`` ``[M, ...]``, ``losses`` float ``[M, W]`` detached.
+        """
+        if batch.mask is None:
+            weight = (1.0 / float(self.denominator[0])) if normalized else 1.0
+        else:
+            weight = batch.scale if normalized else batch.mask.to(self.denominator.dtype)
+        if self._manual:
+            losses, grads = self.forward.loss_and_grads(self.params, batch.x, batch.y, weight, self._workspace)
+            return grads, losses
+        per_sample = self.losses(batch)
+        total = (per_sample * weight).sum() if isinstance(weight, torch.Tensor) else per_sample.sum() * weight
+        grads = torch.autograd.grad(total, list(self.params.values()))
+        return dict(zip(self.params, grads)), per_sample.detach()
+
     def gradients(self, batch: _Batch, info: StepInfo) -> torch.Tensor:
         """Set every parameter's ``.grad`` to its model's gradient for this step, after the
         defenses' transforms; returns the summed data loss (detached scalar).
 
-        Three routes compute the same maths, ``g = T_batch(Σ_b T_sample(∇ mask·ℓ)) / denominator
-        + ∇ penalty``, and the cheapest that the defenses allow is taken: one backward pass of
-        ``data_loss + penalty`` when nobody transforms gradients; a backward pass of the summed
-        loss followed by ``transform_batch`` when only batch transforms exist; per-sample
-        gradients through ``torch.func`` when a defense asks for them.
+        Every route computes ``g = T_batch(Σ_b T_sample(∇ mask·ℓ)) / denominator + ∇ penalty``;
+        the cheapest that the defenses allow is taken: the data gradient weighted by
+        ``mask / denominator`` directly when nobody transforms gradients; the summed gradient,
+        then ``transform_batch``, then the division, when only batch transforms exist;
+        per-sample gradients through ``torch.func`` when a defense asks for them. The penalty's
+        gradient is added last, so it is never clipped or noised.
         """
-        params = list(self.params.values())
-        names = list(self.params)
         if self.per_sample:
             weight = batch.mask.to(self.denominator.dtype) if batch.mask is not None else torch.ones_like(batch.y, dtype=self.denominator.dtype)
             grads, values = per_sample_gradients(self.base, self.params, self.buffers, batch.x, batch.y, weight)
             mask = batch.mask if batch.mask is not None else torch.ones_like(batch.y, dtype=torch.bool)
             for d in self._per_sample_hooks:
                 d.transform_per_sample(grads, mask, info)
-            summed = {k: g.sum(dim=1) for k, g in grads.items()}
+            grads = {k: g.sum(dim=1) for k, g in grads.items()}
             data = values.detach().sum(dim=1).div(self.denominator).sum()
-        elif self._batch_hooks:
-            per_sample = self.losses(batch)
-            weighted = per_sample if batch.mask is None else per_sample * batch.mask
-            total = weighted.sum()
-            summed = dict(zip(names, torch.autograd.grad(total, params)))
-            data = self.data_loss(per_sample.detach(), batch)
+            normalized = False
         else:
-            per_sample = self.losses(batch)
-            data = self.data_loss(per_sample, batch)
-            pen = self.penalty()
-            objective = data if pen is None else data + pen.sum()
-            for p in params:
-                p.grad = None
-            objective.backward()
-            return data.detach()
-        for d in self._batch_hooks:
-            d.transform_batch(summed, info)
+            normalized = not self._batch_hooks
+            grads, losses = self.batch_gradients(batch, normalized=normalized)
+            data = self.data_loss(losses, batch)
+        if not normalized:
+            for d in self._batch_hooks:
+                d.transform_batch(grads, info)
+            for g in grads.values():
+                g.div_(self.denominator.view(-1, *([1] * (g.dim() - 1))))
         pen = self.penalty()
-        pen_grads = [None] * len(params)
         if pen is not None:
-            pen_grads = torch.autograd.grad(pen.sum(), params, allow_unused=True)
-        for name, p, pg in zip(names, params, pen_grads):
-            g = summed[name] / self.denominator.view(-1, *([1] * (p.dim() - 1)))
-            p.grad = g if pg is None else g + pg
+            pen_grads = torch.autograd.grad(pen.sum(), list(self.params.values()), allow_unused=True)
+            for name, pg in zip(self.params, pen_grads):
+                if pg is not None:
+                    grads[name].add_(pg)
+        for name, p in self.params.items():
+            p.grad = grads[name]
         return data
 
     # ------------------------------------------------------------------ stage 4-5: step, hooks
@@ -556,6 +580,7 @@ class Trainer:
                     p.requires_grad_(False)
                     p.grad = None
                 self.optimizer = None
+                self._workspace = Workspace()
         result = TrainingResult(
             losses=losses,
             steps=step,
@@ -564,6 +589,7 @@ class Trainer:
             sampling_rate=self.sampling_rate,
             sampler=self.sampler.name,
             forward=self.forward.name,
+            backward="per-sample" if self.per_sample else "manual" if self._manual else "autograd",
             per_sample_gradients=self.per_sample,
         )
         result.defenses = [d.report(result) for d in self.defenses]
