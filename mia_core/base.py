@@ -187,21 +187,31 @@ class TrainingDefense(Plugin, abc.ABC):
     per_sample_gradients: ClassVar[bool] = False
 
     def configure(self, ctx: "TrainingContext") -> None:
-        """Called once before training with the trainer's context (recipe, sizes, seeds, and
-        ``ctx.sampler``, which the defense may replace)."""
+        """Called once before training with the trainer's context: ``ctx.recipe``, ``ctx.n_models``,
+        ``ctx.train_sizes`` (int ``[M]``), ``ctx.param_shapes``, ``ctx.epochs``, ``ctx.device``, the
+        per-model streams (``ctx.model_stream(m, purpose)``) and ``ctx.sampler``, which the defense
+        may replace (e.g. ``PoissonSampler(q)`` for DP-SGD). A good place to call :meth:`validate`."""
 
     def penalty(self, params: "Dict[str, torch.Tensor]") -> "Optional[torch.Tensor]":
         """An extra loss term per model, float ``[M]``, added to each model's training loss
-        (differentiable in ``params``), or ``None``."""
+        (differentiable in ``params``, called once per step), or ``None``.
+
+        Its gradient is added after the gradient transforms and the division by the denominator,
+        so it is never clipped or noised (as Opacus treats an optimizer's weight decay)."""
         return None
 
     def transform_per_sample(self, grads: "Dict[str, torch.Tensor]", mask: "torch.Tensor", step: "StepInfo") -> None:
         """Change per-sample gradients in place: ``grads[name]`` is ``[M, B, ...]``, ``mask`` bool
-        ``[M, B]`` marks real samples (padding rows of ragged Poisson batches are zero)."""
+        ``[M, B]`` marks real samples (padding rows of ragged Poisson batches are zero).
+
+        Called only when some defense sets :attr:`per_sample_gradients`. The tensors belong to the
+        trainer: change them in place, and copy anything to keep beyond the call."""
 
     def transform_batch(self, grads: "Dict[str, torch.Tensor]", step: "StepInfo") -> None:
         """Change the gradients summed over the batch, in place: ``grads[name]`` is ``[M, ...]``,
-        before the division by ``step.denominator`` (float ``[M]``)."""
+        before the division by ``step.denominator`` (float ``[M]``). Draw noise for model ``m``
+        from ``step.generators[m]`` (or ``step.randn(shape)``), so it does not depend on which
+        other models train alongside. The tensors are reused by the next step: copy to keep."""
 
     def post_step(self, params: "Dict[str, torch.Tensor]", step: "StepInfo") -> None:
         """Called after every optimizer step, under ``torch.no_grad()``; may change ``params``."""

@@ -398,9 +398,9 @@ class Trainer:
         self._order_rngs = model_generators(self.ctx.seed, ids, STREAM_ORDER)
         self._generators: Optional[List[torch.Generator]] = None
         ctx = self.ctx
-        self.denominator = torch.as_tensor(
-            self.sampler.denominators(ctx.epoch_size, sizes), dtype=first.dtype, device=self.device
-        )
+        denominators = self.sampler.denominators(ctx.epoch_size, sizes)
+        self.denominator = torch.as_tensor(denominators, dtype=first.dtype, device=self.device)
+        self._inv_batch = 1.0 / float(denominators[0])  # fixed-size batches: 1 / B, on the host
         self.steps_per_epoch = self.sampler.steps_per_epoch(ctx.epoch_size)
         self.sampling_rate = float(np.max(self.sampler.sampling_rates(ctx.epoch_size, sizes)))
 
@@ -484,7 +484,7 @@ class Trainer:
             ``(grads, losses)``: ``grads[name]`` ``[M, ...]``, ``losses`` float ``[M, W]`` detached.
         """
         if batch.mask is None:
-            weight = (1.0 / float(self.denominator[0])) if normalized else 1.0
+            weight = self._inv_batch if normalized else 1.0
         else:
             weight = batch.scale if normalized else batch.mask.to(self.denominator.dtype)
         if self._manual:
