@@ -72,12 +72,28 @@ print(json.dumps({{"libs": libs, "ran": ran, "mask_ok": torch.equal(w, expected)
 """
 
 
-def _order_probe(first: str) -> dict:
-    """_ORDER_SCRIPT's result in an interpreter that imported ``first`` first: this one when it
-    did (sys.modules keeps import order; pytest's conftest imports torch before any test
-    imports mia_core._C), else a fresh one."""
+@pytest.fixture(scope="module")
+def c_first_interpreter():
+    """ONE fresh interpreter that imported mia_core._C before torch: the _C-first order probe,
+    then the fork probe of (d) (which needs a process that has run OpenMP regions, as the order
+    probe has). Returns (order probe result, fork outcome line); starting an interpreter that
+    imports torch is most of each probe's cost."""
+    proc = _run(_ORDER_SCRIPT.format(imports="import mia_core._C\nimport torch") +
+                _FORK_SCRIPT.format(child_timeout=0.5))
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    order = json.loads(next(line for line in lines if line.startswith("{")))
+    return order, lines[-1]
+
+
+def _order_probe(first: str, request) -> dict:
+    """_ORDER_SCRIPT's result in an interpreter that imported ``first`` first. For torch, this
+    one (sys.modules keeps import order; pytest's conftest imports torch before any test
+    imports mia_core._C) when it did, else a fresh one."""
+    if first == "mia_core._C":
+        return request.getfixturevalue("c_first_interpreter")[0]
     loaded = list(sys.modules)
-    if first == "torch" and "mia_core._C" in loaded and loaded.index("torch") < loaded.index("mia_core._C"):
+    if "mia_core._C" in loaded and loaded.index("torch") < loaded.index("mia_core._C"):
         buf, old = io.StringIO(), torch.get_num_threads()
         try:
             with contextlib.redirect_stdout(buf):
@@ -85,16 +101,15 @@ def _order_probe(first: str) -> dict:
         finally:
             torch.set_num_threads(old)
         return json.loads(buf.getvalue().strip().splitlines()[-1])
-    imports = "import torch\nimport mia_core._C" if first == "torch" else "import mia_core._C\nimport torch"
-    proc = _run(_ORDER_SCRIPT.format(imports=imports))
+    proc = _run(_ORDER_SCRIPT.format(imports="import torch\nimport mia_core._C"))
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 @needs_native
 @pytest.mark.parametrize("first", ["torch", "mia_core._C"])
-def test_one_libgomp_in_either_import_order(first):
-    out = _order_probe(first)
+def test_one_libgomp_in_either_import_order(first, request):
+    out = _order_probe(first, request)
     assert len(out["libs"]) == 1, f"more than one OpenMP runtime mapped: {out['libs']}"
     assert "gomp" in os.path.basename(out["libs"][0])
     assert out["ran"] == "native" and out["mask_ok"] and out["mag_ok"] and out["torch_ok"]
@@ -181,10 +196,9 @@ def test_extension_uses_no_openmp_symbol_newer_than_torchs_libgomp():
 
 # ------------------------------------------------------------------ (d) fork vs spawn
 
+# Appended to _ORDER_SCRIPT (c_first_interpreter), which has imported torch and kernels.
 _FORK_SCRIPT = """
 import os, signal, sys, time
-import torch
-from mia_core import kernels
 torch.set_num_threads(2)
 w = torch.ones(1 << 20); m = torch.ones(1 << 20)
 kernels.apply_masks([w], [m], backend="native")   # an OpenMP region in the parent
@@ -199,28 +213,27 @@ deadline = time.time() + {child_timeout}
 while time.time() < deadline:
     done, status = os.waitpid(pid, os.WNOHANG)
     if done:
-        print("EXITED", os.read(r, 16).decode() or "-", status)
+        print("FORK EXITED", os.read(r, 16).decode() or "-", status)
         sys.exit(0)
     time.sleep(0.02)
 os.kill(pid, signal.SIGKILL)
 os.waitpid(pid, 0)
-print("HUNG")
+print("FORK HUNG")
 """
 
 
 @needs_native
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="no os.fork on this platform")
-def test_fork_after_openmp_region_can_deadlock_the_child():
+def test_fork_after_openmp_region_can_deadlock_the_child(c_first_interpreter):
     """Documents the hazard; the child is killed after 0.5 s (it masks 1M floats, which takes
-    milliseconds unless it hangs; a child slowed down by load only turns a pass into an xfail). On the 2-core CI machine (gcc 12, torch 2.13 with its bundled
-    libgomp) the child hangs; elsewhere it may not, and then this test only reports it."""
-    proc = _run(_FORK_SCRIPT.format(child_timeout=0.5), timeout=30)
-    assert proc.returncode == 0, proc.stderr
-    outcome = proc.stdout.strip().splitlines()[-1]
-    if outcome == "HUNG":
+    milliseconds unless it hangs; a child slowed down by load only turns a pass into an
+    xfail). On the 2-core CI machine (gcc 12, torch 2.13 with its bundled libgomp) the child
+    hangs; elsewhere it may not, and then this test only reports it."""
+    outcome = c_first_interpreter[1]
+    if outcome == "FORK HUNG":
         pytest.xfail("fork after an OpenMP region deadlocked the child (expected with GNU "
                      "libgomp); use the spawn context or joblib/loky")
-    assert outcome.startswith("EXITED")
+    assert outcome.startswith("FORK EXITED")
     print(f"note: the forked child did not hang on this machine ({outcome})")
 
 
