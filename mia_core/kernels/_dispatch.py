@@ -21,7 +21,7 @@ from __future__ import annotations
 import threading
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Optional, TypeVar
+from typing import Callable, Optional
 
 from mia_core.kernels import _native
 
@@ -32,8 +32,6 @@ BACKENDS = ("auto", "native", "torch")
 
 #: The suffix of most "backend='native' cannot run" errors.
 DEFAULT_HINT = "use backend='auto' or 'torch'"
-
-T = TypeVar("T")
 
 
 class NativeKernelWarning(UserWarning):
@@ -151,8 +149,3 @@ def choose(backend: str, refuse: Optional[Callable[[str], Optional[Refusal]]] = 
         raise refusal.error()
     return record("torch")
 
-
-def dispatch(backend: str, refuse: Optional[Callable[[str], Optional[Refusal]]],
-             native: Callable[[], T], reference: Callable[[], T]) -> T:
-    """:func:`choose`, then run the chosen implementation (``native()`` or ``reference()``)."""
-    return native() if choose(backend, refuse) == "native" else reference()

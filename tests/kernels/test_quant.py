@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mia_core import kernels
-from mia_core.kernels import _dispatch, _native, _quant
+from mia_core.kernels import _dispatch, _native
 from kernel_helpers import all_pairs, assert_bitwise_equal
 
 NATIVE = kernels.native_available()
