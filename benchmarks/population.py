@@ -214,17 +214,17 @@ def main(argv=None):
           f"{mach['torch_threads']}, load average {mach['loadavg_at_start'][0]:.2f} -> {mach['loadavg_at_end'][0]:.2f}")
     print(f"digits, MLP 64-256-10 ({out['params_per_model']:,} parameters), Adam, batch 64, {out['epochs']} epochs; "
           f"sgemm probe {out['sgemm_gflops']:.0f} GFLOP/s; min of {args.repeat} runs")
-    print(f"{'M':>4} {'vectorized':>10} {'ms/model':>9} {'loop':>9} {'ms/model':>9} {'loop/vec':>8}   "
-          f"{'GFLOP/s':>7} {'%sgemm':>8} {'Adam GB':>8} {'%copy':>7} {'step ms':>7} {'%copy':>7}  "
-          f"binds             acc train/test vec | loop")
     print("  GFLOP/s and %sgemm: matmul FLOPs of the whole run per second, and that against the sgemm probe;"
           " Adam GB and %copy: optimizer bytes moved, and their rate against a same-size copy;"
           " step ms and %copy: one optimizer step alone")
+    print(f"{'M':>4} {'vectorized':>10} {'ms/model':>9} {'loop':>9} {'ms/model':>9} {'loop/vec':>8}   "
+          f"{'GFLOP/s':>7} {'%sgemm':>8} {'Adam GB':>8} {'%copy':>7} {'step ms':>7} {'%copy':>7}  "
+          f"binds             acc train/test vec | loop")
     for r in out["rows"]:
         scaled = "" if r["loop_models_timed"] == r["models"] else f" (timed on {r['loop_models_timed']}, scaled)"
         av, al = r["accuracy_vectorized"], r["accuracy_loop"]
         print(f"{r['models']:>4} {r['vectorized_s']:>9.2f}s {r['vectorized_ms_per_model']:>9.1f} {r['loop_s']:>8.2f}s "
-              f"{r['loop_ms_per_model']:>9.1f} {r['loop_over_vectorized']:>7.1f}x   {r['matmul_gflops_achieved']:>4.0f} GF "
+              f"{r['loop_ms_per_model']:>9.1f} {r['loop_over_vectorized']:>7.1f}x   {r['matmul_gflops_achieved']:>7.0f} "
               f"{r['matmul_fraction_of_sgemm']:>7.0%} {r['adam_gb']:>8.1f} {r['adam_fraction_of_copy']:>7.1%} "
               f"{r['adam_step_ms']:>7.2f} {r['adam_step_gbs'] / r['copy_gbs']:>7.0%}  "
               f"{r['binds']:<16}  {av['train']:.3f}/{av['test']:.3f} | {al['train']:.3f}/{al['test']:.3f}{scaled}")
