@@ -11,16 +11,23 @@ One optimizer step of :class:`Trainer` runs these named stages, in the order of 
 ``DPOptimizer`` (``pre_step`` -> clip and accumulate -> add noise -> scale -> step hook), each a
 method a subclass or a :class:`~mia_core.base.TrainingDefense` hook can change:
 
-================================  =============================================================
-stage                             where
-================================  =============================================================
-batch sampler                     :meth:`Trainer.sample_epoch` (a :class:`~mia_core.engine.samplers.BatchSampler`), :meth:`Trainer.batch`
-per-model loss (+ penalties)      :meth:`Trainer.losses`, :meth:`Trainer.penalty` (``TrainingDefense.penalty``)
-gradients                         :meth:`Trainer.gradients`: per batch, or per sample (``torch.func``)
-gradient transforms               ``transform_per_sample`` -> sum over the batch -> ``transform_batch`` -> / denominator
-optimizer step                    :meth:`Trainer.optimizer_step` (fused Adam/SGD where the device has it)
-post-step hooks                   :meth:`Trainer.post_step` (``TrainingDefense.post_step``, then ``post_step=``)
-================================  =============================================================
+============================  =================================================================
+stage                         where
+============================  =================================================================
+0. configure                  ``TrainingDefense.configure(ctx)`` once (may replace ``ctx.sampler``)
+1. batch sampler              :meth:`Trainer.sample_epoch` (a :class:`~mia_core.engine.samplers.BatchSampler`,
+                              per-model streams), :meth:`Trainer.batches` (gathers on the device)
+2. per-model loss             :meth:`Trainer.losses`, :meth:`Trainer.data_loss`; :meth:`Trainer.penalty`
+                              (``TrainingDefense.penalty``)
+3. gradients                  :meth:`Trainer.gradients`: :meth:`Trainer.batch_gradients` (MLP fast path's
+                              own backward, or autograd), or per sample (``torch.func``)
+4. gradient transforms        in :meth:`Trainer.gradients`: ``transform_per_sample`` -> sum over the
+                              batch -> ``transform_batch`` -> / denominator -> + penalty gradient
+5. optimizer step             :meth:`Trainer.optimizer_step` (:mod:`mia_core.engine.optim`: fused Adam/SGD)
+6. post-step hooks            :meth:`Trainer.post_step` (``TrainingDefense.post_step``, then ``post_step=``)
+7. report                     :meth:`Trainer.fit` returns the :class:`TrainingResult` with every
+                              ``TrainingDefense.report(result)``
+============================  =================================================================
 
 The result is a typed :class:`TrainingResult`. Every model draws its data order (and any noise)
 from its own random stream derived from ``(seed, model index)``, so training models ``0..M-1``
