@@ -93,6 +93,11 @@ def main() -> None:
 @click.option("--weight-decay", default=None, type=float,
               help="The optimizer's L2 term [default: 0]; see also the weight-decay defense.")
 @click.option("--optimizer", default=None, type=click.Choice(["adam", "sgd"]), help="Optimizer [default: adam].")
+@click.option("--sampler", default=None, type=click.Choice(["fixed", "poisson"]),
+              help="Mini-batches: per-model permutations of --batch-size records, or Poisson sampling (each "
+                   "record in a step with probability --sampling-rate) [default: fixed].")
+@click.option("--sampling-rate", default=None, type=float,
+              help="Poisson's q in (0, 1] [default: batch size / largest training half].")
 @click.option("--device", default="cpu", show_default=True, metavar="cpu|cuda[:N]|auto",
               help="Where training, signals and defenses run; auto picks CUDA when available.")
 @click.option("--out", default="runs", show_default=True, type=click.Path(file_okay=False, path_type=Path),
@@ -103,7 +108,7 @@ def main() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print metrics.json to stdout instead of the table.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 def eval_cmd(attacks, defenses, estimators, dataset, model, n_models, seed, targets, epochs, batch_size, lr,
-             weight_decay, optimizer, device, out, cache_dir, no_cache, as_json, quiet):
+             weight_decay, optimizer, sampler, sampling_rate, device, out, cache_dir, no_cache, as_json, quiet):
     """Evaluate membership leakage of a (defended) model population.
 
     \b
@@ -122,7 +127,8 @@ def eval_cmd(attacks, defenses, estimators, dataset, model, n_models, seed, targ
     from mia_core.results import format_summary
 
     overrides = {k: v for k, v in dict(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-                                         optimizer=optimizer).items() if v is not None}
+                                         optimizer=optimizer, sampler=sampler,
+                                         sampling_rate=sampling_rate).items() if v is not None}
     config = EvalConfig(attacks=tuple(attacks) or ("lira",), defenses=tuple(defenses), estimators=tuple(estimators),
                         dataset=dataset, model=model, n_models=n_models, seed=seed, targets=targets,
                         recipe=dataclasses.replace(TrainingRecipe(), **overrides), device=device)

@@ -164,8 +164,9 @@ def test_eval_with_an_estimator_prints_it_under_the_attacks(tmp_path, monkeypatc
 @pytest.mark.parametrize("args,match", [
     (["--estimator", "nope"], "unknown estimator 'nope'"),
     (["--device", "tpu"], "--device must be one of cpu, cuda, cuda:N, auto; got 'tpu'"),
+    (["--sampler", "poisson", "--sampling-rate", "1.5"], "sampling_rate must be in (0, 1], got 1.5"),
 ])
-def test_eval_usage_errors_for_estimators_and_devices(tmp_path, args, match):
+def test_eval_usage_errors_for_estimators_devices_and_samplers(tmp_path, args, match):
     res = _eval(tmp_path, "--attack", "loss", *args)
     assert res.exit_code == 2 and match in res.output and "Traceback" not in res.output
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())

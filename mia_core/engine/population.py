@@ -123,6 +123,7 @@ class ModelPopulation:
             buffers={k: v.detach().clone() for k, v in self.buffers.items()},
             recipe=self.recipe,
             seed=self.seed,
+            training=self.training,
         )
 
     # ----------------------------------------------------------------- views

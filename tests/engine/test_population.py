@@ -1,11 +1,11 @@
-"""ModelPopulation: keep matrix, vectorised training against a per-model loop, signals, cache."""
+"""ModelPopulation: keep matrix, signals, cache, contexts (the trainer against per-model torch loops is
+tested in test_trainer.py)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -13,7 +13,7 @@ from mia_core.engine.cache import PopulationCache
 from mia_core.data import DataError, Records
 from mia_core.engine import AccessError, AttackContext, ModelPopulation, SignalContext
 from mia_core.engine.signals import compute_signals
-from mia_core.engine.trainer import TrainingRecipe, _batch_plan, init_ensemble, make_keep_matrix, train_ensemble
+from mia_core.engine.trainer import TrainingRecipe, _batch_plan, make_keep_matrix
 
 
 @settings(max_examples=40, deadline=None, derandomize=True)
@@ -50,38 +50,6 @@ def _toy(n=120, d=5, c=3, seed=0):
 
 def _build(d=5, c=3):
     return lambda: torch.nn.Sequential(torch.nn.Linear(d, 8), torch.nn.Tanh(), torch.nn.Linear(8, c))
-
-
-@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
-def test_vmap_training_equals_independent_models(optimizer):
-    """The vectorised ensemble must do exactly what M separate training loops do."""
-    rec = _toy()
-    recipe = TrainingRecipe(epochs=3, batch_size=16, lr=0.05, weight_decay=1e-3, optimizer=optimizer)
-    m = 4
-    keep = make_keep_matrix(m, rec.n, np.random.default_rng(1))
-    base, params, buffers = init_ensemble(_build(), m, seed=7)
-    init = {k: v.detach().clone() for k, v in params.items()}
-    x, y = torch.from_numpy(rec.x), torch.from_numpy(rec.y)
-    train_ensemble(base, params, buffers, x, y, keep, recipe, np.random.default_rng(2))
-
-    # the same batches, replayed model by model with ordinary modules and optimisers
-    rng = np.random.default_rng(2)
-    plans = [_batch_plan(keep, recipe.batch_size, rng) for _ in range(recipe.epochs)]
-    for i in range(m):
-        model = _build()()
-        model.load_state_dict({k: init[k][i] for k in init})
-        opt = (torch.optim.Adam(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
-               if optimizer == "adam" else
-               torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
-                               weight_decay=recipe.weight_decay))
-        for plan in plans:
-            for step in plan:
-                idx = torch.from_numpy(step[i])
-                opt.zero_grad()
-                F.cross_entropy(model(x[idx]), y[idx]).backward()
-                opt.step()
-        for k, v in model.state_dict().items():
-            torch.testing.assert_close(params[k][i], v, rtol=1e-4, atol=1e-5)
 
 
 def test_signals_match_direct_formulas():
