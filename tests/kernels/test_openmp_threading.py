@@ -1,7 +1,6 @@
 """Threading and ABI guarantees of the native extension (mia_core._C) beside torch.
 
-What is checked, each in a fresh interpreter where import order or fork matters (the
-torch-first order is this test process itself, which imported torch first):
+What is checked, each in a fresh interpreter where import order or fork matters:
 
 (a) only ONE libgomp is mapped per process, whichever of torch / mia_core._C is imported first
     (torch first: torch's bundled copy serves both; _C first: the system libgomp the extension
@@ -17,9 +16,7 @@ torch-first order is this test process itself, which imported torch first):
 
 from __future__ import annotations
 
-import contextlib
 import glob
-import io
 import json
 import os
 import re
@@ -87,20 +84,10 @@ def c_first_interpreter():
 
 
 def _order_probe(first: str, request) -> dict:
-    """_ORDER_SCRIPT's result in an interpreter that imported ``first`` first. For torch, this
-    one (sys.modules keeps import order; pytest's conftest imports torch before any test
-    imports mia_core._C) when it did, else a fresh one."""
+    """_ORDER_SCRIPT's result in a fresh interpreter that imported ``first`` first (not this
+    one: the test process may have loaded other OpenMP runtimes, scikit-learn's say)."""
     if first == "mia_core._C":
         return request.getfixturevalue("c_first_interpreter")[0]
-    loaded = list(sys.modules)
-    if "mia_core._C" in loaded and loaded.index("torch") < loaded.index("mia_core._C"):
-        buf, old = io.StringIO(), torch.get_num_threads()
-        try:
-            with contextlib.redirect_stdout(buf):
-                exec(_ORDER_SCRIPT.format(imports=""), {})
-        finally:
-            torch.set_num_threads(old)
-        return json.loads(buf.getvalue().strip().splitlines()[-1])
     proc = _run(_ORDER_SCRIPT.format(imports="import torch\nimport mia_core._C"))
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout.strip().splitlines()[-1])
