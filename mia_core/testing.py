@@ -229,17 +229,22 @@ def check_attack(cls, *, params: Optional[Mapping[str, Any]] = None, seed: int =
 
 
 # ----------------------------------------------------------------------------- defenses
+def _check_report(cls, what: str, report) -> Dict[str, Any]:
+    """A defense's report must be a dict of JSON data without NaN or inf."""
+    if not isinstance(report, dict):
+        _fail(cls, f"{what} must return a dict report, returned {type(report).__name__}")
+    try:
+        json.dumps(report, allow_nan=False, default=json_default)
+    except (TypeError, ValueError) as exc:
+        _fail(cls, f"{what} report is not JSON-serialisable (or holds NaN/inf): {exc}")
+    return report
+
+
 def _apply(cls, params, pop: ModelPopulation) -> Dict[str, Any]:
     obj = cls(**params)
     before = {k: (tuple(v.shape), v.dtype) for k, v in pop.params.items()}
     keep = pop.keep.copy()
-    report = obj.apply(DefenseContext(pop))
-    if not isinstance(report, dict):
-        _fail(cls, f"apply() must return a dict report, returned {type(report).__name__}")
-    try:
-        json.dumps(report, allow_nan=False, default=json_default)
-    except (TypeError, ValueError) as exc:
-        _fail(cls, f"apply() report is not JSON-serialisable: {exc}")
+    report = _check_report(cls, "apply()", obj.apply(DefenseContext(pop)))
     after = {k: (tuple(v.shape), v.dtype) for k, v in pop.params.items()}
     if after != before:
         _fail(cls, f"apply() changed parameter names, shapes or dtypes: {before} -> {after}")
@@ -290,13 +295,7 @@ def _train_with(cls, params, seed: int):
     recipe = dataclasses.replace(recipe, epochs=TRAIN_CHECK_EPOCHS)
     obj = cls(**params)
     pop = ModelPopulation.train(records, build, recipe, n_models=8, seed=seed, defenses=[obj])
-    report = pop.training.defenses[0]
-    if not isinstance(report, dict):
-        _fail(cls, f"report() must return a dict, returned {type(report).__name__}")
-    try:
-        json.dumps(report, allow_nan=False, default=json_default)
-    except (TypeError, ValueError) as exc:
-        _fail(cls, f"report() is not JSON-serialisable (or holds NaN/inf): {exc}")
+    report = _check_report(cls, "report()", pop.training.defenses[0])
     for k, v in pop.params.items():
         if not bool(v.isfinite().all()):
             _fail(cls, f"training with it left non-finite values in {k!r}")
