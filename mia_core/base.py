@@ -34,7 +34,7 @@ if TYPE_CHECKING:  # pragma: no cover - imports for annotations only
 
     from mia_core.data import Records
     from mia_core.engine.contexts import AttackContext, DefenseContext, EstimatorContext
-    from mia_core.engine.trainer import StepInfo, TrainingContext, TrainingResult
+    from mia_core.engine.trainer import StepBatch, StepInfo, TrainingContext, TrainingResult
 
 #: Signals an attack may declare in :attr:`Attack.access`.
 #: ``label``: the predicted label only; ``probs``: softmax outputs; ``logits``: raw outputs
@@ -192,9 +192,14 @@ class TrainingDefense(Plugin, abc.ABC):
         per-model streams (``ctx.model_stream(m, purpose)``) and ``ctx.sampler``, which the defense
         may replace (e.g. ``PoissonSampler(q)`` for DP-SGD). A good place to call :meth:`validate`."""
 
-    def penalty(self, params: "Dict[str, torch.Tensor]") -> "Optional[torch.Tensor]":
+    def penalty(self, params: "Dict[str, torch.Tensor]", batch: "StepBatch") -> "Optional[torch.Tensor]":
         """An extra loss term per model, float ``[M]``, added to each model's training loss
         (differentiable in ``params``, called once per step), or ``None``.
+
+        ``batch`` is the step's batch (``batch.x [M, W, ...]``, ``batch.y``, ``batch.mask``) with
+        ``batch.logits(params, x=None)``, the ensemble's differentiable forward pass, so a penalty
+        may depend on the models' outputs (on the batch, or on data of the defense's own from
+        ``ctx.x`` seen in :meth:`configure`), as adversarial regularization's does.
 
         Its gradient is added after the gradient transforms and the division by the denominator,
         so it is never clipped or noised (as Opacus treats an optimizer's weight decay)."""

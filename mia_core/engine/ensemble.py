@@ -23,6 +23,7 @@ Two interchangeable paths compute the logits of ``M`` models on their own batche
 
 from __future__ import annotations
 
+import abc
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -85,15 +86,15 @@ class Workspace:
         return buf[:numel].view(shape)
 
 
-class EnsembleForward:
+class EnsembleForward(abc.ABC):
     """Logits of ``M`` stacked models on their own batches."""
 
     #: ``"stacked"`` or ``"vmap"``, reported in the training result.
     name: str = ""
 
+    @abc.abstractmethod
     def __call__(self, params: Params, buffers: Params, x: torch.Tensor) -> torch.Tensor:
         """``x`` float ``[M, B, D]`` -> logits ``[M, B, C]``."""
-        raise NotImplementedError
 
 
 class VmapForward(EnsembleForward):

@@ -193,6 +193,10 @@ class TrainingContext:
         device: where the parameters live.
         seed: the root :class:`~numpy.random.SeedSequence` of the per-model streams.
         sampler: the batch sampler; a defense may replace it (e.g. DP-SGD sets Poisson).
+        x, y: every record's features ``[N, ...]`` and labels int64 ``[N]``, on ``device`` (a
+            defense that needs data of its own, such as adversarial regularization's reference
+            set, takes it from here).
+        keep: bool ``[M, N]``: which records each model trains on (its non-members are the rest).
     """
 
     recipe: TrainingRecipe
@@ -207,11 +211,35 @@ class TrainingContext:
     device: torch.device
     seed: np.random.SeedSequence
     sampler: BatchSampler
+    x: torch.Tensor
+    y: torch.Tensor
+    keep: np.ndarray
 
     def model_stream(self, m: int, purpose: int) -> np.random.SeedSequence:
         """The random stream of the ``m``-th model of this ensemble (``model_ids[m]`` in the
         population) for ``purpose``; see :mod:`mia_core.engine.samplers`."""
         return model_stream(self.seed, int(self.model_ids[m]), purpose)
+
+
+@dataclass
+class StepBatch:
+    """What :meth:`~mia_core.base.TrainingDefense.penalty` sees of the current step.
+
+    Attributes:
+        x: every model's batch ``[M, W, ...]`` (``W`` the step's width).
+        y: int64 ``[M, W]`` labels.
+        mask: bool ``[M, W]`` real samples of ragged (Poisson) batches, or ``None`` (all real).
+    """
+
+    x: torch.Tensor
+    y: torch.Tensor
+    mask: Optional[torch.Tensor]
+    _forward: Callable[[Params, torch.Tensor], torch.Tensor] = field(repr=False)
+
+    def logits(self, params: Params, x: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Logits ``[M, B, C]`` of model ``m`` on row ``m`` of ``x [M, B, ...]`` (default: the
+        batch), differentiable in ``params`` (e.g. for a penalty on the outputs)."""
+        return self._forward(params, self.x if x is None else x)
 
 
 @dataclass
@@ -390,6 +418,9 @@ class Trainer:
             device=self.device,
             seed=stream_root(seed),
             sampler=sampler if sampler is not None else recipe.make_sampler(),
+            x=x,
+            y=y,
+            keep=keep,
         )
         for d in self.defenses:  # stage 0: configure (may replace the sampler)
             d.configure(self.ctx)
@@ -469,11 +500,14 @@ class Trainer:
             return per_sample.sum() / self.denominator[0]
         return (per_sample * batch.scale).sum()
 
-    def penalty(self) -> Optional[torch.Tensor]:
+    def penalty(self, batch: _Batch) -> Optional[torch.Tensor]:
         """Sum of the defenses' penalties, float ``[M]``, or ``None``."""
         total = None
+        if not self._penalizers:
+            return None
+        seen = StepBatch(batch.x, batch.y, batch.mask, lambda params, x: self.forward(params, self.buffers, x))
         for d in self._penalizers:
-            p = d.penalty(self.params)
+            p = d.penalty(self.params, seen)
             if p is not None:
                 total = p if total is None else total + p
         return total
@@ -531,7 +565,7 @@ class Trainer:
                 d.transform_batch(grads, info)
             for g in grads.values():
                 g.div_(self.denominator.view(-1, *([1] * (g.dim() - 1))))
-        pen = self.penalty()
+        pen = self.penalty(batch)
         if pen is not None:
             pen_grads = torch.autograd.grad(pen.sum(), list(self.params.values()), allow_unused=True)
             for name, pg in zip(self.params, pen_grads):
@@ -645,6 +679,7 @@ def ensemble_logits(base: torch.nn.Module, params: Params, buffers: Params, x: t
 
 __all__ = [
     "OPTIMIZERS",
+    "StepBatch",
     "StepInfo",
     "Trainer",
     "TrainingContext",

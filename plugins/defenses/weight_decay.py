@@ -76,7 +76,7 @@ class WeightDecay(TrainingDefense):
         self.validate()
         self.sq_norm_: Optional[torch.Tensor] = None
 
-    def penalty(self, params: Dict[str, torch.Tensor]) -> torch.Tensor:
+    def penalty(self, params: Dict[str, torch.Tensor], batch=None) -> torch.Tensor:
         """``λ‖θ_m‖²`` per model, float ``[M]`` (see :func:`l2_penalty`)."""
         sq = l2_penalty(params, 1.0)
         self.sq_norm_ = sq.detach()  # ‖θ_m‖² at the last step, for the report (no extra pass)

@@ -407,7 +407,7 @@ class _Penalty(TrainingDefense):
     def __init__(self, a: float = 0.3):
         self.a = a
 
-    def penalty(self, params):
+    def penalty(self, params, batch):
         return 0.5 * self.a * params["0.bias"].pow(2).sum(dim=1)
 
     def report(self, result):
@@ -451,6 +451,48 @@ def test_penalty_gradient_is_added_to_each_model(route):
     torch.testing.assert_close(runs[0]["0.bias"] - runs[1]["0.bias"], 0.3 * params["0.bias"], rtol=1e-5, atol=1e-6)
     for k in ("0.weight", "2.weight", "2.bias"):
         torch.testing.assert_close(runs[0][k], runs[1][k], rtol=1e-6, atol=1e-7)
+
+
+class _OutputPenalty(TrainingDefense):
+    """Test-only: a * sum of squared logits of every model on 10 records of its own choosing,
+    taken from the training context (as adversarial regularization takes its reference set)."""
+
+    def __init__(self, a: float = 0.05):
+        self.a = a
+
+    def configure(self, ctx):
+        self.ref_ = ctx.x[:10]
+        assert ctx.y.shape == (ctx.x.shape[0],) and ctx.keep.shape == (ctx.n_models, ctx.x.shape[0])
+
+    def penalty(self, params, batch):
+        assert batch.x.shape[:2] == batch.y.shape
+        ref = self.ref_.unsqueeze(0).expand(batch.x.shape[0], *self.ref_.shape)
+        return self.a * batch.logits(params, ref).pow(2).sum(dim=(1, 2))
+
+    def report(self, result):
+        return {"a": self.a}
+
+
+@pytest.mark.parametrize("stacked", [True, False])
+@pytest.mark.parametrize("route", ["batch", "per_sample"])
+def test_penalty_on_the_models_outputs(route, stacked):
+    """A penalty on the outputs (through ``batch.logits``) adds exactly its gradient, as plain
+    autograd on each model's own module computes it, on both forward paths."""
+    x, y, keep, base, params, buffers = _setup()
+    recipe = TrainingRecipe(epochs=1, batch_size=200, lr=1.0, optimizer="sgd", momentum=0.0)
+    extra = {"batch": [], "per_sample": [ClipPerSample(1e9)]}[route]
+    runs = []
+    for defenses in (extra, extra + [_OutputPenalty(0.05)]):
+        p = _clone(params)
+        Trainer(base, p, buffers, x, y, keep, recipe, seed=0, defenses=defenses, stacked=stacked).fit()
+        runs.append(p)
+    for m in range(keep.shape[0]):
+        model = _build()
+        model.load_state_dict({k: v[m] for k, v in params.items()})
+        loss = 0.05 * model(x[:10]).pow(2).sum()
+        expected = dict(zip([k for k, _ in model.named_parameters()], torch.autograd.grad(loss, list(model.parameters()))))
+        for k in params:
+            torch.testing.assert_close(runs[0][k][m] - runs[1][k][m], expected[k], rtol=1e-4, atol=1e-6)
 
 
 def test_post_step_configure_report_and_on_epoch():
