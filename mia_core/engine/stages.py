@@ -353,12 +353,16 @@ class PopulationResult:
         from_cache: whether it was loaded instead of trained.
         train_reports: each train-time defense's report, in order (from the cache's metadata when
             loaded).
+        training: what training did (:meth:`TrainingResult.to_dict` without the defenses'
+            reports: per-epoch losses, steps, sampling rate, sampler, forward path), from the
+            cache's metadata when loaded.
     """
 
     population: ModelPopulation
     key: str
     from_cache: bool
     train_reports: List[Dict[str, Any]]
+    training: Dict[str, Any]
 
 
 def population_key(plan: Plan, records: Records) -> str:
@@ -398,11 +402,14 @@ def train_population(plan: Plan, records: Records, *, cache: Optional[Population
         try:
             pop = ModelPopulation.from_state(state, records=records, build=build, recipe=c.recipe, seed=c.seed,
                                              device=plan.device)
-            raw = meta.get("train_defense_reports", [])
+            raw, training = meta["train_defense_reports"], meta["training"]
             if not isinstance(raw, list) or len(raw) != len(plan.train_defenses):
                 raise ValueError("its train-time defense reports do not match the defense chain")
+            if not isinstance(training, dict):
+                raise ValueError("its training record is not an object")
             reporter.message(f"loaded {c.n_models} trained models from the cache ({key[:12]})")
-            return PopulationResult(pop, key, True, [_defense_entry(d, r) for d, r in zip(plan.train_defenses, raw)])
+            return PopulationResult(pop, key, True, [_defense_entry(d, r) for d, r in zip(plan.train_defenses, raw)],
+                                    training)
         except (KeyError, ValueError, TypeError) as exc:
             reporter.message(f"ignoring a cache entry that does not fit ({exc}); retraining")
     defenses = [d.plugin for d in plan.train_defenses]
@@ -418,11 +425,13 @@ def train_population(plan: Plan, records: Records, *, cache: Optional[Population
                                           on_epoch=lambda e, loss: update(1, loss=loss)),
         )
     reports = [_defense_entry(d, rep) for d, rep in zip(plan.train_defenses, pop.training.defenses)]
+    training = json.loads(json.dumps({k: v for k, v in pop.training.to_dict().items() if k != "defenses"}))
     cache.store(key, pop.state(), {"key": key, "dataset": plan.dataset.spec.to_dict(),
                                    "model": fam.spec.to_dict(), "recipe": c.recipe.to_dict(),
-                                   "train_defense_reports": [r["report"] for r in reports], "n_models": c.n_models, "seed": c.seed,
-                                   "device": plan.device.type, "versions": plan.versions})
-    return PopulationResult(pop, key, False, reports)
+                                   "train_defense_reports": [r["report"] for r in reports], "training": training,
+                                   "n_models": c.n_models, "seed": c.seed, "device": plan.device.type,
+                                   "versions": plan.versions})
+    return PopulationResult(pop, key, False, reports, training)
 
 
 def _defense_entry(d: Component, report) -> Dict[str, Any]:
@@ -643,6 +652,7 @@ def compute_metrics(plan: Plan, *, records: Records, trained: PopulationResult, 
             "undefended_test_accuracy": float(before["test"][targets].mean()),
         },
         "defenses": _in_user_order(plan, trained.train_reports, defended.reports),
+        "training": trained.training,
         "population": {
             "n_models": c.n_models,
             "n_records": records.n,

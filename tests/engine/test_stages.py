@@ -81,6 +81,9 @@ def test_evaluate_writes_a_run_and_uses_the_cache(tmp_path):
     second = mia_core.evaluate(config, cache=PopulationCache(tmp_path / "cache"), reporter=Collect())
     assert any("loaded 4 trained models from the cache" in m for m in msgs)
     assert second.metrics == first.metrics
+    training = first.metrics["training"]  # recorded with the cache entry, so a cached run reports it too
+    assert len(training["losses"]) == 8 and training["steps"] == 8 * training["steps_per_epoch"]
+    assert training["sampler"] == "fixed" and training["forward"] == "stacked"
 
 
 @pytest.mark.parametrize("change,match", [
