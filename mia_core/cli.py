@@ -149,8 +149,10 @@ def eval_cmd(attacks, defenses, estimators, dataset, model, n_models, seed, targ
     except KeyboardInterrupt as exc:
         click.echo("", err=True)
         _fail(f"interrupted (run marked failed: {getattr(exc, 'run_dir', '?')})", 130)
-    except (OSError, RuntimeError) as exc:
+    except OSError as exc:
         _fail(f"could not write the run under {out}: {exc}", EXIT_FAILURE)
+    except RuntimeError as exc:  # e.g. torch running out of device memory outside a plugin
+        _fail(f"{type(exc).__name__}: {exc} (run marked failed: {getattr(exc, 'run_dir', '?')})", EXIT_FAILURE)
     if as_json:
         click.echo(json.dumps(ev.metrics, indent=2, sort_keys=True))
     else:

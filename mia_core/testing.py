@@ -172,14 +172,15 @@ def _expect_access_error(cls, run, unenforced: str) -> None:
 # ----------------------------------------------------------------------------- attacks
 def _score_all(cls, params, pop: ModelPopulation, access) -> np.ndarray:
     obj = cls(**params)
-    ctx = AttackContext(pop, access, owner=f"attack {cls.__qualname__}")
+    ctx = AttackContext(pop, access, owner=f"attack {cls.__qualname__}", strict=True)
     ret = obj.fit(ctx)
     if ret is not obj:
         _fail(cls, f"fit() must return self, returned {type(ret).__name__}")
     rows = []
     records = np.arange(pop.n_records, dtype=np.int64)
     for t in PLANTED_TARGETS:
-        s = np.asarray(obj.score(t, records))
+        with ctx.scoring(t):  # as the engine calls it: the target's view only while scoring it
+            s = np.asarray(obj.score(t, records))
         if s.shape != (pop.n_records,):
             _fail(cls, f"score() returned shape {s.shape}, expected ({pop.n_records},)")
         if not np.issubdtype(s.dtype, np.number) or np.issubdtype(s.dtype, np.complexfloating):
@@ -189,7 +190,8 @@ def _score_all(cls, params, pop: ModelPopulation, access) -> np.ndarray:
         rows.append(s.astype(np.float64))
     # a record's score must not depend on which other records are scored with it
     sub = records[::-1][::3].copy()
-    part = np.asarray(obj.score(PLANTED_TARGETS[0], sub), dtype=np.float64)
+    with ctx.scoring(PLANTED_TARGETS[0]):
+        part = np.asarray(obj.score(PLANTED_TARGETS[0], sub), dtype=np.float64)
     if part.shape != sub.shape or not np.allclose(part, rows[0][sub], rtol=1e-9, atol=1e-12):
         _fail(cls, "score(t, subset) differs from score(t, all records)[subset]; a record's score must "
                    "not depend on the other records in the call")

@@ -170,3 +170,14 @@ def test_eval_usage_errors_for_estimators_devices_and_samplers(tmp_path, args, m
     res = _eval(tmp_path, "--attack", "loss", *args)
     assert res.exit_code == 2 and match in res.output and "Traceback" not in res.output
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+@pytest.mark.parametrize("args,code,match", [
+    (["--seed", "-1"], 2, "--seed must be an integer >= 0, got -1"),
+    (["--dataset", "digits:n_records=4", "--n-models", "40", "--targets", "first:1"], 2, "draws no training record"),
+    (["--defense", "weight-decay:lam=1e300"], 1, "left non-finite weights"),
+])
+def test_eval_bad_settings_fail_cleanly(tmp_path, args, code, match):
+    res = _eval(tmp_path, "--attack", "loss", *args)
+    assert res.exit_code == code and match in res.output, res.output
+    assert "Traceback" not in res.output or code == 1

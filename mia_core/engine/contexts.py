@@ -7,8 +7,9 @@ threat model is an enforced one.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import TYPE_CHECKING, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -135,6 +136,16 @@ class AttackContext(SignalContext):
     matrix: :meth:`for_target` hands out the reference models' membership and signals, and
     the target's signals, but never the target's membership row."""
 
+    _scoring: Optional[int] = None
+
+    def __init__(self, population: "ModelPopulation", access: Sequence[str], *, owner: str = "plugin",
+                 signals: Optional[Signals] = None, strict: bool = False):
+        super().__init__(population, access, owner=owner, signals=signals)
+        #: The engine and the conformance kit run attacks strictly: :meth:`for_target` only for
+        #: the target being scored, inside :meth:`scoring`. A context built by hand (a plugin's
+        #: own unit tests) allows any target's view.
+        self.strict = strict
+
     @property
     def keep(self) -> np.ndarray:  # type: ignore[override]
         raise AccessError(
@@ -142,7 +153,33 @@ class AttackContext(SignalContext):
             f"membership); use ctx.for_target(target).ref_keep"
         )
 
+    @property
+    def seed(self) -> int:  # type: ignore[override]
+        """A seed for the attack's own randomness, derived from the run seed (the run seed itself
+        would let an attack redraw the keep matrix)."""
+        return int(np.random.SeedSequence([self._population.seed, 0x61747461636B]).generate_state(1)[0])
+
+    @contextlib.contextmanager
+    def scoring(self, target: int) -> Iterator[None]:
+        """The engine wraps each ``score(target, ...)`` call in this: only then may the attack
+        take :meth:`for_target` of that target."""
+        self._scoring = target
+        try:
+            yield
+        finally:
+            self._scoring = None
+
     def for_target(self, target: int) -> TargetView:
+        """The view of ``target``: only inside ``score(target, ...)``. Another target's view
+        would hand out this target's membership row (every model is a reference of the others),
+        and so would a view kept from ``fit``."""
+        if self.strict and (self._scoring is None or int(target) != self._scoring):
+            where = "fit()" if self._scoring is None else f"score({self._scoring}, ...)"
+            raise AccessError(
+                f"{self.owner}: for_target({target}) called in {where}; an attack may read only the "
+                f"view of the target it is scoring, inside score(target, ...) (other targets' views "
+                f"hold this target's membership)"
+            )
         refs = self.references(target)
         return TargetView(target=target, references=refs, ref_keep=self._population.keep[refs], _ctx=self)
 
@@ -184,8 +221,10 @@ class DefenseContext:
         return np.random.default_rng(np.random.SeedSequence([self.seed, 0x646566, self.position, salt]))
 
     def finetune(self, epochs: int, *, lr: Optional[float] = None, post_step=None, on_epoch=None) -> None:
-        """Continue training every model on its own training half (same recipe, fresh optimiser)."""
-        self._population._train(epochs, self.rng(1), lr=lr, post_step=post_step, on_epoch=on_epoch)
+        """Continue training every model on its own training half (same recipe, fresh optimiser,
+        and the population's train-time defenses, so fine-tuning never escapes them)."""
+        self._population._train(epochs, self.rng(1), lr=lr, post_step=post_step, on_epoch=on_epoch,
+                                defenses=self._population.train_defenses)
 
     def changed(self) -> None:
         """Kept for plugins written against API 1.0, which had to call it after changing weights.

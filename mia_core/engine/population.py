@@ -20,7 +20,7 @@ from typing import Any, Callable, Dict, Optional, Sequence
 import numpy as np
 import torch
 
-from mia_core.data import Records
+from mia_core.data import DataError, Records
 from mia_core.engine.signals import Signals, compute_signals
 from mia_core.engine.trainer import (
     Params,
@@ -45,6 +45,7 @@ class ModelPopulation:
         buffers: stacked buffers.
         recipe: the training recipe.
         seed: the run seed (keep matrix, initialisation and batch order derive from it).
+        train_defenses: the train-time defenses the models trained with (fine-tuning keeps them).
         training: what :meth:`train` did (per-epoch losses, steps, sampling rate, the train-time
             defenses' reports); ``None`` for a population loaded from the cache.
     """
@@ -57,6 +58,7 @@ class ModelPopulation:
     recipe: TrainingRecipe
     seed: int
     training: Optional[TrainingResult] = None
+    train_defenses: Sequence[Any] = ()
 
     # ----------------------------------------------------------------- construction
     @classmethod
@@ -91,11 +93,17 @@ class ModelPopulation:
         recipe.validate()
         rng = np.random.default_rng(np.random.SeedSequence([seed, 0x6B656570]))  # "keep"
         keep = make_keep_matrix(n_models, records.n, rng)
+        empty = np.flatnonzero(~keep.any(axis=1))
+        if empty.size:
+            raise DataError(f"with {records.n} records and {n_models} models, model {int(empty[0])} draws no "
+                            f"training record (each record trains half of the models); use more records or "
+                            f"fewer models")
         base, params, buffers = init_ensemble(build, n_models, seed)
         if device is not None:
             params = {k: v.detach().to(device).requires_grad_(v.requires_grad) for k, v in params.items()}
             buffers = {k: v.to(device) for k, v in buffers.items()}
         pop = cls(records=records, keep=keep, base=base, params=params, buffers=buffers, recipe=recipe, seed=seed)
+        pop.train_defenses = tuple(defenses)
         pop.training = pop._train(recipe.epochs, seed, on_epoch=on_epoch, defenses=defenses)
         return pop
 
@@ -124,6 +132,7 @@ class ModelPopulation:
             recipe=self.recipe,
             seed=self.seed,
             training=self.training,
+            train_defenses=self.train_defenses,
         )
 
     # ----------------------------------------------------------------- views

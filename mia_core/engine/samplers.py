@@ -176,8 +176,9 @@ def poisson_plan(keep: np.ndarray, rate: float, steps: int, rngs) -> EpochPlan:
         chosen.append((sel, o))
     widths = np.maximum(sizes.max(axis=1), 1)
     width = int(widths.max())
-    index = np.zeros((steps, n_models, width), dtype=np.int64)
+    index = np.empty((steps, n_models, width), dtype=np.int64)
     for m, (sel, o) in enumerate(chosen):
+        index[:, m, :] = o[0]  # padding rows point at one of the model's own records, never a non-member
         s_idx, j_idx = np.nonzero(sel)  # sorted by step, then by position in the half
         starts = np.concatenate([[0], np.cumsum(sizes[:, m])[:-1]])
         slot = np.arange(s_idx.size) - starts[s_idx]

@@ -274,6 +274,8 @@ def resolve(config: EvalConfig) -> Plan:
     for f in config.fprs:
         if not 0 < f < 1:
             raise ParamError(f"FPR levels must be in (0, 1), got {f}")
+    if isinstance(config.seed, bool) or not isinstance(config.seed, int) or not 0 <= config.seed < 2**63:
+        raise ParamError(f"--seed must be an integer >= 0, got {config.seed}")
     if not 0 < config.confidence < 1:
         raise ParamError(f"confidence must be in (0, 1), got {config.confidence}")
     if not config.attacks:
@@ -325,9 +327,9 @@ def _guarded(owner: str, fn: Callable, *args):
 def _jsonable(owner: str, obj) -> Any:
     """Round-trip through JSON so a plugin's report is plain data (numpy and torch values allowed)."""
     try:
-        return json.loads(json.dumps(obj, default=json_default))
+        return json.loads(json.dumps(obj, default=json_default, allow_nan=False))
     except (TypeError, ValueError) as exc:
-        raise PluginRuntimeError(owner, f"returned a report that is not JSON data: {exc}") from None
+        raise PluginRuntimeError(owner, f"returned a report that is not JSON data without NaN/inf: {exc}") from None
 
 
 # ============================================================================ stage 2: records
@@ -407,6 +409,7 @@ def train_population(plan: Plan, records: Records, *, cache: Optional[Population
                 raise ValueError("its train-time defense reports do not match the defense chain")
             if not isinstance(training, dict):
                 raise ValueError("its training record is not an object")
+            pop.train_defenses = tuple(d.plugin for d in plan.train_defenses)  # fine-tuning keeps them
             reporter.message(f"loaded {c.n_models} trained models from the cache ({key[:12]})")
             return PopulationResult(pop, key, True, [_defense_entry(d, r) for d, r in zip(plan.train_defenses, raw)],
                                     training)
@@ -424,6 +427,7 @@ def train_population(plan: Plan, records: Records, *, cache: Optional[Population
                                           defenses=defenses, device=plan.device,
                                           on_epoch=lambda e, loss: update(1, loss=loss)),
         )
+    _check_finite(owner, pop, "training")
     reports = [_defense_entry(d, rep) for d, rep in zip(plan.train_defenses, pop.training.defenses)]
     training = json.loads(json.dumps({k: v for k, v in pop.training.to_dict().items() if k != "defenses"}))
     cache.store(key, pop.state(), {"key": key, "dataset": plan.dataset.spec.to_dict(),
@@ -432,6 +436,17 @@ def train_population(plan: Plan, records: Records, *, cache: Optional[Population
                                    "n_models": c.n_models, "seed": c.seed, "device": plan.device.type,
                                    "versions": plan.versions})
     return PopulationResult(pop, key, False, reports, training)
+
+
+def _check_finite(owner: str, population: ModelPopulation, what: str) -> None:
+    """Weights that are NaN or inf are never evaluated (nor cached): the run fails, naming who made them."""
+    for name, p in population.params.items():
+        bad = ~torch.isfinite(p.detach()).reshape(p.shape[0], -1).all(dim=1)
+        if bool(bad.any()):
+            models = torch.nonzero(bad).flatten().tolist()
+            raise PluginRuntimeError(owner, f"{what} left non-finite weights in {name!r} of model(s) "
+                                            f"{models[:5]}{'...' if len(models) > 5 else ''}; lower the learning "
+                                            f"rate or the defense's strength")
 
 
 def _defense_entry(d: Component, report) -> Dict[str, Any]:
@@ -462,6 +477,7 @@ def apply_defenses(plan: Plan, population: ModelPopulation, *, reporter: Optiona
     for d in plan.post_defenses:
         reporter.message(f"applying defense {d.label}")
         report = _guarded(d.owner, d.plugin.apply, DefenseContext(work, position=d.position))
+        _check_finite(d.owner, work, "apply()")
         reports.append(_defense_entry(d, report))
     return DefenseResult(work, reports)
 
@@ -500,12 +516,13 @@ def run_attacks(plan: Plan, population: ModelPopulation, signals: Signals, *,
     all_records = np.arange(n, dtype=np.int64)
     scores: Dict[str, np.ndarray] = {}
     for a in plan.attacks:
-        ctx = AttackContext(population, a.plugin.access, owner=f"attack {a.name!r}", signals=signals)
+        ctx = AttackContext(population, a.plugin.access, owner=f"attack {a.name!r}", signals=signals, strict=True)
         with reporter.progress(len(plan.targets), f"attack {a.label}") as update:
             _guarded(a.owner, a.plugin.fit, ctx)
             rows = []
             for t in plan.targets:
-                rows.append(_check_scores(a.owner, _guarded(a.owner, a.plugin.score, t, all_records), n))
+                with ctx.scoring(t):  # the attack may take only this target's view
+                    rows.append(_check_scores(a.owner, _guarded(a.owner, a.plugin.score, t, all_records), n))
                 update(1)
         scores[a.label] = np.stack(rows)
     return scores
@@ -542,9 +559,9 @@ def check_estimate(out) -> Estimate:
     if not isinstance(out, dict):
         raise ValueError(f"estimate() returned {type(out).__name__}, expected a dict with a 'value' key")
     try:
-        out = json.loads(json.dumps(out, default=json_default))
+        out = json.loads(json.dumps(out, default=json_default, allow_nan=False))
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"estimate() returned a result that is not JSON data: {exc}") from None
+        raise ValueError(f"estimate() returned a result that is not JSON data, or holds NaN/inf: {exc}") from None
     if "value" not in out:
         raise ValueError("estimate() returned no 'value'")
     value = out.pop("value")

@@ -100,9 +100,18 @@ def test_cache_roundtrip_is_exact(tmp_path):
 def test_attack_context_enforces_access_and_hides_target_membership():
     rec = _toy()
     pop = ModelPopulation.train(rec, _build(), TrainingRecipe(epochs=1), n_models=4, seed=0)
-    ctx = AttackContext(pop, ("loss",), owner="attack 'x'")
-    view = ctx.for_target(1)
+    ctx = AttackContext(pop, ("loss",), owner="attack 'x'", strict=True)
+    assert AttackContext(pop, ("loss",)).for_target(1).target == 1  # hand-built (unit tests): lenient
+    # run strictly (engine, kit): a view only of the target being scored: any other would hold this target's membership row
+    with pytest.raises(AccessError, match=r"for_target\(1\) called in fit\(\)"):
+        ctx.for_target(1)
+    with ctx.scoring(0), pytest.raises(AccessError, match=r"for_target\(1\) called in score\(0, ...\)"):
+        ctx.for_target(1)
+    with ctx.scoring(1):
+        view = ctx.for_target(1)
     assert view.ref_signal("loss").shape == (3, rec.n)
+    # the attack's seed is not the run seed, from which the keep matrix could be redrawn
+    assert ctx.seed != pop.seed and ctx.seed == AttackContext(pop, ("loss",)).seed
     assert 1 not in view.references.tolist()
     with pytest.raises(AccessError, match="declared access \\('loss',\\) but read signal 'logits'"):
         view.ref_signal("logits")

@@ -101,7 +101,8 @@ def test_poisson_sampler_draws_each_record_with_rate_q():
             for m in range(4):
                 real = p.index[s, m, : p.sizes[s, m]]
                 assert keep[m, real].all() and len(set(real.tolist())) == real.size
-                assert (p.index[s, m, p.sizes[s, m]:] == 0).all()  # padding
+                pad = p.index[s, m, p.sizes[s, m]:]  # padding: one of the model's own records
+                assert (pad == np.flatnonzero(keep[m])[0]).all() and keep[m, pad].all()
                 np.add.at(counts[m], real, 1)
     assert counts[~keep].sum() == 0
     rate = counts[keep].mean() / 200  # 20 epochs x 10 steps

@@ -101,3 +101,26 @@ def test_contract():
     assert "Farokhi" in wd.reference and "Theorem 3" in wd.reference
     with pytest.raises(ValueError, match="no parameters"):
         l2_penalty({}, 1.0)
+
+
+def test_fine_tuning_after_training_keeps_the_penalty():
+    """A post-training defense that fine-tunes (prune) must keep training under weight decay:
+    the defense and the recipe's equivalent ``weight_decay = 2 lam`` stay equal through it."""
+    from mia_core.data import Records
+    from mia_core.engine import DefenseContext, ModelPopulation
+    from mia_plugins.defenses.prune import Prune
+
+    rng = np.random.default_rng(0)
+    rec = Records.from_arrays(rng.normal(size=(60, 5)), rng.integers(0, 3, size=60), name="toy")
+
+    def build():
+        return torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+
+    recipe = TrainingRecipe(epochs=3, batch_size=16, lr=0.05, optimizer="sgd", momentum=0.0)
+    pops = [ModelPopulation.train(rec, build, recipe, n_models=2, seed=1, defenses=[WeightDecay(lam=0.05)]),
+            ModelPopulation.train(rec, build, TrainingRecipe(**{**recipe.to_dict(), "weight_decay": 0.1}),
+                                  n_models=2, seed=1)]
+    for pop in pops:
+        Prune(sparsity=0.5, finetune_epochs=5).apply(DefenseContext(pop))
+    for k in pops[0].params:
+        torch.testing.assert_close(pops[0].params[k], pops[1].params[k], rtol=1e-5, atol=1e-6)
