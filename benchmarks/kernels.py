@@ -19,11 +19,8 @@ import argparse
 import json
 import os
 import platform
-import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
-
-from mia_core.kernels import bench  # noqa: E402
+from mia_core.kernels import bench  # the installed package, with its compiled extension
 
 
 def _size(text: str) -> int:
