@@ -4,6 +4,7 @@
 ``miafw list``   every registered plugin, with broken and incompatible ones flagged.
 ``miafw info``   one plugin's parameters, defaults, threat model and reference.
 ``miafw runs``   the runs recorded in an output directory's index.
+``miafw cache``  list, verify or clear the trained populations in the cache.
 ``miafw bench``  the native kernels against torch and the memory bandwidth.
 
 Usage errors (unknown names, malformed ``key=value``, out-of-range values, unusable data) print
@@ -158,6 +159,97 @@ def eval_cmd(attacks, defenses, estimators, dataset, model, n_models, seed, targ
     else:
         click.echo(format_summary(ev.metrics))
         click.echo(f"run directory: {ev.run_dir}")
+
+
+@main.group("cache")
+def cache_group() -> None:
+    """The population cache: list, verify or clear trained populations.
+
+    Entries live in --cache-dir (default $MIAFW_CACHE or ~/.cache/miafw); each holds its files'
+    SHA-256 checksums, verified on every load (a damaged entry is never used: miafw retrains).
+    """
+
+
+def _cache_option(f):
+    return click.option("--cache-dir", default=None, type=click.Path(file_okay=False, path_type=Path),
+                        help="Population cache [default: $MIAFW_CACHE or ~/.cache/miafw].")(f)
+
+
+def _open_cache(cache_dir):
+    from mia_core.engine.cache import PopulationCache, default_cache_dir
+
+    return PopulationCache(cache_dir or default_cache_dir())
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"  # pragma: no cover
+
+
+@cache_group.command("ls")
+@_cache_option
+@click.option("--json", "as_json", is_flag=True, help="Print the entries as JSON.")
+def cache_ls(cache_dir, as_json):
+    """List cached populations, newest first, with what trained them and their state."""
+    import time
+
+    cache = _open_cache(cache_dir)
+    entries = cache.entries()
+    if as_json:
+        click.echo(json.dumps([{"key": e.key, "path": str(e.path), "bytes": e.size, "modified": e.modified,
+                                "ok": e.problem is None, "problem": e.problem, "meta": e.meta}
+                               for e in entries], indent=2, default=str))
+        return
+    if not entries:
+        click.echo(f"no cached populations in {cache.root}")
+        return
+    for e in entries:
+        m = e.meta
+        what = (f"{m.get('dataset', {}).get('name', '?')}/{m.get('model', {}).get('name', '?')} "
+                f"x{m.get('n_models', '?')} seed {m.get('seed', '?')}")
+        state = "ok" if e.problem is None else f"DAMAGED: {e.problem}"
+        stamp = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.modified))
+        click.echo(f"{e.key[:12]}  {stamp}  {_size(e.size):>9}  {what}  {state}")
+    click.echo(f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'}, "
+               f"{_size(sum(e.size for e in entries))} in {cache.root}")
+
+
+@cache_group.command("verify")
+@_cache_option
+@click.option("--remove", is_flag=True, help="Delete the damaged entries.")
+def cache_verify(cache_dir, remove):
+    """Check every entry against its checksums; exit status 1 when any is damaged (and kept)."""
+    cache = _open_cache(cache_dir)
+    entries = cache.entries()
+    bad = [e for e in entries if e.problem is not None]
+    for e in bad:
+        click.echo(f"{e.key[:12]}  DAMAGED: {e.problem}" + ("  (removed)" if remove else ""))
+        if remove:
+            cache.remove(e.key)
+    click.echo(f"{len(entries) - len(bad)} of {len(entries)} entries verified in {cache.root}")
+    if bad and not remove:
+        sys.exit(EXIT_FAILURE)
+
+
+@cache_group.command("clear")
+@_cache_option
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+def cache_clear(cache_dir, yes):
+    """Delete every cached population."""
+    cache = _open_cache(cache_dir)
+    entries = cache.entries()
+    if not entries:
+        click.echo(f"no cached populations in {cache.root}")
+        return
+    total = _size(sum(e.size for e in entries))
+    if not yes and not click.confirm(f"delete {len(entries)} cached populations ({total}) in {cache.root}?"):
+        _fail("nothing deleted")
+    for e in entries:
+        cache.remove(e.key)
+    click.echo(f"deleted {len(entries)} cached populations ({total})")
 
 
 @main.command("runs")

@@ -181,3 +181,28 @@ def test_eval_bad_settings_fail_cleanly(tmp_path, args, code, match):
     res = _eval(tmp_path, "--attack", "loss", *args)
     assert res.exit_code == code and match in res.output, res.output
     assert "Traceback" not in res.output or code == 1
+
+
+def test_cache_command_lists_verifies_and_clears(tmp_path):
+    cache = ["--cache-dir", str(tmp_path / "cache")]
+    runner = CliRunner()
+    assert "no cached populations" in runner.invoke(main, ["cache", "ls", *cache]).output
+    assert _eval(tmp_path, "--attack", "loss", *cache).exit_code == 0
+    res = runner.invoke(main, ["cache", "ls", *cache])
+    assert res.exit_code == 0 and "digits/mlp x4 seed 0  ok" in res.output
+    assert runner.invoke(main, ["cache", "verify", *cache]).exit_code == 0
+    (entry,) = (tmp_path / "cache" / "populations").iterdir()
+    data = bytearray((entry / "population.pt").read_bytes())
+    data[len(data) // 2] ^= 1
+    (entry / "population.pt").write_bytes(bytes(data))
+    res = runner.invoke(main, ["cache", "verify", *cache])
+    assert res.exit_code == 1 and "DAMAGED: population.pt does not match its checksum" in res.output
+    # the eval reports the damage in one line, retrains and replaces the entry
+    res = _eval(tmp_path, "--attack", "loss", *cache, out="again")
+    assert res.exit_code == 0 and "is damaged (population.pt does not match its checksum); retraining" in res.output
+    assert "Traceback" not in res.output
+    assert runner.invoke(main, ["cache", "verify", *cache]).exit_code == 0
+    assert runner.invoke(main, ["cache", "clear", *cache], input="n\n").exit_code == 2
+    res = runner.invoke(main, ["cache", "clear", "--yes", *cache])
+    assert res.exit_code == 0 and "deleted 1 cached populations" in res.output
+    assert "no cached populations" in runner.invoke(main, ["cache", "ls", *cache]).output

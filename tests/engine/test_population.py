@@ -91,9 +91,9 @@ def test_cache_roundtrip_is_exact(tmp_path):
     back = ModelPopulation.from_state(cache.load("k" * 64)[0], records=rec, build=_build(), recipe=recipe, seed=3)
     np.testing.assert_array_equal(back.keep, pop.keep)
     assert torch.equal(back.logits(), pop.logits())
-    # an unreadable entry is ignored with a warning, not unpickled or trusted
+    # a damaged entry is ignored with a warning, never unpickled or trusted
     (tmp_path / "c" / "populations" / ("k" * 64) / "population.pt").write_bytes(b"garbage")
-    with pytest.warns(UserWarning, match="unreadable cache entry"):
+    with pytest.warns(UserWarning, match="is damaged .population.pt does not match its checksum"):
         assert cache.load("k" * 64) is None
 
 
