@@ -154,8 +154,8 @@ def eval_cmd(attacks, defenses, estimators, dataset, model, n_models, seed, targ
         _fail(f"could not write the run under {out}: {exc}", EXIT_FAILURE)
     except RuntimeError as exc:  # e.g. torch running out of device memory outside a plugin
         _fail(f"{type(exc).__name__}: {exc} (run marked failed: {getattr(exc, 'run_dir', '?')})", EXIT_FAILURE)
-    if as_json:
-        click.echo(json.dumps(ev.metrics, indent=2, sort_keys=True))
+    if as_json:  # metrics.json plus where the run was written (the file itself stays path-free)
+        click.echo(json.dumps({**ev.metrics, "run_dir": str(ev.run_dir)}, indent=2, sort_keys=True))
     else:
         click.echo(format_summary(ev.metrics))
         click.echo(f"run directory: {ev.run_dir}")
@@ -362,9 +362,11 @@ def list_cmd(kind, verbose):
         click.echo(f"{problems} plugin(s) could not be used; `miafw info NAME` shows why.", err=True)
 
 
-def _summary_line(obj) -> str:
+def _summary_line(obj, width: int = 90) -> str:
+    """The first paragraph of the docstring on one line, cut with an ellipsis past ``width``."""
     doc = inspect.getdoc(obj) or ""
-    return doc.strip().split("\n\n")[0].replace("\n", " ")[:90]
+    line = doc.strip().split("\n\n")[0].replace("\n", " ")
+    return line if len(line) <= width else line[: width - 1].rstrip() + "…"
 
 
 @main.command("info")

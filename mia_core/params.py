@@ -26,6 +26,17 @@ class ParamError(ValueError):
     """A plugin specification or parameter value that cannot be used."""
 
 
+#: Longest user text echoed back whole in an error message; longer text is cut with an ellipsis.
+ECHO_LIMIT = 80
+
+
+def shown(text, limit: int = ECHO_LIMIT) -> str:
+    """``repr(text)`` for an error message, cut to about ``limit`` characters (a 10,000-character
+    name is not echoed back whole)."""
+    r = repr(text)
+    return r if len(r) <= limit else r[: limit - 1] + "…"
+
+
 def split_spec(text: str) -> Tuple[str, Dict[str, str]]:
     """Split ``"name:k=v,k2=v2"`` into the name and raw string values (no type conversion)."""
     if not isinstance(text, str):
@@ -33,20 +44,20 @@ def split_spec(text: str) -> Tuple[str, Dict[str, str]]:
     name, sep, rest = text.partition(":")
     name = name.strip()
     if not name:
-        raise ParamError(f"empty plugin name in {text!r}; expected NAME or NAME:key=value,...")
+        raise ParamError(f"empty plugin name in {shown(text)}; expected NAME or NAME:key=value,...")
     raw: Dict[str, str] = {}
     if sep and not rest.strip():
-        raise ParamError(f"{text!r} has a ':' but no parameters; expected NAME:key=value,...")
+        raise ParamError(f"{shown(text)} has a ':' but no parameters; expected NAME:key=value,...")
     if rest.strip():
         for item in rest.split(","):
             key, eq, value = item.partition("=")
             key = key.strip()
             if not eq or not key:
                 raise ParamError(
-                    f"malformed parameter {item.strip()!r} in {text!r}; expected key=value"
+                    f"malformed parameter {shown(item.strip())} in {shown(text)}; expected key=value"
                 )
             if key in raw:
-                raise ParamError(f"parameter {key!r} given twice in {text!r}")
+                raise ParamError(f"parameter {shown(key)} given twice in {shown(text)}")
             raw[key] = value.strip()
     return name, raw
 
@@ -127,12 +138,12 @@ def parse_params(cls, raw: Dict[str, str], *, label: str) -> Dict[str, Any]:
             close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             allowed = ", ".join(valid) if valid else "none (this plugin takes no parameters)"
-            raise ParamError(f"{label}: unknown parameter {key!r}{hint}; valid parameters: {allowed}")
+            raise ParamError(f"{label}: unknown parameter {shown(key)}{hint}; valid parameters: {allowed}")
         p = sig[key]
         try:
             out[key] = _convert(value, hints.get(key, p.annotation), p.default)
         except ValueError as exc:
-            raise ParamError(f"{label}: parameter {key}={value!r} {exc}") from None
+            raise ParamError(f"{label}: parameter {key}={shown(value)} {exc}") from None
     return out
 
 

@@ -28,6 +28,7 @@ from typing import Dict, List, Optional
 from stevedore import ExtensionManager, NamedExtensionManager
 
 from mia_core.base import KIND_BASES, KINDS, check_api_version
+from mia_core.params import shown
 
 GROUP_PREFIX = "miafw."
 
@@ -140,7 +141,7 @@ def suggest(name: str, valid: List[str]) -> Optional[str]:
 
 def unknown_message(kind: str, name: str, valid: List[str]) -> str:
     singular = kind[:-1]
-    msg = f"unknown {singular} {name!r}."
+    msg = f"unknown {singular} {shown(name)}."
     hint = suggest(name, valid)
     if hint:
         msg += f" Did you mean {hint!r}?"

@@ -68,6 +68,18 @@ def test_json_output(tmp_path):
     assert res.exit_code == 0
     doc = json.loads(res.stdout)
     assert doc["schema_version"] == 2 and "loss" in doc["attacks"]
+    run = _run_dir(tmp_path)
+    assert doc.pop("run_dir") == str(run)  # printed, but not in the file (which stays path-free)
+    assert doc == json.loads((run / "metrics.json").read_text())
+
+
+def test_long_input_is_not_echoed_back_whole_and_list_marks_cut_lines(tmp_path):
+    res = _eval(tmp_path, "--attack", "x" * 300)
+    assert res.exit_code == 2 and "…" in res.output and len(res.output.splitlines()[0]) < 200
+    res = _eval(tmp_path, "--attack", "lira:" + "y" * 300 + "=1")
+    assert res.exit_code == 2 and "…" in res.output and len(res.output.splitlines()[0]) < 200
+    out = CliRunner().invoke(main, ["list", "--kind", "defenses"]).output
+    assert any(line.endswith("…") for line in out.splitlines())
 
 
 @pytest.mark.parametrize("args,message", [
@@ -174,6 +186,7 @@ def test_eval_usage_errors_for_estimators_devices_and_samplers(tmp_path, args, m
 
 @pytest.mark.parametrize("args,code,match", [
     (["--seed", "-1"], 2, "--seed must be an integer >= 0, got -1"),
+    (["--seed", str(2**64)], 2, "--seed must be an integer >= 0"),
     (["--dataset", "digits:n_records=4", "--n-models", "40", "--targets", "first:1"], 2, "draws no training record"),
     (["--defense", "weight-decay:lam=1e300"], 1, "left non-finite weights"),
 ])

@@ -117,3 +117,16 @@ def test_lira_is_chance_without_signal():
     attack = LiRA().fit(_FakeCtx(keep, conf))
     scores = np.concatenate([attack.score(t, np.arange(conf.shape[1])) for t in range(4)])
     assert abs(metrics.auc(scores, keep[:4].ravel()) - 0.5) < 0.03
+
+
+@pytest.mark.parametrize("n_models,expected", [(16, "global"), (62, "global"), (64, "per-example"), (66, "per-example")])
+def test_auto_variance_switches_at_64_models(n_models, expected):
+    """The paper's rule counts models (64 shadow models), so 64 models = 63 references is per-example."""
+    from mia_plugins.attacks.lira import LiRA
+
+    class Ctx:
+        pass
+
+    ctx = Ctx()
+    ctx.n_models = n_models
+    assert LiRA().fit(ctx).variance_ == expected

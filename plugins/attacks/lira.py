@@ -9,8 +9,11 @@ import numpy as np
 from mia_core.base import Attack
 from mia_core.stats import fit_gaussians, lira_offline, lira_online
 
-#: Below this many reference models the paper finds a shared ("fixed") variance works better.
-GLOBAL_VARIANCE_BELOW = 64
+#: Below this many *models* (target included: the paper trains 64 shadow models and switches to a
+#: shared, "fixed" variance when it has fewer) ``variance=auto`` uses the global variance. Counted
+#: in models, so a 64-model population (63 references) uses per-example variances, which an
+#: independent check found better there (TPR at 0.1% FPR 3.03% vs 2.65%).
+GLOBAL_VARIANCE_BELOW_MODELS = 64
 
 
 class LiRA(Attack):
@@ -24,13 +27,17 @@ class LiRA(Attack):
 
     * online (Algorithm 1): score = log N(phi; mu_in, sigma_in^2) - log N(phi; mu_out, sigma_out^2);
     * offline (Sec. IV-D): score = -log Pr[Z > phi], Z ~ N(mu_out, sigma_out^2) — a one-sided test
-      that needs no IN models (monotone in the paper's Lambda = 1 - Pr[Z > phi]).
+      that needs no IN models (monotone in the paper's Lambda = 1 - Pr[Z > phi]). This follows the
+      paper; the authors' reference code ranks offline by the two-sided density instead (re-run on
+      miafw's population it reached offline AUC 0.520 against this one-sided test's 0.579, while
+      online LiRA agreed within noise).
 
     Args:
         online: use IN and OUT reference models (True) or OUT models only (False).
         variance: ``per-example`` (each record's own sigma), ``global`` (one sigma per side, the
-            paper's "fixed variance" for few reference models) or ``auto`` (global below 64
-            reference models, as the paper recommends).
+            paper's "fixed variance" for few reference models) or ``auto`` (global for a population
+            of fewer than 64 models, i.e. fewer than 63 references besides the target, as the paper
+            recommends below its 64 shadow models).
 
     Differences from the reference code: means are sample means (the code uses medians) and
     the global variance is the pooled within-record variance (the code pools raw scores).
@@ -65,7 +72,7 @@ class LiRA(Attack):
                 f"(n_models >= {self.min_reference_models + 1}); got n_models={ctx.n_models}"
             )
         if self.variance == "auto":
-            self.variance_ = "global" if n_refs < GLOBAL_VARIANCE_BELOW else "per-example"
+            self.variance_ = "global" if ctx.n_models < GLOBAL_VARIANCE_BELOW_MODELS else "per-example"
         else:
             self.variance_ = self.variance
         self.ctx_ = ctx
