@@ -48,13 +48,15 @@ def _terse_warnings():
     """Warnings as one ``Warning: ...`` line on stderr; metrics warnings are left to the table."""
     import warnings
 
+    from mia_core.engine.stages import EvaluationWarning
     from mia_core.metrics import MetricsWarning
 
     def show(message, category, filename, lineno, file=None, line=None):
         click.echo(f"Warning: {message}", err=True)
 
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", MetricsWarning)
+        warnings.simplefilter("ignore", MetricsWarning)  # both kinds are listed under the table
+        warnings.simplefilter("ignore", EvaluationWarning)  # (and in metrics.json)
         warnings.showwarning = show
         yield
 

@@ -231,6 +231,7 @@ def format_summary(metrics_doc: Dict, *, fprs=(0.001, 0.01)) -> str:
         stage = f" ({d['stage']}-time)" if d.get("stage") == "train" else ""
         out.append(f"defense {d['name']}{stage}: " + ", ".join(f"{k}={_short(v)}" for k, v in shown.items()))
     warned = sorted({w for m in metrics_doc["attacks"].values() for w in m.get("warnings", [])})
+    warned += metrics_doc.get("warnings", [])
     for w in warned:
         out.append(f"! {w}")
     return "\n".join(out)

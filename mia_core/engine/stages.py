@@ -28,6 +28,7 @@ import math
 import platform
 import sys
 import traceback
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -653,6 +654,9 @@ def compute_metrics(plan: Plan, *, records: Records, trained: PopulationResult, 
         estimator_metrics[e.label] = entry
     acc = accuracy(signals, keep)
     before = accuracy(undefended_signals, keep)
+    doc_warnings = population_warnings(records, float(before["train"][targets].mean()), plan.dataset.name)
+    for w in doc_warnings:
+        warnings.warn(w, EvaluationWarning, stacklevel=2)
     doc = {
         "schema_version": SCHEMA_VERSION,
         "attacks": attack_metrics,
@@ -670,6 +674,7 @@ def compute_metrics(plan: Plan, *, records: Records, trained: PopulationResult, 
         },
         "defenses": _in_user_order(plan, trained.train_reports, defended.reports),
         "training": trained.training,
+        "warnings": doc_warnings,
         "population": {
             "n_models": c.n_models,
             "n_records": records.n,
@@ -678,6 +683,33 @@ def compute_metrics(plan: Plan, *, records: Records, trained: PopulationResult, 
         },
     }
     return MetricsResult(doc, curves)
+
+
+class EvaluationWarning(UserWarning):
+    """Something about the evaluation makes its numbers doubtful (also listed in ``metrics.json``)."""
+
+
+#: A population whose mean train accuracy (before defenses) is within this of always predicting the
+#: majority class did not learn: attacks on it measure nothing.
+CHANCE_MARGIN = 0.05
+
+
+def population_warnings(records: Records, train_accuracy: float, dataset: str) -> List[str]:
+    """What makes an evaluation doubtful: labels with gaps (classes without a record still get
+    an output each), and a population that did not learn (train accuracy at chance)."""
+    out = []
+    counts = np.bincount(records.y, minlength=records.n_classes)
+    empty = np.flatnonzero(counts == 0)
+    if empty.size:
+        shown = ", ".join(map(str, empty[:5].tolist())) + (", ..." if empty.size > 5 else "")
+        out.append(f"dataset {dataset!r}: {empty.size} of its {records.n_classes} classes have no record "
+                   f"(labels {shown}); the models still get one output each. Relabel the classes as 0..K-1")
+    majority = float(counts.max() / counts.sum())
+    if train_accuracy <= majority + CHANCE_MARGIN:
+        out.append(f"the population did not learn: mean train accuracy {100 * train_accuracy:.1f}% is at chance "
+                   f"(the majority class is {100 * majority:.1f}% of the records), so the attacks measure "
+                   f"nothing; check --epochs and --lr")
+    return out
 
 
 def _in_user_order(plan: Plan, train_reports: List[Dict], post_reports: List[Dict]) -> List[Dict]:
@@ -792,6 +824,7 @@ __all__ = [
     "DefenseResult",
     "Estimate",
     "EvalConfig",
+    "EvaluationWarning",
     "Evaluation",
     "MetricsResult",
     "Plan",

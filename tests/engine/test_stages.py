@@ -134,3 +134,19 @@ def test_a_failed_run_says_where_it_was_recorded(tmp_path, test_estimators):
     with pytest.raises(PluginRuntimeError) as info:
         mia_core.evaluate(EvalConfig(attacks=("loss",), estimators=("nan-value",), **SMALL), out=tmp_path)
     assert info.value.run_dir.name.endswith(".failed") and (info.value.run_dir / "FAILED.txt").is_file()
+
+
+def test_a_population_that_did_not_learn_is_flagged():
+    config = EvalConfig(attacks=("loss",), **{**SMALL, "recipe": TrainingRecipe(epochs=0)})
+    with pytest.warns(stages.EvaluationWarning, match="the population did not learn"):
+        ev = mia_core.evaluate(config)
+    assert any("did not learn" in w for w in ev.metrics["warnings"])
+    assert mia_core.evaluate(EvalConfig(attacks=("loss",), **SMALL)).metrics["warnings"] == []
+
+
+def test_labels_with_gaps_are_flagged():
+    from mia_core.data import Records
+
+    rec = Records.from_arrays(np.zeros((4, 2)), np.array([0, 1000, 0, 1000]), name="gaps")
+    (msg,) = stages.population_warnings(rec, 1.0, "gaps")
+    assert "999 of its 1001 classes have no record (labels 1, 2, 3, 4, 5, ...)" in msg
