@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 
 from mia_core.kernels import bench  # the installed package, with its compiled extension
 
@@ -48,9 +49,15 @@ def main(argv=None):
 
     from mia_core import kernels
 
+    backends = args.backend or ["native", "torch"]
+    if "native" in backends and not kernels.native_available():
+        print(f"the native extension mia_core._C is not available ({kernels.backend_info()}); only the torch "
+              f"rows can run. Install the package (`pip install .`) and run this script outside the source tree.",
+              file=sys.stderr)
+        backends = [b for b in backends if b != "native"] or ["torch"]
     load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
     rows = bench.run(args.kernel or list(bench.KERNELS), sizes=args.size or [10_000, 10_000_000],
-                     dtypes=args.dtype or ["float32"], backends=args.backend or ["native", "torch"],
+                     dtypes=args.dtype or ["float32"], backends=backends,
                      repeat=args.repeat)
     load_end = os.getloadavg() if hasattr(os, "getloadavg") else None
     machine = {"python": platform.python_version(), "torch": torch.__version__,
