@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import json
+import signal
 import sys
 import textwrap
 from pathlib import Path
@@ -59,6 +60,28 @@ def _terse_warnings():
         warnings.simplefilter("ignore", EvaluationWarning)  # (and in metrics.json)
         warnings.showwarning = show
         yield
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``timeout``, Slurm, ``docker stop``), handled like Ctrl-C."""
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """While the block runs, SIGTERM raises :class:`Terminated`, so the run is recorded as
+    interrupted and its directory closed, exactly as for Ctrl-C."""
+    def handler(signum, frame):
+        raise Terminated(f"signal {signum}")
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave SIGTERM alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -141,7 +164,7 @@ def eval_cmd(attacks, defenses, estimators, dataset, model, n_models, seed, targ
         _fail(str(exc))
     cache = PopulationCache(None if no_cache else (cache_dir or default_cache_dir()))
     try:
-        with _terse_warnings():
+        with _terse_warnings(), _sigterm_interrupts():
             ev = evaluate(plan, out=out, cache=cache, reporter=TerminalReporter(quiet or as_json))
     except USAGE_ERRORS as exc:
         _fail(str(exc))
@@ -151,7 +174,9 @@ def eval_cmd(attacks, defenses, estimators, dataset, model, n_models, seed, targ
         _fail(f"{exc} (run marked failed: {getattr(exc, 'run_dir', '?')})", EXIT_FAILURE)
     except KeyboardInterrupt as exc:
         click.echo("", err=True)
-        _fail(f"interrupted (run marked failed: {getattr(exc, 'run_dir', '?')})", 130)
+        code = 128 + signal.SIGTERM if isinstance(exc, Terminated) else 130
+        _fail(f"{'terminated' if code != 130 else 'interrupted'} (run marked interrupted: "
+              f"{getattr(exc, 'run_dir', '?')})", code)
     except OSError as exc:
         _fail(f"could not write the run under {out}: {exc}", EXIT_FAILURE)
     except RuntimeError as exc:  # e.g. torch running out of device memory outside a plugin
@@ -259,11 +284,20 @@ def cache_clear(cache_dir, yes):
               help="The directory whose runs to list.")
 @click.option("-n", "--limit", default=20, show_default=True, type=click.IntRange(min=1), help="Newest runs shown.")
 @click.option("--json", "as_json", is_flag=True, help="Print the index rows as JSON.")
-def runs_cmd(out, limit, as_json):
-    """List recorded runs (newest first) with their status and headline numbers."""
+@click.option("--prune", is_flag=True,
+              help="Remove the runs whose process died without finishing them (their row and .partial directory).")
+def runs_cmd(out, limit, as_json, prune):
+    """List recorded runs (newest first) with their status and headline numbers.
+
+    A run whose process is gone without recording its end (kill -9, a crash) shows as interrupted.
+    """
     from mia_core.runindex import RunIndex
 
     try:
+        if prune:
+            removed = RunIndex(out).prune()
+            click.echo(f"removed {len(removed)} interrupted run(s)" + "".join(f"\n  {r['id']}" for r in removed))
+            return
         rows = RunIndex(out).list(limit=limit)
     except Exception as exc:  # a foreign or damaged index file
         _fail(f"cannot read the run index in {out}: {exc}")

@@ -118,7 +118,8 @@ class RunDir:
                 shutil.rmtree(self.staging, ignore_errors=True)
             if self.index is not None:
                 line = f"{exc_type.__name__}: {exc}".splitlines()[0] if str(exc) else exc_type.__name__
-                self.index.finish(self.name, "failed", self.failed, error=line)
+                status = "interrupted" if issubclass(exc_type, KeyboardInterrupt) else "failed"
+                self.index.finish(self.name, status, self.failed, error=line)
             if exc is not None:
                 try:
                     exc.run_dir = self.failed  # where the failure was recorded, for the caller's message

@@ -1,25 +1,30 @@
 """The run index: ``<out>/index.sqlite``, one row per run, behind ``miafw runs``.
 
-A run is recorded as ``running`` when its directory is created and moved to ``complete`` or
-``failed`` when it ends, in one transaction each, so the index never names a half-written run as
-complete. Rows of runs rejected as usage errors (before any result exists) are removed.
+A run is recorded as ``running`` (with its process id and host) when its directory is created and
+moved to ``complete``, ``failed`` or ``interrupted`` (Ctrl-C, SIGTERM) when it ends, in one
+transaction each, so the index never names a half-written run as complete. A ``running`` run
+whose process is gone (``kill -9``, a crash) is listed as ``interrupted``; :meth:`RunIndex.prune`
+removes such runs. Rows of runs rejected as usage errors (before any result exists) are removed.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import socket
 import sqlite3
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-SCHEMA_VERSION = 1
-STATUSES = ("running", "complete", "failed")
+SCHEMA_VERSION = 2
+STATUSES = ("running", "complete", "failed", "interrupted")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
     id        TEXT PRIMARY KEY,
-    status    TEXT NOT NULL CHECK (status IN ('running', 'complete', 'failed')),
+    status    TEXT NOT NULL CHECK (status IN ('running', 'complete', 'failed', 'interrupted')),
     created   TEXT NOT NULL,
     finished  TEXT,
     path      TEXT NOT NULL,
@@ -30,9 +35,36 @@ CREATE TABLE IF NOT EXISTS runs (
     n_models  INTEGER,
     seed      INTEGER,
     summary   TEXT,
-    error     TEXT
+    error     TEXT,
+    pid       INTEGER,
+    host      TEXT
 )
 """
+
+#: Schema 1 had neither the ``interrupted`` status nor the pid and host of the running process.
+_FROM_V1 = """
+ALTER TABLE runs RENAME TO runs_v1;
+{schema};
+INSERT INTO runs (id, status, created, finished, path, dataset, model, attacks, defenses, n_models, seed,
+                  summary, error)
+    SELECT id, status, created, finished, path, dataset, model, attacks, defenses, n_models, seed, summary, error
+    FROM runs_v1;
+DROP TABLE runs_v1;
+"""
+
+
+def _alive(pid: Optional[int], host: Optional[str]) -> bool:
+    """Whether the process that started a run may still be running it (a run started on another
+    host is assumed alive: it cannot be checked from here)."""
+    if pid is None or host != socket.gethostname():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
 
 
 def _now() -> str:
@@ -49,9 +81,12 @@ class RunIndex:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         con = sqlite3.connect(self.path, timeout=30)
         version = con.execute("PRAGMA user_version").fetchone()[0]
-        if version not in (0, SCHEMA_VERSION):
+        if version not in (0, 1, SCHEMA_VERSION):
             con.close()
             raise RuntimeError(f"{self.path} has index schema {version}; this miafw reads schema {SCHEMA_VERSION}")
+        if version == 1:
+            with con:
+                con.executescript(_FROM_V1.format(schema=_SCHEMA.strip()))
         con.execute(_SCHEMA)
         con.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         return con
@@ -61,14 +96,14 @@ class RunIndex:
         try:
             with con:
                 con.execute(
-                    "INSERT INTO runs (id, status, created, path, dataset, model, attacks, defenses, n_models, seed) "
-                    "VALUES (?, 'running', ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "INSERT INTO runs (id, status, created, path, dataset, model, attacks, defenses, n_models, seed, "
+                    "pid, host) VALUES (?, 'running', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         run_id, _now(), str(path),
                         config["dataset"]["name"], config["model"]["name"],
                         ",".join(a["label"] for a in config.get("attacks", [])),
                         ",".join(d["name"] for d in config.get("defenses", [])),
-                        config.get("n_models"), config.get("seed"),
+                        config.get("n_models"), config.get("seed"), os.getpid(), socket.gethostname(),
                     ),
                 )
         finally:
@@ -77,7 +112,7 @@ class RunIndex:
     def finish(self, run_id: str, status: str, path: Path, *, summary: Optional[Dict] = None,
                error: Optional[str] = None) -> None:
         if status not in STATUSES[1:]:
-            raise ValueError(f"status must be 'complete' or 'failed', got {status!r}")
+            raise ValueError(f"status must be one of {', '.join(STATUSES[1:])}, got {status!r}")
         con = self._connect()
         try:
             with con:
@@ -111,8 +146,22 @@ class RunIndex:
         for r in rows:
             d = dict(r)
             d["summary"] = json.loads(d["summary"]) if d["summary"] else None
+            if d["status"] == "running" and not _alive(d["pid"], d["host"]):
+                d["status"] = "interrupted"  # its process died (kill -9, a crash) without recording it
+                d["error"] = d["error"] or f"process {d['pid']} on {d['host']} ended without finishing the run"
             out.append(d)
         return out
+
+    def prune(self) -> List[Dict[str, Any]]:
+        """Remove the runs whose process died without finishing them (their row and their
+        ``.partial`` directory); returns the rows removed."""
+        dead = [r for r in self.list() if r["status"] == "interrupted" and r["finished"] is None]
+        for r in dead:
+            path = Path(r["path"])
+            if path.name.endswith(".partial") and path.parent == self.path.parent:
+                shutil.rmtree(path, ignore_errors=True)
+            self.forget(r["id"])
+        return dead
 
 
 def summary_of(metrics_doc: Dict[str, Any]) -> Dict[str, Any]:

@@ -219,3 +219,67 @@ def test_cache_command_lists_verifies_and_clears(tmp_path):
     res = runner.invoke(main, ["cache", "clear", "--yes", *cache])
     assert res.exit_code == 0 and "deleted 1 cached populations" in res.output
     assert "no cached populations" in runner.invoke(main, ["cache", "ls", *cache]).output
+
+
+def _start_long_eval(out):
+    """A real `miafw eval` process that trains long enough to be stopped, once its run has started."""
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "mia_core.cli", "eval", "--attack", "loss", "--dataset",
+                             "digits:n_records=200", "--model", "mlp:width=16", "--n-models", "4", "--epochs",
+                             "100000", "--no-cache", "-q", "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (out.is_dir() and any(p.name.endswith(".partial") for p in out.iterdir())):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.1)
+    return proc
+
+
+def test_sigterm_is_handled_like_ctrl_c(tmp_path):
+    import signal
+
+    from mia_core.runindex import RunIndex
+
+    proc = _start_long_eval(tmp_path / "runs")
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM and "terminated (run marked interrupted" in err
+    assert "Traceback" not in err
+    (run,) = [p for p in (tmp_path / "runs").iterdir() if p.is_dir()]
+    assert run.name.endswith(".failed") and (run / "FAILED.txt").is_file()
+    (row,) = RunIndex(tmp_path / "runs").list()
+    assert row["status"] == "interrupted" and row["finished"] is not None
+
+
+def test_a_killed_run_shows_as_interrupted_and_prune_removes_it(tmp_path):
+    proc = _start_long_eval(tmp_path / "runs")
+    proc.kill()
+    proc.communicate(timeout=60)
+    runner = CliRunner()
+    res = runner.invoke(main, ["runs", "--out", str(tmp_path / "runs")])
+    assert "interrupted" in res.output and f"process {proc.pid}" in res.output
+    res = runner.invoke(main, ["runs", "--out", str(tmp_path / "runs"), "--prune"])
+    assert res.exit_code == 0 and "removed 1 interrupted run(s)" in res.output
+    assert not any(p.name.endswith(".partial") for p in (tmp_path / "runs").iterdir())
+    assert "no runs recorded" in runner.invoke(main, ["runs", "--out", str(tmp_path / "runs")]).output
+
+
+def test_an_index_of_schema_1_is_migrated(tmp_path):
+    import sqlite3
+
+    from mia_core.runindex import RunIndex
+
+    (tmp_path / "runs").mkdir()
+    con = sqlite3.connect(tmp_path / "runs" / "index.sqlite")
+    con.execute("CREATE TABLE runs (id TEXT PRIMARY KEY, status TEXT NOT NULL CHECK (status IN ('running', "
+                "'complete', 'failed')), created TEXT NOT NULL, finished TEXT, path TEXT NOT NULL, dataset TEXT, "
+                "model TEXT, attacks TEXT, defenses TEXT, n_models INTEGER, seed INTEGER, summary TEXT, error TEXT)")
+    con.execute("INSERT INTO runs (id, status, created, finished, path) VALUES ('old', 'complete', 'then', 'then', 'p')")
+    con.execute("PRAGMA user_version = 1")
+    con.commit()
+    con.close()
+    index = RunIndex(tmp_path / "runs")
+    assert [(r["id"], r["status"], r["pid"]) for r in index.list()] == [("old", "complete", None)]
+    index.finish("old", "interrupted", tmp_path)  # the new status is accepted after the migration
+    assert index.list()[0]["status"] == "interrupted"

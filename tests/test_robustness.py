@@ -69,7 +69,8 @@ def test_plugin_failure_marks_run_failed_and_poisons_nothing(tmp_path, faulty_pl
     failed = [p for p in runs.iterdir() if p.name.endswith(".failed")]
     assert len(failed) == 1 and (failed[0] / "FAILED.txt").is_file()
     assert not (failed[0] / "metrics.json").exists()
-    assert [row[1] for row in _index(tmp_path)] == ["failed"]
+    status = "interrupted" if code == 130 else "failed"
+    assert [row[1] for row in _index(tmp_path)] == [status]
     entries = _cache_entries(tmp_path)
     assert not [e for e in entries if e.startswith(".")]  # no half-written cache entry
     if "fail-model" in args:
@@ -80,8 +81,9 @@ def test_plugin_failure_marks_run_failed_and_poisons_nothing(tmp_path, faulty_pl
     good = _invoke(tmp_path, "--attack", "loss", "--json")
     fresh = _invoke(tmp_path, "--attack", "loss", "--json", "--no-cache")
     assert good.exit_code == 0 and fresh.exit_code == 0
-    assert json.loads(good.stdout) == json.loads(fresh.stdout)
-    assert [row[1] for row in _index(tmp_path)] == ["failed", "complete", "complete"]
+    good_doc, fresh_doc = json.loads(good.stdout), json.loads(fresh.stdout)
+    assert good_doc.pop("run_dir") != fresh_doc.pop("run_dir") and good_doc == fresh_doc
+    assert [row[1] for row in _index(tmp_path)] == [status, "complete", "complete"]
 
 
 def test_runs_command_lists_index(tmp_path, faulty_plugins):
