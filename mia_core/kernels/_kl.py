@@ -158,7 +158,7 @@ def gaussian_kl(
     names = ("mu0", "var0", "mu1", "var1")
     inputs = (mu0, var0, mu1, var1)
     _check_out(out, mu0, inputs, names)
-    if _dispatch.choose(backend, lambda b: _refusal(inputs, names, b, cuda_twin=True)) == "torch":
+    if _dispatch.choose(backend, lambda b: _out_refusal(out) or _refusal(inputs, names, b, cuda_twin=True)) == "torch":
         return _into_out(_diag_reference_unchecked(mu0, var0, mu1, var1, direction), out)
     if mu0.is_cuda:
         device = mu0.device
@@ -240,7 +240,7 @@ def gaussian_kl_full(
     names = ("mu0", "cov0", "mu1", "cov1")
     inputs = (mu0, cov0, mu1, cov1)
     _check_out(out, mu0, inputs, names)
-    if _dispatch.choose(backend, lambda b: _refusal(inputs, names, b, cuda_twin=False)) == "torch":
+    if _dispatch.choose(backend, lambda b: _out_refusal(out) or _refusal(inputs, names, b, cuda_twin=False)) == "torch":
         result = _full_reference_unchecked(mu0, cov0, mu1, cov1, direction, cholesky, jitter)
         return _into_out(result, out)
     arrays, result = _native_args(inputs, out)
@@ -344,6 +344,12 @@ def _check_out(out, mu0, inputs, names) -> None:
 # --------------------------------------------------------------------------------------
 
 
+def _out_refusal(out) -> Optional[Refusal]:
+    """``out`` that a native kernel cannot write: a lazily negated view."""
+    lazy = _native.lazy_bit_refusal((out,), ("out",))
+    return None if lazy is None else Refusal(lazy)
+
+
 def _refusal(inputs, names, backend: str, *, cuda_twin: bool) -> Optional[Refusal]:
     """Why the native implementation cannot take these (validated) inputs, or None: the CUDA
     twin for CUDA tensors when the op has one (``cuda_twin``), else the CPU kernel."""
@@ -369,6 +375,9 @@ def _cuda_refusal(inputs, names, backend: str) -> Optional[Refusal]:
 
 def _kernel_refusal(inputs, names, backend: str, kernel: str) -> Optional[Refusal]:
     first = inputs[0]
+    lazy = _native.lazy_bit_refusal(inputs, names)
+    if lazy is not None:
+        return Refusal(lazy)
     if first.dtype not in _NATIVE_DTYPES:
         return Refusal(f"{names[0]} has dtype {first.dtype}; {kernel} supports float32 and float64")
     if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):

@@ -180,6 +180,9 @@ def _cuda_mask_refusal(tensors: List[torch.Tensor], masks: List[torch.Tensor]) -
         return _dispatch.NO_CUDA_KERNELS
     device = tensors[0].device
     for i, (t, m) in enumerate(zip(tensors, masks)):
+        lazy = _native.lazy_bit_refusal((t, m), (f"tensors[{i}]", f"masks[{i}]"))
+        if lazy is not None:
+            return Refusal(lazy)
         if t.dtype not in _NATIVE_DTYPES:
             return Refusal(f"tensors[{i}] has dtype {t.dtype}; the CUDA kernel supports float32 "
                            "and float64")
@@ -544,6 +547,9 @@ def _validate_magnitude(tensors, sparsity, scope, stacked) -> List[torch.Tensor]
 def _magnitude_refusal(tensors: List[torch.Tensor]) -> Optional[Refusal]:
     """Why the native kernel cannot rank these (validated) tensors, or None."""
     for i, t in enumerate(tensors):
+        lazy = _native.lazy_bit_refusal((t,), (f"tensors[{i}]",))
+        if lazy is not None:
+            return Refusal(lazy)
         if t.dtype not in _NATIVE_DTYPES:
             return Refusal(f"tensors[{i}] has dtype {t.dtype}; the native kernel supports "
                            "float32 and float64")

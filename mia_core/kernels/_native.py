@@ -25,6 +25,18 @@ def numpy_view(t: torch.Tensor):
     return (t.detach() if t.requires_grad else t).numpy()
 
 
+def lazy_bit_refusal(tensors, names) -> Optional[str]:
+    """Why a native kernel cannot take one of ``tensors``: a lazily negated or conjugated view
+    (``t.is_neg()`` / ``t.is_conj()``, e.g. ``torch._neg_view(x)``) has no numpy view and its
+    ``data_ptr()`` holds the unnegated values; None if no tensor (None entries skipped) has
+    such a bit. ``backend="auto"`` then runs the torch reference, which resolves them."""
+    for t, name in zip(tensors, names):
+        if t is not None and (t.is_neg() or t.is_conj()):
+            return (f"{name} is a lazily negated or conjugated view (is_neg() / is_conj()); "
+                    f"pass {name}.resolve_neg().resolve_conj()")
+    return None
+
+
 def memory_span(t: torch.Tensor):
     """[first, last + 1) byte addresses a tensor's elements occupy (strides included).
     Any device: ``data_ptr()`` is an address on CUDA too. Empty tensors occupy nothing."""

@@ -382,8 +382,18 @@ _CPU_HINT = "use backend='auto' (falls back to torch) or pass a contiguous CPU t
 _CUDA_HINT = "use backend='auto' (falls back to the torch reference on the GPU)"
 
 
-def _cpu_refusal(x: Tensor, mask: Optional[Tensor] = None) -> Optional[Refusal]:
+def _lazy_refusal(x: Tensor, mask: Optional[Tensor], out: Optional[Tensor],
+                  hint: str) -> Optional[Refusal]:
+    reason = _native.lazy_bit_refusal((x, mask, out), ("x", "mask", "out"))
+    return None if reason is None else Refusal(reason, hint)
+
+
+def _cpu_refusal(x: Tensor, mask: Optional[Tensor] = None,
+                 out: Optional[Tensor] = None) -> Optional[Refusal]:
     """Why the CPU kernel cannot take these (validated) inputs, or None."""
+    lazy = _lazy_refusal(x, mask, out, _CPU_HINT)
+    if lazy is not None:
+        return lazy
     if not x.is_cpu:
         return Refusal(f"x is on {x.device}; the native kernel is CPU-only", _CPU_HINT)
     if not x.is_contiguous():
@@ -394,12 +404,16 @@ def _cpu_refusal(x: Tensor, mask: Optional[Tensor] = None) -> Optional[Refusal]:
     return None
 
 
-def _cuda_refusal(x: Tensor, mask: Optional[Tensor] = None) -> Optional[Refusal]:
+def _cuda_refusal(x: Tensor, mask: Optional[Tensor] = None,
+                  out: Optional[Tensor] = None) -> Optional[Refusal]:
     """Why the CUDA twin cannot take a CUDA ``x`` (and ``mask``), or None. The twin covers
     contiguous inputs, masked or not, given or derived parameters (min-max derived by torch
     first), nearest or stochastic rounding."""
     if _native.cuda_kernels() is None:
         return _dispatch.NO_CUDA_KERNELS
+    lazy = _lazy_refusal(x, mask, out, _CUDA_HINT)
+    if lazy is not None:
+        return lazy
     if not x.is_contiguous():
         return Refusal(f"x is not contiguous (strides {x.stride()})", _CUDA_HINT)
     if mask is not None and not mask.is_contiguous():
@@ -408,12 +422,13 @@ def _cuda_refusal(x: Tensor, mask: Optional[Tensor] = None) -> Optional[Refusal]
     return None
 
 
-def _choose(backend: str, x: Tensor, mask: Optional[Tensor] = None, *, cuda_twin: bool) -> str:
+def _choose(backend: str, x: Tensor, mask: Optional[Tensor] = None, *, cuda_twin: bool,
+            out: Optional[Tensor] = None) -> str:
     """The dispatcher's choice for ``x``: ``"native"`` (the CPU kernel, or the CUDA twin for a
     CUDA ``x`` when the op has one: ``cuda_twin``) or ``"torch"``."""
     if cuda_twin and x.is_cuda:
-        return _dispatch.choose(backend, lambda b: _cuda_refusal(x, mask))
-    return _dispatch.choose(backend, lambda b: _cpu_refusal(x, mask))
+        return _dispatch.choose(backend, lambda b: _cuda_refusal(x, mask, out))
+    return _dispatch.choose(backend, lambda b: _cpu_refusal(x, mask, out))
 
 
 def _fq_cuda_launch(kernels, stream: int, x: Tensor, mask, given, axis, qmin: int, qmax: int,
@@ -438,8 +453,9 @@ def _fq_cuda_launch(kernels, stream: int, x: Tensor, mask, given, axis, qmin: in
         outer, inner = 1, x.numel()
     else:
         outer, inner = math.prod(x.shape[:axis]), math.prod(x.shape[axis + 1:])
-    s = s.to(device=x.device, dtype=x.dtype).contiguous()
-    z = z.to(device=x.device, dtype=x.dtype).contiguous()
+    # resolve_neg: a given parameter may be a lazily negated view (data_ptr() is unnegated).
+    s = s.to(device=x.device, dtype=x.dtype).resolve_neg().contiguous()
+    z = z.to(device=x.device, dtype=x.dtype).resolve_neg().contiguous()
     res = out if out is not None else torch.empty_like(x, memory_format=torch.contiguous_format)
     codes = torch.empty(x.shape, dtype=torch.int32, device=x.device) if return_codes else None
     mask_kind = "none" if mask is None else ("bool" if mask.dtype == torch.bool else "float")
@@ -464,7 +480,10 @@ def _fq_cuda(x: Tensor, mask, given, axis, qmin: int, qmax: int, scheme: str, st
 
 
 def _np(t: Tensor):
-    return (t.detach() if t.requires_grad else t).numpy()
+    """Zero-copy numpy view; a lazily negated input (a given scale, say) is resolved first
+    (a copy). ``x``, ``mask`` and ``out`` with such a bit never get here (refused)."""
+    t = t.detach() if t.requires_grad else t
+    return (t.resolve_neg() if t.is_neg() else t).numpy()
 
 
 # --------------------------------------------------------------------------------------
@@ -486,7 +505,7 @@ def _fq(x, mask, *, bits, scheme, axis, scale, zero_point, rounding, seed, out, 
         raise ValueError("mask overlaps the memory of out (or codes); pass a separate buffer")
     if not isinstance(return_codes, bool):
         raise TypeError(f"return_codes must be a bool, got {type(return_codes).__name__}")
-    ran = "torch" if reference_only else _choose(backend, x, mask, cuda_twin=True)
+    ran = "torch" if reference_only else _choose(backend, x, mask, cuda_twin=True, out=out)
     if ran == "native" and x.is_cuda:
         res, codes = _fq_cuda(x, mask, given, axis, qmin, qmax, scheme, stochastic, seed, out,
                               return_codes)
@@ -511,7 +530,7 @@ def _fq(x, mask, *, bits, scheme, axis, scale, zero_point, rounding, seed, out, 
         codes = torch.empty(x.shape, dtype=torch.int32) if return_codes else None
         ok = _native._C.fake_quantize(
             _np(x), _np(res), axis=axis, quant_min=qmin, quant_max=qmax,
-            scheme=_SCHEMES.index(scheme), scale=s.numpy(), zero_point=z.numpy(),
+            scheme=_SCHEMES.index(scheme), scale=_np(s), zero_point=_np(z),
             derive=given is None, stochastic=stochastic, seed=seed,
             codes=None if codes is None else codes.numpy(),
             mask=None if mask is None else _np(mask), num_threads=torch.get_num_threads())
@@ -702,7 +721,7 @@ def _sign(x, axis, scale, out, backend, reference_only=False):
         if bool(bad.any()):
             raise ValueError(f"scale={given[bad][0].item()!r} is invalid; it must be finite and > 0")
     _check_out(out, x)
-    ran = "torch" if reference_only else _choose(backend, x, cuda_twin=False)
+    ran = "torch" if reference_only else _choose(backend, x, cuda_twin=False, out=out)
     if ran == "torch":
         with torch.no_grad():
             s = given if given is not None else _mean_abs_reference(x, axis)
@@ -715,7 +734,7 @@ def _sign(x, axis, scale, out, backend, reference_only=False):
     C = _channels(x, axis)
     s = given if given is not None else torch.empty(C, dtype=x.dtype)
     res = out if out is not None else torch.empty_like(x, memory_format=torch.contiguous_format)
-    _native._C.fake_quantize_sign(_np(x), _np(res), axis=axis, scale=s.numpy(),
+    _native._C.fake_quantize_sign(_np(x), _np(res), axis=axis, scale=_np(s),
                                   derive=given is None, num_threads=torch.get_num_threads())
     if out is not None:
         _bump_versions([out])
@@ -767,7 +786,7 @@ def _ternary(x, sparsity, axis, out, backend, reference_only=False):
     C = _channels(x, axis)
     per = x.numel() // C if C else 0
     k = _ternary_k(float(sparsity), per)
-    ran = "torch" if reference_only else _choose(backend, x, cuda_twin=False)
+    ran = "torch" if reference_only else _choose(backend, x, cuda_twin=False, out=out)
     # NaN is refused once per call: here on the torch path, by the extension (which must scan
     # anyway: NaN would break its selection) on the native one.
     if ran == "torch":
