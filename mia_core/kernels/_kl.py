@@ -311,12 +311,24 @@ def _check_full(mu0, cov0, mu1, cov1, direction, jitter) -> None:
         if t.shape != (n, d, d):
             raise ValueError(f"{name} has shape {tuple(t.shape)}; expected {(n, d, d)} for mu0 "
                              f"of shape {tuple(mu0.shape)}")
+    _check_jitter(jitter)
+
+
+def _check_jitter(jitter) -> None:
+    """``jitter`` must be a real number, finite (as a float64) and >= 0; the error shows it
+    short (``:g``), whatever its type or size."""
     try:
-        jitter_ok = 0.0 <= float(jitter) < float("inf")
+        value = float(jitter)
+    except OverflowError:  # an int beyond float64 (the only finite value float() rejects)
+        size = int(jitter.bit_length() * 0.30103)
+        shown = f"{'a negative' if jitter < 0 else 'an'} integer of magnitude ~1e{size}"
+        raise ValueError(f"jitter must be finite and >= 0, got {shown}") from None
     except (TypeError, ValueError):
-        jitter_ok = False
-    if not jitter_ok:
-        raise ValueError(f"jitter must be finite and >= 0, got {jitter!r}")
+        shown = repr(jitter)
+        shown = shown if len(shown) <= 40 else shown[:37] + "..."
+        raise ValueError(f"jitter must be a finite number >= 0, got {shown}") from None
+    if not 0.0 <= value < float("inf"):
+        raise ValueError(f"jitter must be finite and >= 0, got {value:g}")
 
 
 def _check_out(out, mu0, inputs, names) -> None:

@@ -77,3 +77,30 @@ def test_native_refuses_lazily_negated_views_by_name():
         kernels.gaussian_kl(_X, _neg(_V), _X, _V, backend="native")
     with pytest.raises(RuntimeError, match=r"tensors\[0\] is a lazily negated"):
         kernels.magnitude_masks([_neg(_X)], 0.5, backend="native")
+
+
+# --- 2. gaussian_kl_full: jitter rule (finite, >= 0) and a short message -------------
+
+@pytest.mark.parametrize("jitter, shown", [
+    (10 ** 400, "an integer of magnitude ~1e400"),
+    (-10 ** 400, "a negative integer of magnitude ~1e400"),
+    (float("inf"), "got inf"),
+    (float("nan"), "got nan"),
+    (-1e-300, "got -1e-300"),
+    (-(10 ** 300), "got -1e+300"),
+    ("x" * 500, "got 'xxx"),
+])
+def test_full_jitter_error_is_short(jitter, shown):
+    m = torch.zeros(2, 2)
+    eye = torch.eye(2).expand(2, 2, 2).contiguous()
+    with pytest.raises(ValueError, match="jitter must be") as info:
+        kernels.gaussian_kl_full(m, eye, m, eye, jitter=jitter)
+    assert shown in str(info.value) and len(str(info.value)) < 100
+
+
+@pytest.mark.parametrize("jitter", [0, 1e-300, 1e300, 10 ** 300, 1.7e308])
+def test_full_accepts_any_finite_nonnegative_jitter(jitter):
+    m = torch.zeros(2, 2, dtype=torch.float64)
+    eye = torch.eye(2, dtype=torch.float64).expand(2, 2, 2).contiguous()
+    got = kernels.gaussian_kl_full(m, eye, m, eye, jitter=jitter)
+    assert torch.isfinite(got).all() and (got.abs() < 1e-9).all()
