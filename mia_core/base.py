@@ -94,8 +94,10 @@ class Attack(Plugin, abc.ABC):
         The signals the attack reads (a subset of :data:`ACCESS_LEVELS`). The context refuses
         any signal the attack did not declare, so a declared threat model is an enforced one.
     ``min_reference_models``
-        How many reference (shadow) models the attack needs besides the target; ``0`` for
-        attacks that need none (e.g. a global loss threshold).
+        How many reference (shadow) models the attack needs; ``0`` for attacks that need none
+        (e.g. a global loss threshold). A population of ``M`` models gives each target ``M - 2``
+        references (every model but the target and its complementary partner), with
+        ``(M - 2) / 2`` IN and as many OUT references for every record.
     """
 
     access: ClassVar[Tuple[str, ...]] = ("logits",)
@@ -108,7 +110,8 @@ class Attack(Plugin, abc.ABC):
         Args:
             ctx: an :class:`~mia_core.engine.contexts.AttackContext`: ``ctx.labels`` (int ``[N]``),
                 ``ctx.n_models``, and ``ctx.for_target(t)``, whose ``references`` (int ``[R]``),
-                ``ref_keep`` (bool ``[R, N]``: reference model trained on record),
+                ``ref_keep`` (bool ``[R, N]``: reference model trained on record; ``R = M - 2``, with
+                ``R / 2`` IN and ``R / 2`` OUT references for every record),
                 ``ref_signal(name)`` (float ``[R, N]``, or ``[R, N, C]`` for ``logits``/``probs``)
                 and ``target_signal(name)`` (float ``[N]``, or ``[N, C]``)
                 are everything an attack may use to score against target ``t``. Only the signals

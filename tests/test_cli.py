@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from mia_core.cli import main
 from plugin_fixtures import third_party
 
-SMALL = ["--dataset", "digits:n_records=300", "--model", "mlp:width=32", "--n-models", "4", "--epochs", "8",
+SMALL = ["--dataset", "digits:n_records=300", "--model", "mlp:width=32", "--n-models", "6", "--epochs", "8",
          "--targets", "first:2", "-q"]
 
 
@@ -91,8 +91,8 @@ def test_long_input_is_not_echoed_back_whole_and_list_marks_cut_lines(tmp_path):
     (["--attack", "lira:online=perhaps"], "must be a boolean"),
     (["--dataset", "imagenet"], "unknown dataset 'imagenet'"),
     (["--n-models", "5"], "--n-models must be an even integer >= 2, got 5"),
-    (["--attack", "lira", "--n-models", "2"], "needs at least 3 reference models"),
-    (["--targets", "9"], "--targets indices must be in [0, 4)"),
+    (["--attack", "lira", "--n-models", "4"], "needs at least 4 reference models besides the target and its partner: use --n-models 6"),
+    (["--targets", "9"], "--targets indices must be in [0, 6)"),
     (["--epochs", "-1"], "epochs must be an integer >= 0"),
     (["--attack", "loss", "--attack", "loss"], "given twice"),
 ])
@@ -202,7 +202,7 @@ def test_cache_command_lists_verifies_and_clears(tmp_path):
     assert "no cached populations" in runner.invoke(main, ["cache", "ls", *cache]).output
     assert _eval(tmp_path, "--attack", "loss", *cache).exit_code == 0
     res = runner.invoke(main, ["cache", "ls", *cache])
-    assert res.exit_code == 0 and "digits/mlp x4 seed 0  ok" in res.output
+    assert res.exit_code == 0 and "digits/mlp x6 seed 0  ok" in res.output
     assert runner.invoke(main, ["cache", "verify", *cache]).exit_code == 0
     (entry,) = (tmp_path / "cache" / "populations").iterdir()
     data = bytearray((entry / "population.pt").read_bytes())

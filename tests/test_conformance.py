@@ -264,3 +264,41 @@ def test_third_party_plugins_are_checked_only_on_request(tmp_path, monkeypatch):
         assert "broken" in _names("attacks")
     finally:
         registry.refresh()
+
+
+class CountsINReferences(Attack):
+    """Cheats if it can: scores a record by how few IN references it has. Under the old design
+    (every record IN for exactly M/2 of all models) the target's members have one IN reference
+    fewer, and this reached AUC 1.000 on the default run."""
+
+    access = ("label",)
+
+    def __init__(self):
+        pass
+
+    def fit(self, ctx):
+        self.ctx_ = ctx
+        return self
+
+    def score(self, target, records):
+        return -self.ctx_.for_target(target).ref_keep.sum(axis=0)[records].astype(float)
+
+
+def test_the_reference_keep_matrix_alone_scores_at_chance():
+    """The fair membership game: the references' membership is independent of the target's, so
+    an attack reading only the reference keep matrix is at chance (AUC exactly 0.5: every record
+    has the same number of IN references)."""
+    from mia_core import metrics
+    from mia_core.engine import AttackContext
+    from mia_core.testing import planted_population
+
+    pop = planted_population(0)
+    ctx = AttackContext(pop, CountsINReferences.access, strict=True)
+    attack = CountsINReferences().fit(ctx)
+    records = np.arange(pop.n_records)
+    rows = []
+    for t in range(pop.n_models):
+        with ctx.scoring(t):
+            rows.append(attack.score(t, records))
+    scores, membership = np.stack(rows).ravel(), pop.keep.ravel()
+    assert metrics.auc(scores, membership) == 0.5 and metrics.advantage(scores, membership) == 0.0

@@ -37,7 +37,7 @@ def test_readme_attack_passes_the_kit():
 def test_readme_python_api_example_runs(tmp_path, monkeypatch, capsys):
     """The README's `mia_core.evaluate` example, on a smaller population (same code path)."""
     block = next(b for b in _python_blocks(ROOT / "README.md") if "mia_core.evaluate(" in b)
-    small = 'dataset="digits:n_records=300", model="mlp:width=32", n_models=4, targets="first:2", '
+    small = 'dataset="digits:n_records=300", model="mlp:width=32", n_models=6, targets="first:2", '
     code = block.replace("mia_core.EvalConfig(", "mia_core.EvalConfig(" + small, 1)
     code = code.replace('"~/.cache/miafw"', repr(str(tmp_path / "cache")))
     assert code != block

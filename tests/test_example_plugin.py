@@ -85,7 +85,7 @@ def test_eval_runs_the_installed_plugins(installed):
     _, tmp = installed
     out, cache = tmp / "runs", tmp / "cache"
     proc = _miafw(installed, "eval", "--attack", "mentr", "--defense", "temperature:T=4",
-                  "--dataset", "digits:n_records=300", "--model", "mlp:width=32", "--n-models", "4",
+                  "--dataset", "digits:n_records=300", "--model", "mlp:width=32", "--n-models", "6",
                   "--epochs", "8", "--targets", "first:2", "-q", "--out", str(out), "--cache-dir", str(cache))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert re.search(r"^mentr\s+\d\.\d{3}\s", proc.stdout, re.M), proc.stdout

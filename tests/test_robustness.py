@@ -18,7 +18,7 @@ from mia_core.params import ParamError, parse_spec, split_spec
 from mia_plugins.defenses.prune import Prune
 from plugin_fixtures import faulty
 
-SMALL = ["--dataset", "digits:n_records=200", "--model", "mlp:width=16", "--n-models", "4", "--epochs", "3",
+SMALL = ["--dataset", "digits:n_records=200", "--model", "mlp:width=16", "--n-models", "6", "--epochs", "3",
          "--targets", "first:1", "-q"]
 
 

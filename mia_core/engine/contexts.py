@@ -15,7 +15,7 @@ import numpy as np
 
 from mia_core.data import Records
 from mia_core.engine.signals import SIGNAL_ACCESS, Signals
-from mia_core.engine.trainer import Params, TrainingRecipe
+from mia_core.engine.trainer import Params, TrainingRecipe, references
 
 if TYPE_CHECKING:  # pragma: no cover
     from mia_core.engine.population import ModelPopulation
@@ -75,10 +75,10 @@ class SignalContext:
         return self._population.seed
 
     def references(self, target: int) -> np.ndarray:
-        """Indices of the reference models for ``target`` (every other model)."""
-        if not 0 <= target < self.n_models:
-            raise IndexError(f"target {target} out of range [0, {self.n_models})")
-        return np.array([m for m in range(self.n_models) if m != target], dtype=np.int64)
+        """Indices of the reference models for ``target``: every model but the target and its
+        complementary partner, int64 ``[M - 2]`` (see :func:`mia_core.engine.trainer.make_keep_matrix`:
+        so the references' membership is independent of the target's)."""
+        return references(target, self.n_models)
 
     def signal(self, name: str) -> np.ndarray:
         """The signal ``name`` for every model and record (see :mod:`mia_core.engine.signals`).
@@ -111,7 +111,8 @@ class TargetView:
 
     Attributes:
         target: the target model's index.
-        references: int ``[R]`` indices of the reference models (every model but the target).
+        references: int ``[R]`` indices of the reference models, ``R = M - 2`` (every model but
+            the target and its complementary partner).
         ref_keep: bool ``[R, N]`` membership of the reference models.
     """
 

@@ -289,10 +289,10 @@ def resolve(config: EvalConfig) -> Plan:
     _unique(attacks)
     for a in attacks:
         needed = getattr(a.plugin, "min_reference_models", 0)
-        if config.n_models - 1 < needed:
+        if config.n_models - 2 < needed:  # references: every model but the target and its partner
             raise ParamError(
-                f"attack {a.label!r} needs at least {needed} reference models besides the target: "
-                f"use --n-models {needed + 1 + (needed + 1) % 2} or more (got {config.n_models})"
+                f"attack {a.label!r} needs at least {needed} reference models besides the target and its "
+                f"partner: use --n-models {needed + 2 + needed % 2} or more (got {config.n_models})"
             )
     defenses = [_resolve_one("defense", t, i) for i, t in enumerate(config.defenses)]
     for d in defenses:

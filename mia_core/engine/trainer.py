@@ -128,17 +128,40 @@ class TrainingRecipe:
 
 
 def make_keep_matrix(n_models: int, n_records: int, rng: np.random.Generator) -> np.ndarray:
-    """Random membership: bool ``[M, N]`` with every record IN for exactly ``M/2`` models.
+    """Random membership in complementary pairs: bool ``[M, N]``, ``K[2i+1] = ~K[2i]``.
 
-    As in LiRA's reference code (Carlini et al. 2022): draw ``U[M, N]`` uniform, and put record
-    ``j`` in the models holding the ``M/2`` smallest values of column ``j``. Each model then trains
-    on about half of the records (a random number concentrated around ``N/2``).
+    Each pair of models ``(2i, 2i+1)`` splits the records in two: every record is IN for exactly
+    one model of each pair, chosen by a fair coin per record and pair, so every record is IN for
+    exactly ``M/2`` models and each model trains on a random half (about ``N/2`` records).
+
+    Why pairs (the fair membership game): with LiRA's reference design (each record IN for the
+    ``M/2`` models holding its smallest uniforms) the other models hold ``M/2 - K[t, j]`` IN
+    references for record ``j``, so the reference keep matrix alone reveals the target's
+    membership. Here the references of target ``t`` are every model but ``t`` and its partner
+    ``t ^ 1`` (:func:`references`): ``(M-2)/2`` pairs, each with one IN and one OUT model for every
+    record, drawn independently of the target's pair. The references' membership is then
+    independent of the target's, and every record has ``(M-2)/2`` IN and ``(M-2)/2`` OUT references.
     """
     if n_models < 2 or n_models % 2:
         raise ValueError(f"n_models must be an even number >= 2, got {n_models}")
-    u = rng.random((n_models, n_records))
-    order = u.argsort(axis=0).argsort(axis=0)  # rank of each model within each column
-    return order < n_models // 2
+    first = rng.random((n_models // 2, n_records)) < 0.5  # [pairs, N]: IN for the pair's first model
+    keep = np.empty((n_models, n_records), dtype=bool)
+    keep[0::2] = first
+    keep[1::2] = ~first
+    return keep
+
+
+def partner(model: int) -> int:
+    """The other model of ``model``'s complementary pair (see :func:`make_keep_matrix`)."""
+    return int(model) ^ 1
+
+
+def references(target: int, n_models: int) -> np.ndarray:
+    """The reference models of ``target``: every model but the target and its partner, int64
+    ``[M - 2]`` (the partner's membership is the complement of the target's)."""
+    if not 0 <= target < n_models:
+        raise IndexError(f"target {target} out of range [0, {n_models})")
+    return np.array([m for m in range(n_models) if m != target and m != partner(target)], dtype=np.int64)
 
 
 def model_seeds(seed: int, n_models: int, *, model_ids: Optional[Sequence[int]] = None) -> list:
@@ -688,6 +711,8 @@ __all__ = [
     "ensemble_logits",
     "init_ensemble",
     "make_keep_matrix",
+    "partner",
+    "references",
     "make_optimizer",
     "model_seeds",
     "train_ensemble",

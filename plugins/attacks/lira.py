@@ -47,7 +47,7 @@ class LiRA(Attack):
     api_version = "1.0"
 
     access = ("logits",)
-    min_reference_models = 3
+    min_reference_models = 4  # a variance needs 2 IN and 2 OUT references per record: (M-2)/2 >= 2
     reference = (
         "N. Carlini, S. Chien, M. Nasr, S. Song, A. Terzis, F. Tramèr. Membership Inference Attacks "
         "From First Principles. IEEE S&P 2022. arXiv:2112.03570"
@@ -65,11 +65,11 @@ class LiRA(Attack):
 
     def fit(self, ctx) -> "LiRA":
         self.validate()
-        n_refs = ctx.n_models - 1
+        n_refs = ctx.n_models - 2  # every model but the target and its complementary partner
         if n_refs < self.min_reference_models:
             raise ValueError(
-                f"LiRA needs at least {self.min_reference_models} reference models besides the target "
-                f"(n_models >= {self.min_reference_models + 1}); got n_models={ctx.n_models}"
+                f"LiRA needs at least {self.min_reference_models} reference models besides the target and its "
+                f"partner (n_models >= {self.min_reference_models + 2}); got n_models={ctx.n_models}"
             )
         if self.variance == "auto":
             self.variance_ = "global" if ctx.n_models < GLOBAL_VARIANCE_BELOW_MODELS else "per-example"

@@ -11,7 +11,7 @@ from mia_core.engine.cache import CHECKSUM_FILE, ENTRY_FILE, META_FILE, Populati
 from mia_core.engine.stages import EvalConfig
 from mia_core.engine.trainer import TrainingRecipe
 
-SMALL = dict(dataset="digits:n_records=300", model="mlp:width=32", n_models=4, targets="first:2",
+SMALL = dict(dataset="digits:n_records=300", model="mlp:width=32", n_models=6, targets="first:2",
              recipe=TrainingRecipe(epochs=8), attacks=("lira", "loss"))
 
 
@@ -52,7 +52,7 @@ def test_entries_lists_sizes_and_problems(tmp_path):
     assert cache.entries() == []
     mia_core.evaluate(EvalConfig(**SMALL), cache=cache)
     (e,) = cache.entries()
-    assert e.problem is None and e.size > 0 and e.meta["n_models"] == 4
+    assert e.problem is None and e.size > 0 and e.meta["n_models"] == 6
     _flip_byte(e.path / ENTRY_FILE)
     assert cache.entries()[0].problem == "population.pt does not match its checksum"
     cache.remove(e.key)

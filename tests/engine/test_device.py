@@ -11,7 +11,7 @@ from mia_core.engine.trainer import TrainingRecipe
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device (torch.cuda.is_available() is False)")
 
-SMALL = dict(dataset="digits:n_records=300", model="mlp:width=32", n_models=4, targets="first:2",
+SMALL = dict(dataset="digits:n_records=300", model="mlp:width=32", n_models=6, targets="first:2",
              recipe=TrainingRecipe(epochs=8), attacks=("lira", "loss"),
              defenses=("prune:sparsity=0.5,finetune_epochs=2",))
 

@@ -13,7 +13,7 @@ from mia_core.engine.cache import PopulationCache
 from mia_core.data import DataError, Records
 from mia_core.engine import AccessError, AttackContext, ModelPopulation, SignalContext
 from mia_core.engine.signals import compute_signals
-from mia_core.engine.trainer import TrainingRecipe, _batch_plan, make_keep_matrix
+from mia_core.engine.trainer import TrainingRecipe, _batch_plan, make_keep_matrix, references
 
 
 @settings(max_examples=40, deadline=None, derandomize=True)
@@ -22,6 +22,16 @@ def test_keep_matrix_each_record_in_exactly_half(half, n, seed):
     keep = make_keep_matrix(2 * half, n, np.random.default_rng(seed))
     assert keep.shape == (2 * half, n) and keep.dtype == bool
     assert (keep.sum(axis=0) == half).all()
+
+
+def test_keep_matrix_pairs_are_complements_so_references_do_not_reveal_the_target():
+    keep = make_keep_matrix(8, 500, np.random.default_rng(3))
+    assert (keep[0::2] == ~keep[1::2]).all()
+    for t in range(8):
+        refs = references(t, 8)
+        assert t not in refs and (t ^ 1) not in refs and len(refs) == 6
+        # every record has 3 IN and 3 OUT references, whatever the target's membership
+        assert (keep[refs].sum(axis=0) == 3).all()
 
 
 @pytest.mark.parametrize("m", [0, 1, 3])
@@ -109,10 +119,10 @@ def test_attack_context_enforces_access_and_hides_target_membership():
         ctx.for_target(1)
     with ctx.scoring(1):
         view = ctx.for_target(1)
-    assert view.ref_signal("loss").shape == (3, rec.n)
+    assert view.ref_signal("loss").shape == (2, rec.n)  # every model but the target and its partner
+    assert view.references.tolist() == [2, 3]
     # the attack's seed is not the run seed, from which the keep matrix could be redrawn
     assert ctx.seed != pop.seed and ctx.seed == AttackContext(pop, ("loss",)).seed
-    assert 1 not in view.references.tolist()
     with pytest.raises(AccessError, match="declared access \\('loss',\\) but read signal 'logits'"):
         view.ref_signal("logits")
     with pytest.raises(AccessError, match="full keep matrix"):

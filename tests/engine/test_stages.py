@@ -17,7 +17,7 @@ from mia_core.engine.trainer import TrainingRecipe
 from mia_core.params import ParamError
 from plugin_fixtures import estimators as estimator_distribution
 
-SMALL = dict(dataset="digits:n_records=300", model="mlp:width=32", n_models=4, targets="first:2",
+SMALL = dict(dataset="digits:n_records=300", model="mlp:width=32", n_models=6, targets="first:2",
              recipe=TrainingRecipe(epochs=8))
 
 
@@ -47,7 +47,7 @@ def test_stages_one_by_one_equal_evaluate(tmp_path):
     records = stages.load_records(plan)
     assert records.n == 300
     trained = stages.train_population(plan, records)
-    assert not trained.from_cache and trained.population.n_models == 4
+    assert not trained.from_cache and trained.population.n_models == 6
     before = {k: v.clone() for k, v in trained.population.params.items()}
     defended = stages.apply_defenses(plan, trained.population)
     # the trained population (possibly the cache's) is never changed by a post-training defense
@@ -79,7 +79,7 @@ def test_evaluate_writes_a_run_and_uses_the_cache(tmp_path):
             msgs.append(text)
 
     second = mia_core.evaluate(config, cache=PopulationCache(tmp_path / "cache"), reporter=Collect())
-    assert any("loaded 4 trained models from the cache" in m for m in msgs)
+    assert any("loaded 6 trained models from the cache" in m for m in msgs)
     assert second.metrics == first.metrics
     training = first.metrics["training"]  # recorded with the cache entry, so a cached run reports it too
     assert len(training["losses"]) == 8 and training["steps"] == 8 * training["steps_per_epoch"]

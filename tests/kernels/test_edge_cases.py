@@ -104,3 +104,66 @@ def test_full_accepts_any_finite_nonnegative_jitter(jitter):
     eye = torch.eye(2, dtype=torch.float64).expand(2, 2, 2).contiguous()
     got = kernels.gaussian_kl_full(m, eye, m, eye, jitter=jitter)
     assert torch.isfinite(got).all() and (got.abs() < 1e-9).all()
+
+
+# --- 3. gaussian_kl: dmu^2 / v without overflowing dmu^2 -------------------------------
+
+def _kl64(mu0, var0, mu1, var1, direction):
+    """Float64 oracle for float32 inputs: (1e20)^2 is finite in float64."""
+    m0, v0, m1, v1 = (torch.tensor(x, dtype=torch.float64) for x in (mu0, var0, mu1, var1))
+    def kl(ma, va, mb, vb):
+        return 0.5 * (va / vb - 1 + (mb - ma) ** 2 / vb + torch.log(vb / va))
+    if direction == "forward":
+        return kl(m0, v0, m1, v1)
+    if direction == "reverse":
+        return kl(m1, v1, m0, v0)
+    return kl(m0, v0, m1, v1) + kl(m1, v1, m0, v0)
+
+
+_OVERFLOW_CASES = [  # (mu0, var0, mu1, var1): dmu^2 overflows float32, the KL does not
+    ([0.0], [1e30], [1e20], [1e30]),       # 5e9
+    ([-1e20], [2e30], [1e20], [1e31]),
+    ([0.0, 1.0], [1e30, 3.0], [1e20, -2.0], [1e30, 0.5]),  # a diagonal row
+    ([0.0], [1e30], [1e20], [1e-30]),      # ratio out of range: slow path (result inf)
+]
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+@pytest.mark.parametrize("direction", ["forward", "reverse", "symmetric"])
+@pytest.mark.parametrize("case", range(len(_OVERFLOW_CASES)))
+def test_diag_kl_squared_mean_gap_does_not_overflow(case, direction, backend):
+    mu0, var0, mu1, var1 = _OVERFLOW_CASES[case]
+    shape = (1, len(mu0)) if len(mu0) > 1 else (1,)
+    args = [torch.tensor(x, dtype=torch.float32).reshape(shape) for x in (mu0, var0, mu1, var1)]
+    got = kernels.gaussian_kl(*args, direction=direction, backend=backend)
+    expected = _kl64(mu0, var0, mu1, var1, direction).sum().to(torch.float32).reshape(1)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=0)
+    if case < 3:
+        assert torch.isfinite(got).all()
+
+
+def test_diag_kl_float64_reference_does_not_overflow():
+    # (1e200)^2 overflows float64; KL = 0.5 * 1e400 / 1e300 = 5e99.
+    args = [torch.tensor([x], dtype=torch.float64) for x in (0.0, 1e300, 1e200, 1e300)]
+    for backend in ("torch", "auto"):
+        got = kernels.gaussian_kl(*args, backend=backend)
+        torch.testing.assert_close(got, torch.tensor([5e99], dtype=torch.float64), rtol=1e-12, atol=0)
+
+
+# --- 4. gaussian_kl_full: a subnormal Cholesky diagonal is refused, not NaN -------------
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+@pytest.mark.parametrize("which", ["cov0", "cov1"])
+def test_full_refuses_subnormal_factor_diagonal(which, backend):
+    eye = torch.eye(2, dtype=torch.float64).repeat(3, 1, 1)
+    bad = eye.clone()
+    bad[1, 0, 0] = 1e-310  # subnormal: 1/1e-310 overflows, and 0 * inf was NaN
+    m = torch.zeros(3, 2, dtype=torch.float64)
+    cov0, cov1 = (bad, eye) if which == "cov0" else (eye, bad)
+    with pytest.raises(ValueError, match=rf"{which}\[1\] has a diagonal entry .* subnormal .*"
+                                         r"\(batch index 1\)"):
+        kernels.gaussian_kl_full(m, cov0, m, cov1, cholesky=True, backend=backend)
+    # The smallest normal diagonal is accepted (result finite or inf, never NaN).
+    bad[1, 0, 0] = torch.finfo(torch.float64).tiny
+    got = kernels.gaussian_kl_full(m, cov0, m, cov1, cholesky=True, backend=backend)
+    assert not torch.isnan(got).any()
