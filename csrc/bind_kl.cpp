@@ -200,8 +200,9 @@ void gaussian_kl_full(const py::handle& mu0_o, const py::handle& cov0_o, const p
     const std::string idx = std::to_string(err.index);
     if (cholesky) {
       throw py::value_error(name + "[" + idx + "] has a diagonal entry that is not positive and "
-                            "finite (batch index " + idx + "); with cholesky=True the covariance "
-                            "arguments are lower-triangular Cholesky factors");
+                            "finite, or is subnormal (< 2.2e-308) (batch index " + idx + "); with "
+                            "cholesky=True the covariance arguments are lower-triangular "
+                            "Cholesky factors");
     }
     throw py::value_error(name + "[" + idx + "] is not positive definite: its Cholesky "
                           "factorisation failed (batch index " + idx + "); pass jitter > 0 to "

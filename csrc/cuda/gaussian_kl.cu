@@ -5,7 +5,8 @@
 //   forward:   r = v0/v1;  t = 1/2 [ (r - 1) - ln r + dmu^2 / v1 ]
 //   reverse:   r = v1/v0;  t = 1/2 [ (r - 1) - ln r + dmu^2 / v0 ]
 //   symmetric: t = 1/2 [ ((v0 - v1)/v0) ((v0 - v1)/v1) + (dmu^2/v0 + dmu^2/v1) ]   (no log)
-// with dmu = mu1 - mu0. When the ratio r is not a normal finite number the component is
+// with dmu = mu1 - mu0, dmu^2/v evaluated as (dmu/v) dmu (dmu^2 alone would overflow where
+// the term is finite). When the ratio r is not a normal finite number the component is
 // recomputed with two logs, t = 1/2 [ r - 1 + dmu^2/den + (ln den - ln num) ], as the CPU
 // slow path. The d components of a row are summed in double (one thread per row), then the
 // sum is rounded to T. Results agree with the CPU kernel to rounding (the CPU uses its own
@@ -72,16 +73,15 @@ __global__ void kl_diag_kernel(const T* __restrict__ mu0, const T* __restrict__ 
       T t;
       if (dir == 2) {
         const T diff = a - b;
-        const T q = dm * dm;
-        t = half * ((diff / a) * (diff / b) + (q / a + q / b));
+        t = half * ((diff / a) * (diff / b) + ((dm / a) * dm + (dm / b) * dm));
       } else {
         const T num = dir == 0 ? a : b;
         const T den = dir == 0 ? b : a;
         const T r = num / den;
         if (r >= kMin && r <= kMax) {
-          t = half * ((r - one) - dev_log(r) + dm * dm / den);
+          t = half * ((r - one) - dev_log(r) + (dm / den) * dm);
         } else {
-          t = half * (r - one + dm * dm / den + (dev_log(den) - dev_log(num)));
+          t = half * (r - one + (dm / den) * dm + (dev_log(den) - dev_log(num)));
         }
       }
       acc += static_cast<double>(t);

@@ -9,6 +9,8 @@
 //         KL(N0 || N1) = 1/2 sum_j [ v0/v1 - 1 - ln(v0/v1) + (mu1 - mu0)^2 / v1 ].
 //     Computed in T. With r = v0/v1 the log is ONE log of a ratio; the symmetric direction
 //     needs no log at all: KL(0||1) + KL(1||0) = 1/2 [ (v0-v1)^2/(v0 v1) + dmu^2/v0 + dmu^2/v1 ].
+//     dmu^2/v is evaluated as (dmu/v) dmu, so it stays finite wherever the term is (dmu^2
+//     alone overflows float32 from |dmu| ~ 1.8e19).
 //     The inner loop is branch-free (a fdlibm-style polynomial log inlined below), so the
 //     compiler vectorizes it; blocks whose ratio leaves the normal floating-point range, or
 //     that hold an invalid variance, are redone element by element with std::log.
@@ -198,8 +200,9 @@ MIAFW_KL_INLINE bool fast_block(const T* __restrict mu0, const T* __restrict v0,
     T t;
     if (Dir == KlDirection::symmetric) {
       const T diff = a - b;
-      const T q = dm * dm;  // q/a + q/b, not q (1/a + 1/b): 0 * inf is NaN for denormal a
-      t = half * ((diff / a) * (diff / b) + (q / a + q / b));
+      // (dm/a) dm, not dm^2/a: dm^2 overflows T while the term may be finite (dm = 1e20,
+      // a = 1e30 in float32); not dm^2 (1/a + 1/b) either: 0 * inf is NaN for denormal a.
+      t = half * ((diff / a) * (diff / b) + ((dm / a) * dm + (dm / b) * dm));
       ok &= valid;
     } else {
       // forward: r = v0/v1, divide the squared mean gap by v1; reverse: swap roles.
@@ -207,7 +210,7 @@ MIAFW_KL_INLINE bool fast_block(const T* __restrict mu0, const T* __restrict v0,
       const T den = Dir == KlDirection::forward ? b : a;
       const T r = num / den;
       const int r_ok = (r >= kMin) & (r <= kMax);  // else the block is redone
-      t = half * ((r - one) - log_normal(r) + dm * dm / den);
+      t = half * ((r - one) - log_normal(r) + (dm / den) * dm);  // (dm/den) dm: no dm^2 overflow
       ok &= valid & r_ok;
     }
     terms[i] = t;
@@ -235,12 +238,12 @@ inline int64_t slow_block(const T* mu0, const T* v0, const T* mu1, const T* v1, 
     const T la = std::log(a), lb = std::log(b);
     T t;
     if (dir == KlDirection::forward) {
-      t = T(0.5) * (a / b - T(1) + dm * dm / b + (lb - la));
+      t = T(0.5) * (a / b - T(1) + (dm / b) * dm + (lb - la));
     } else if (dir == KlDirection::reverse) {
-      t = T(0.5) * (b / a - T(1) + dm * dm / a + (la - lb));
+      t = T(0.5) * (b / a - T(1) + (dm / a) * dm + (la - lb));
     } else {
       const T diff = a - b;
-      t = T(0.5) * ((diff / a) * (diff / b) + (dm * dm / a + dm * dm / b));
+      t = T(0.5) * ((diff / a) * (diff / b) + ((dm / a) * dm + (dm / b) * dm));
     }
     terms[i] = t;
   }
@@ -397,17 +400,18 @@ MIAFW_KL_INLINE bool factorise(const T* a, int64_t d, double jitter, double* U, 
 }
 
 // U = L^T from a given lower Cholesky factor L; false on a diagonal entry that is not > 0
-// and finite.
+// and finite, or is subnormal (its reciprocal overflows: the solves would give 0 * inf = NaN).
 template <typename T>
 MIAFW_KL_INLINE bool load_factor(const T* a, int64_t d, double* U, double* inv) {
   constexpr double kMax = std::numeric_limits<double>::max();
+  constexpr double kMin = std::numeric_limits<double>::min();
   for (int64_t i = 0; i < d; ++i) {
     const T* ai = a + i * d;
     for (int64_t j = 0; j <= i; ++j) U[j * d + i] = static_cast<double>(ai[j]);
   }
   for (int64_t j = 0; j < d; ++j) {
     const double u = U[j * d + j];
-    if (!(u > 0.0 && u <= kMax)) return false;
+    if (!(u >= kMin && u <= kMax)) return false;
     inv[j] = 1.0 / u;
   }
   return true;

@@ -230,7 +230,8 @@ def gaussian_kl_full(
         ValueError: a covariance that is not positive definite (its factorisation fails),
             naming the first failing batch index and the argument (``cov1[7] is not positive
             definite ...``), or with ``cholesky=True`` a factor whose diagonal is not
-            positive and finite; ``d`` outside ``[1, 128]``; mismatched shapes; a negative
+            positive and finite, or is a float64 subnormal (below 2.2e-308: its reciprocal
+            overflows, and the result would be NaN); ``d`` outside ``[1, 128]``; mismatched shapes; a negative
             or non-finite ``jitter``; unknown ``direction`` / ``backend``; a bad ``out``.
         TypeError: as :func:`gaussian_kl`.
         RuntimeError: ``backend="native"`` when the extension is missing or cannot take the
@@ -478,7 +479,10 @@ def _diag_reference_unchecked(mu0, var0, mu1, var1, direction) -> torch.Tensor:
         raise ValueError(f"{name}[{where}] is not a positive finite variance (batch index {i})")
 
     def kl(ma, va, mb, vb):  # KL(N(ma, va) || N(mb, vb)), elementwise
-        return 0.5 * (va / vb - 1.0 + (mb - ma) ** 2 / vb + torch.log(vb) - torch.log(va))
+        # ((mb-ma)/vb) (mb-ma), not (mb-ma)^2/vb: the square overflows (float64: from ~1e154)
+        # where the term is finite; the log ratio as a difference of logs, for the same reason.
+        dm = mb - ma
+        return 0.5 * (va / vb - 1.0 + (dm / vb) * dm + torch.log(vb) - torch.log(va))
 
     if direction == "forward":
         terms = kl(m0, v0, m1, v1)
@@ -497,7 +501,10 @@ def _factor64(cov: torch.Tensor, name: str, cholesky: bool, jitter: float):
     if cholesky:
         L = torch.tril(c)
         diag = torch.diagonal(L, dim1=-2, dim2=-1)
-        failed = ~((diag > 0) & torch.isfinite(diag)).all(dim=-1)
+        # A subnormal diagonal is refused too: its reciprocal overflows, and the solves would
+        # give 0 * inf = NaN (the native kernel's rule: a normal positive finite number).
+        tiny = torch.finfo(torch.float64).tiny
+        failed = ~((diag >= tiny) & torch.isfinite(diag)).all(dim=-1)
         return L, failed
     if jitter:
         c = c + jitter * torch.eye(c.shape[-1], dtype=torch.float64, device=c.device)
@@ -520,8 +527,9 @@ def _full_reference_unchecked(mu0, cov0, mu1, cov1, direction, cholesky, jitter)
         name = "cov0" if bool(failed0[first]) else "cov1"
         if cholesky:
             raise ValueError(f"{name}[{first}] has a diagonal entry that is not positive and "
-                             f"finite (batch index {first}); with cholesky=True the covariance "
-                             "arguments are lower-triangular Cholesky factors")
+                             f"finite, or is subnormal (< 2.2e-308) (batch index {first}); with "
+                             "cholesky=True the covariance arguments are lower-triangular "
+                             "Cholesky factors")
         raise ValueError(f"{name}[{first}] is not positive definite: its Cholesky factorisation "
                          f"failed (batch index {first}); pass jitter > 0 to factorise "
                          "cov + jitter * I")
