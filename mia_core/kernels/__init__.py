@@ -6,6 +6,12 @@ dispatcher (``_dispatch.py``):
 * ``"native"`` -- the C++ extension (``csrc/kernels/*.h`` through ``csrc/bindings.cpp``); torch
   CPU tensors are handed over as zero-copy numpy views, so in-place ops write straight into
   the tensors' storage. CUDA tensors go to the CUDA twins in a ``MIAFW_CUDA=1`` build.
+  Side effect: ``Tensor.numpy()`` marks the storage NOT resizable, permanently, so every CPU
+  tensor (input, mask, scale or ``out``) that a native op ran on afterwards raises
+  ``RuntimeError: Trying to resize storage that is not resizable`` on a growing
+  ``t.resize_(...)`` (shrinking, ``copy_`` and other in-place ops still work; ``t.data =
+  t.new_empty(...)`` or a fresh tensor are the ways to grow). ``backend="torch"`` leaves the
+  storage resizable.
 * ``"torch"`` -- the pure-torch reference next to each op here; it is the fallback and the
   oracle the tests compare the native kernel against (bit for bit).
 * ``"auto"`` -- native when the extension loaded and the inputs qualify, else the torch

@@ -267,14 +267,18 @@ class MaskPlan:
 
     Validity: the plan is tied to the tensors' storage. In-place updates (optimizer steps,
     ``copy_``, ``load_state_dict``) keep it valid; anything that reallocates a tensor's
-    storage (``p.data = ...``, ``p.set_(...)``, a growing ``resize_``) makes the native plan
+    storage (``p.data = ...``, ``p.set_(...)``) makes the native plan
     stale: :meth:`apply` detects the changed ``data_ptr()``, writes nothing and raises
     :class:`StaleMaskPlanError`; :meth:`rebuild` re-validates against the tensors' current
     storage (same masks). The plan's views keep the storage they were built on alive, so a
     stale plan never touches freed memory (it holds that memory until rebuilt or dropped).
     The torch plan always acts on the tensors' current storage. Shrinking a tensor in place
     (``resize_`` to fewer elements keeps the storage) is not detected: rebuild after any
-    shape change.
+    shape change. A growing ``resize_`` cannot happen on the native backend: its numpy views
+    (``Tensor.numpy()``) mark each tensor's storage non-resizable, permanently (even after the
+    plan is dropped), so it raises ``RuntimeError: Trying to resize storage that is not
+    resizable``; the same holds for every tensor any native op has run on (see
+    :mod:`mia_core.kernels`).
 
     Attributes:
         backend (str): ``"native"`` or ``"torch"``, what :meth:`apply` runs.
