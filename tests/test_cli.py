@@ -189,6 +189,8 @@ def test_eval_usage_errors_for_estimators_devices_and_samplers(tmp_path, args, m
     (["--seed", str(2**64)], 2, "--seed must be an integer >= 0"),
     (["--dataset", "digits:n_records=4", "--n-models", "40", "--targets", "first:1"], 2, "draws no training record"),
     (["--defense", "weight-decay:lam=1e300"], 1, "left non-finite weights"),
+    (["--n-models", "100000000"], 2, "use fewer --n-models or a smaller --batch-size"),
+    (["--batch-size", str(10**12)], 2, "use fewer --n-models or a smaller --batch-size"),
 ])
 def test_eval_bad_settings_fail_cleanly(tmp_path, args, code, match):
     res = _eval(tmp_path, "--attack", "loss", *args)
@@ -283,3 +285,9 @@ def test_an_index_of_schema_1_is_migrated(tmp_path):
     assert [(r["id"], r["status"], r["pid"]) for r in index.list()] == [("old", "complete", None)]
     index.finish("old", "interrupted", tmp_path)  # the new status is accepted after the migration
     assert index.list()[0]["status"] == "interrupted"
+
+
+def test_an_unusable_output_directory_is_refused_before_training(tmp_path):
+    (tmp_path / "a-file").write_text("not a directory")
+    res = CliRunner().invoke(main, ["eval", *SMALL, "--attack", "loss", "--out", str(tmp_path / "a-file" / "runs")])
+    assert res.exit_code == 2 and "is not a writable directory" in res.output

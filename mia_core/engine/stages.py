@@ -25,7 +25,9 @@ import dataclasses
 import functools
 import json
 import math
+import os
 import platform
+import shutil
 import sys
 import traceback
 import warnings
@@ -751,11 +753,67 @@ class Evaluation:
         return self.plan.document
 
 
+def _available_memory(device: torch.device) -> Optional[int]:
+    """Bytes the evaluation may still allocate on ``device`` (None when unknown)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def estimate_memory(plan: Plan, records: Records) -> int:
+    """Bytes training needs, roughly: every model's parameters with their gradients, Adam's two
+    moments and the trainer's workspace (6 copies), plus one step's activations and their
+    gradients for ``M x batch`` rows through every layer's output (float32)."""
+    model = plan.model.plugin.build(records.n_features, records.n_classes)
+    n_params = sum(p.numel() for p in model.parameters())
+    widths = [m.out_features for m in model.modules() if isinstance(m, torch.nn.Linear)] or [records.n_classes]
+    c = plan.config
+    rows = c.n_models * c.recipe.batch_size  # a fixed-size batch larger than a half repeats records
+    return 4 * (6 * c.n_models * n_params + 3 * rows * (records.n_features + sum(widths)))
+
+
+def check_resources(plan: Plan, records: Records, *, out: Optional[Path] = None) -> None:
+    """Refuse, before anything is trained or written, a population that cannot fit in memory and
+    an output directory that cannot be written or has no room for the run.
+
+    Raises:
+        ParamError: naming what is short and what to change.
+    """
+    need = estimate_memory(plan, records)
+    have = _available_memory(plan.device)
+    if have is not None and need > have:
+        raise ParamError(f"training {plan.config.n_models} models with batch size {plan.config.recipe.batch_size} "
+                         f"needs about {need / 2**30:.1f} GiB, but {have / 2**30:.1f} GiB of {plan.device.type} "
+                         f"memory is available; use fewer --n-models or a smaller --batch-size")
+    if out is None:
+        return
+    existing = Path(out)
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ParamError(f"--out {out}: {existing} is not a writable directory")
+    n_scores = len(plan.targets) * records.n * (len(plan.attacks) + 1)
+    run_bytes = 8 * n_scores + 2**20  # scores.npz (uncompressed, the worst case), plots and JSON
+    free = shutil.disk_usage(existing).free
+    if free < run_bytes:
+        raise ParamError(f"--out {out}: {free / 2**20:.1f} MiB free, the run needs about {run_bytes / 2**20:.1f} MiB")
+
+
 def run_stages(plan: Plan, *, cache: Optional[PopulationCache] = None,
-               reporter: Optional[Reporter] = None) -> Evaluation:
-    """Stages 2 to 8 for a resolved plan (nothing written)."""
+               reporter: Optional[Reporter] = None, records: Optional[Records] = None) -> Evaluation:
+    """Stages 2 to 8 for a resolved plan (nothing written); ``records`` when already loaded."""
     reporter = reporter or Reporter()
-    records = load_records(plan)
+    records = load_records(plan) if records is None else records
     trained = train_population(plan, records, cache=cache, reporter=reporter)
     trained_signals = compute_signals(trained.population)
     undefended_signals = trained_signals
@@ -806,12 +864,14 @@ def evaluate(config: Union[EvalConfig, Plan], *, out: Optional[Union[str, Path]]
     plan = config if isinstance(config, Plan) else resolve(config)
     if not isinstance(cache, PopulationCache):
         cache = PopulationCache(None if cache is None else Path(cache).expanduser())
+    out = None if out is None else Path(out).expanduser()
+    records = load_records(plan)  # unusable data is a usage error before any run directory exists
+    check_resources(plan, records, out=out)
     if out is None:
-        return run_stages(plan, cache=cache, reporter=reporter)
-    out = Path(out).expanduser()
+        return run_stages(plan, cache=cache, reporter=reporter, records=records)
     run = RunDir(out, plan.document, index=RunIndex(out), discard_on=USAGE_ERRORS)
     with run:
-        ev = run_stages(plan, cache=cache, reporter=reporter)
+        ev = run_stages(plan, cache=cache, reporter=reporter, records=records)
         write_run(run, ev)
     ev.run_dir = run.final
     return ev
@@ -833,6 +893,8 @@ __all__ = [
     "USAGE_ERRORS",
     "apply_defenses",
     "check_estimate",
+    "check_resources",
+    "estimate_memory",
     "compute_metrics",
     "compute_signals",
     "evaluate",
