@@ -13,7 +13,7 @@ import difflib
 import inspect
 import math
 import typing
-from typing import Any, Dict, Tuple
+from typing import List, Any, Dict, Tuple
 
 from mia_core.base import PluginSpec
 
@@ -37,8 +37,39 @@ def shown(text, limit: int = ECHO_LIMIT) -> str:
     return r if len(r) <= limit else r[: limit - 1] + "…"
 
 
+def _split_items(rest: str, text: str) -> List[str]:
+    """Split ``k=v,k2=v2`` on the commas outside quotes (``'...'`` or ``"..."``)."""
+    items, current, quote = [], [], None
+    for ch in rest:
+        if quote:
+            current.append(ch)
+            if ch == quote:
+                quote = None
+        elif ch in "'\"":
+            quote = ch
+            current.append(ch)
+        elif ch == ",":
+            items.append("".join(current))
+            current = []
+        else:
+            current.append(ch)
+    if quote:
+        raise ParamError(f"unclosed {quote} quote in {shown(text)}")
+    items.append("".join(current))
+    return items
+
+
+def _unquote(value: str) -> str:
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+        return value[1:-1]
+    return value
+
+
 def split_spec(text: str) -> Tuple[str, Dict[str, str]]:
-    """Split ``"name:k=v,k2=v2"`` into the name and raw string values (no type conversion)."""
+    """Split ``"name:k=v,k2=v2"`` into the name and raw string values (no type conversion).
+
+    A value holding a comma is quoted: ``file:path="my,data.csv"`` (single or double quotes,
+    removed from the value)."""
     if not isinstance(text, str):
         raise ParamError(f"plugin specification must be a string, got {type(text).__name__}")
     name, sep, rest = text.partition(":")
@@ -49,7 +80,7 @@ def split_spec(text: str) -> Tuple[str, Dict[str, str]]:
     if sep and not rest.strip():
         raise ParamError(f"{shown(text)} has a ':' but no parameters; expected NAME:key=value,...")
     if rest.strip():
-        for item in rest.split(","):
+        for item in _split_items(rest, text):
             key, eq, value = item.partition("=")
             key = key.strip()
             if not eq or not key:
@@ -58,7 +89,7 @@ def split_spec(text: str) -> Tuple[str, Dict[str, str]]:
                 )
             if key in raw:
                 raise ParamError(f"parameter {shown(key)} given twice in {shown(text)}")
-            raw[key] = value.strip()
+            raw[key] = _unquote(value.strip())
     return name, raw
 
 

@@ -87,3 +87,12 @@ def test_builtin_ranges_are_checked():
     for bad in ("prune:sparsity=1.5", "prune:sparsity=-0.1", "prune:finetune_epochs=-1", "prune:scope=row"):
         with pytest.raises(ParamError):
             instantiate(Prune, parse_spec(bad, Prune, label="defense 'prune'"), label="defense 'prune'")
+
+
+def test_quoted_values_may_hold_commas():
+    from mia_core.params import split_spec
+
+    assert split_spec('file:path="my,data.csv",label=y') == ("file", {"path": "my,data.csv", "label": "y"})
+    assert split_spec("file:path='a,b'") == ("file", {"path": "a,b"})
+    with pytest.raises(ParamError, match="unclosed \" quote"):
+        split_spec('file:path="abc')

@@ -196,3 +196,12 @@ def test_fuzz_kernels_python_face_only_raises_clean_errors(inp):
         assert backend == "native" and "native" in str(exc)
     else:
         assert used in ("native", "torch")
+
+
+def test_a_data_path_with_a_comma_is_quoted(tmp_path):
+    rng = np.random.default_rng(0)
+    path = _write_csv(tmp_path / "my,data.csv", ["a", "b", "label"],
+                      [[float(rng.normal()), float(rng.normal()), i % 2] for i in range(40)])
+    res = CliRunner().invoke(main, ["eval", "--dataset", f'file:path="{path}"', "--model", "logreg", "--n-models",
+                                    "2", "--epochs", "1", "--attack", "loss", "-q", "--out", str(tmp_path / "runs")])
+    assert res.exit_code == 0, res.output
