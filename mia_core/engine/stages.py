@@ -789,7 +789,10 @@ def check_resources(plan: Plan, records: Records, *, out: Optional[Path] = None)
     Raises:
         ParamError: naming what is short and what to change.
     """
-    need = estimate_memory(plan, records)
+    try:
+        need = estimate_memory(plan, records)
+    except Exception:  # a model family that fails to build fails in training, recorded with its traceback
+        need = 0
     have = _available_memory(plan.device)
     if have is not None and need > have:
         raise ParamError(f"training {plan.config.n_models} models with batch size {plan.config.recipe.batch_size} "
