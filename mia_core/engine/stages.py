@@ -53,7 +53,6 @@ from mia_core.results import SCHEMA_VERSION, RunDir, json_default, write_run
 from mia_core.runindex import RunIndex
 
 DEFAULT_FPRS = (0.001, 0.01, 0.1)
-DEVICES = ("cpu", "cuda", "auto")
 
 
 class PluginRuntimeError(RuntimeError):
@@ -883,7 +882,6 @@ def evaluate(config: Union[EvalConfig, Plan], *, out: Optional[Union[str, Path]]
 __all__ = [
     "Component",
     "DEFAULT_FPRS",
-    "DEVICES",
     "DefenseResult",
     "Estimate",
     "EvalConfig",
