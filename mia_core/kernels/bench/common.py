@@ -11,7 +11,7 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -70,6 +70,29 @@ def median_time(fn: Callable[[], object], *, repeat: int = 21, warmup: int = 3, 
             fn()
         samples.append((time.perf_counter() - t0) / batch)
     return statistics.median(samples)
+
+
+def median_times_interleaved(fns: Sequence[Callable[[], object]], *, repeat: int = 21,
+                             warmup: int = 3, min_batch_s: float = 2e-4) -> List[float]:
+    """Median seconds per call of each of ``fns``, timed in interleaved rounds (one batch of
+    each function per round) so that a drift of the machine's speed (memory bandwidth on a
+    shared VM drifts over seconds) hits every variant alike; batching as :func:`median_time`."""
+    batches = []
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+        t0 = time.perf_counter()
+        fn()
+        once = time.perf_counter() - t0
+        batches.append(max(1, int(min_batch_s / max(once, 1e-9))))
+    samples: List[List[float]] = [[] for _ in fns]
+    for _ in range(repeat):
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            for _ in range(batches[i]):
+                fn()
+            samples[i].append((time.perf_counter() - t0) / batches[i])
+    return [statistics.median(v) for v in samples]
 
 
 _COPY_CACHE: Dict[int, float] = {}

@@ -13,7 +13,8 @@ preallocated outputs, with given scale / zero point unless the variant says "der
   ``fake_quantize(w, out=out)`` (native), one after the other, vs
   ``masked_fake_quantize(x, m, out=out)`` in one pass. Target >= 1.5x. Bytes of the fused
   pass: read x + read mask + write out. Re-masking an already masked ``w`` with the same bool
-  mask keeps its values, so every timed call does the same work.
+  mask keeps its values, so every timed call does the same work. This case's variants are
+  timed interleaved (one batch of each per round), so a drift of the machine's speed hits both.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from typing import List, Sequence
 import torch
 
 from mia_core import kernels
-from mia_core.kernels.bench.common import Measurement, compare, dtype_of, timed_row, with_bandwidth
+from mia_core.kernels.bench.common import (Measurement, compare, dtype_of, median_times_interleaved,
+                                           timed_row, with_bandwidth)
 
 KERNEL = "fake_quantize"
 
@@ -109,12 +111,16 @@ def bench_fused(size: int, dtype: str, backends: Sequence[str], repeat: int):
         kernels.apply_masks([w], [m], backend="native")
         kernels.fake_quantize(w, scale=SCALE, zero_point=ZERO_POINT, out=out, backend="native")
 
-    rows = [_row(case, size, dtype, base, two_pass, repeat, note="two passes")]
-    for b in backends:
-        rows.append(_row(case, size, dtype, f"masked_fake_quantize {b}",
-                         lambda b=b: kernels.masked_fake_quantize(
-                             x, m, scale=SCALE, zero_point=ZERO_POINT, out=out, backend=b),
-                         repeat))
+    # Timed interleaved (one batch of each variant per round): at 1e7 the ratio is a
+    # comparison of memory-bound passes, and timing each variant in its own block let a drift
+    # of the machine's bandwidth read as 0.8-1.0x (benchmarks/RESULTS.md, issue 9).
+    names = [base] + [f"masked_fake_quantize {b}" for b in backends]
+    fns = [two_pass] + [lambda b=b: kernels.masked_fake_quantize(
+        x, m, scale=SCALE, zero_point=ZERO_POINT, out=out, backend=b) for b in backends]
+    times = median_times_interleaved(fns, repeat=repeat)
+    rows = [Measurement(kernel=KERNEL, case=case, size=int(size), dtype=dtype, variant=v,
+                        seconds=t, note="two passes" if v == base else "")
+            for v, t in zip(names, times)]
     compare(rows, base)
     for r in rows:
         # fused minimum: read x + read mask + write out; bandwidth probe on x's size
