@@ -121,7 +121,7 @@ def _probe_fused(device: torch.device) -> bool:
                           dampening=0.0, nesterov=False, maximize=False, is_first_step=True,
                           grad_scale=None, found_inf=None)
         return True
-    except (AttributeError, RuntimeError, TypeError):  # NotImplementedError is a RuntimeError
+    except (AttributeError, RuntimeError, TypeError):  # "not implemented" errors are RuntimeErrors too
         return False
 
 
