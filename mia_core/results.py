@@ -51,6 +51,15 @@ def json_default(o):
     raise TypeError(f"{type(o).__name__} is not JSON-serialisable")
 
 
+def plain_json(obj):
+    """``obj`` as plain JSON data (numpy and torch values converted), the rule for every plugin
+    report and estimate: raises ``ValueError`` for what JSON cannot hold, NaN and inf included."""
+    try:
+        return json.loads(json.dumps(obj, default=json_default, allow_nan=False))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"not JSON data without NaN/inf: {exc}") from None
+
+
 def _dump(path: Path, doc) -> None:
     path.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
 
@@ -277,4 +286,4 @@ def load_metrics(run_dir: Path) -> Optional[Dict]:
     return json.loads(p.read_text()) if p.is_file() else None
 
 
-__all__ = ["RunDir", "json_default", "SCHEMA_VERSION", "format_summary", "load_metrics", "plot_roc", "scores_key", "write_run"]
+__all__ = ["RunDir", "json_default", "plain_json", "SCHEMA_VERSION", "format_summary", "load_metrics", "plot_roc", "scores_key", "write_run"]

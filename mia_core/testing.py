@@ -40,7 +40,7 @@ import numpy as np
 
 from mia_core.base import ACCESS_LEVELS, Attack, Defense, Estimator, Plugin, TrainingDefense, check_api_version
 from mia_core.engine import AccessError, AttackContext, DefenseContext, EstimatorContext, ModelPopulation
-from mia_core.results import json_default
+from mia_core.results import json_default, plain_json
 
 #: Pooled AUC an attack must reach on the planted population (members memorised random labels;
 #: the loss attack reaches about 0.9).
@@ -236,9 +236,9 @@ def _check_report(cls, what: str, report) -> Dict[str, Any]:
     if not isinstance(report, dict):
         _fail(cls, f"{what} must return a dict report, returned {type(report).__name__}")
     try:
-        json.dumps(report, allow_nan=False, default=json_default)
-    except (TypeError, ValueError) as exc:
-        _fail(cls, f"{what} report is not JSON-serialisable (or holds NaN/inf): {exc}")
+        plain_json(report)  # the engine's own rule for reports
+    except ValueError as exc:
+        _fail(cls, f"{what} report is {exc}")
     return report
 
 

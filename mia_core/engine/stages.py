@@ -49,7 +49,7 @@ from mia_core.engine.progress import Reporter
 from mia_core.engine.signals import Signals
 from mia_core.engine.trainer import TrainingRecipe
 from mia_core.params import ParamError, instantiate, parse_spec, split_spec
-from mia_core.results import SCHEMA_VERSION, RunDir, json_default, write_run
+from mia_core.results import SCHEMA_VERSION, RunDir, plain_json, write_run
 from mia_core.runindex import RunIndex
 
 DEFAULT_FPRS = (0.001, 0.01, 0.1)
@@ -329,9 +329,9 @@ def _guarded(owner: str, fn: Callable, *args):
 def _jsonable(owner: str, obj) -> Any:
     """Round-trip through JSON so a plugin's report is plain data (numpy and torch values allowed)."""
     try:
-        return json.loads(json.dumps(obj, default=json_default, allow_nan=False))
-    except (TypeError, ValueError) as exc:
-        raise PluginRuntimeError(owner, f"returned a report that is not JSON data without NaN/inf: {exc}") from None
+        return plain_json(obj)
+    except ValueError as exc:
+        raise PluginRuntimeError(owner, f"returned a report that is {exc}") from None
 
 
 # ============================================================================ stage 2: records
@@ -556,14 +556,12 @@ def check_estimate(out) -> Estimate:
     Raises:
         ValueError: naming the bad field and what is allowed.
     """
-    from mia_core.results import json_default
-
     if not isinstance(out, dict):
         raise ValueError(f"estimate() returned {type(out).__name__}, expected a dict with a 'value' key")
     try:
-        out = json.loads(json.dumps(out, default=json_default, allow_nan=False))
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"estimate() returned a result that is not JSON data, or holds NaN/inf: {exc}") from None
+        out = plain_json(out)
+    except ValueError as exc:
+        raise ValueError(f"estimate() returned a result that is {exc}") from None
     if "value" not in out:
         raise ValueError("estimate() returned no 'value'")
     value = out.pop("value")
