@@ -3,9 +3,10 @@ distribution on sys.path), the way a third-party package would."""
 
 from __future__ import annotations
 
+import contextlib
 import textwrap
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Iterator
 
 
 def make_distribution(root: Path, name: str, modules: Dict[str, str], entry_points: Dict[str, Dict[str, str]],
@@ -69,6 +70,20 @@ NOT_A_PLUGIN = '''
 class Plain:
     pass
 '''
+
+
+@contextlib.contextmanager
+def installed(site: Path, monkeypatch) -> Iterator[Path]:
+    """Make the fake distribution under ``site`` visible to the registry for the block (and forget
+    it afterwards: ``monkeypatch`` restores ``sys.path``, the registry is refreshed both ways)."""
+    from mia_core import registry
+
+    monkeypatch.syspath_prepend(str(site))
+    registry.refresh()
+    try:
+        yield site
+    finally:
+        registry.refresh()
 
 
 def third_party(root: Path) -> Path:

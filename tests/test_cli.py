@@ -151,15 +151,10 @@ def test_bench_command_json_and_errors():
 
 
 def test_eval_with_an_estimator_prints_it_under_the_attacks(tmp_path, monkeypatch):
-    from mia_core import registry
-    from plugin_fixtures import estimators
+    from plugin_fixtures import estimators, installed
 
-    monkeypatch.syspath_prepend(str(estimators(tmp_path / "site")))
-    registry.refresh()
-    try:
+    with installed(estimators(tmp_path / "site"), monkeypatch):
         res = _eval(tmp_path, "--attack", "lira", "--estimator", "test-tv:bins=10")
-    finally:
-        registry.refresh()
     assert res.exit_code == 0, res.output
     lines = res.output.splitlines()
     head = next(i for i, line in enumerate(lines) if line.startswith("estimator"))

@@ -254,16 +254,12 @@ def test_kit_on_train_time_defenses():
 
 
 def test_third_party_plugins_are_checked_only_on_request(tmp_path, monkeypatch):
-    from plugin_fixtures import third_party
+    from plugin_fixtures import installed, third_party
 
-    monkeypatch.syspath_prepend(str(third_party(tmp_path / "site")))
-    registry.refresh()
-    try:
+    with installed(third_party(tmp_path / "site"), monkeypatch):
         assert "broken" in registry.names("attacks") and "broken" not in _names("attacks")
         monkeypatch.setenv("MIAFW_CONFORMANCE_ALL", "1")
         assert "broken" in _names("attacks")
-    finally:
-        registry.refresh()
 
 
 class CountsINReferences(Attack):

@@ -12,11 +12,11 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mia_core import kernels, registry
+from mia_core import kernels
 from mia_core.cli import main
 from mia_core.params import ParamError, parse_spec, split_spec
 from mia_plugins.defenses.prune import Prune
-from plugin_fixtures import faulty
+from plugin_fixtures import faulty, installed
 
 SMALL = ["--dataset", "digits:n_records=200", "--model", "mlp:width=16", "--n-models", "6", "--epochs", "3",
          "--targets", "first:1", "-q"]
@@ -24,10 +24,8 @@ SMALL = ["--dataset", "digits:n_records=200", "--model", "mlp:width=16", "--n-mo
 
 @pytest.fixture
 def faulty_plugins(tmp_path, monkeypatch):
-    monkeypatch.syspath_prepend(str(faulty(tmp_path / "site")))
-    registry.refresh()
-    yield
-    registry.refresh()
+    with installed(faulty(tmp_path / "site"), monkeypatch):
+        yield
 
 
 def _invoke(tmp_path, *args):

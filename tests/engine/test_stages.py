@@ -9,13 +9,12 @@ import pytest
 import torch
 
 import mia_core
-from mia_core import registry
 from mia_core.engine import stages
 from mia_core.engine.cache import PopulationCache
 from mia_core.engine.stages import EvalConfig, PluginRuntimeError
 from mia_core.engine.trainer import TrainingRecipe
 from mia_core.params import ParamError
-from plugin_fixtures import estimators as estimator_distribution
+from plugin_fixtures import estimators as estimator_distribution, installed
 
 SMALL = dict(dataset="digits:n_records=300", model="mlp:width=32", n_models=6, targets="first:2",
              recipe=TrainingRecipe(epochs=8))
@@ -23,10 +22,8 @@ SMALL = dict(dataset="digits:n_records=300", model="mlp:width=32", n_models=6, t
 
 @pytest.fixture
 def test_estimators(tmp_path, monkeypatch):
-    monkeypatch.syspath_prepend(str(estimator_distribution(tmp_path / "site")))
-    registry.refresh()
-    yield
-    registry.refresh()
+    with installed(estimator_distribution(tmp_path / "site"), monkeypatch):
+        yield
 
 
 def test_public_api_is_the_stage_module():
