@@ -76,7 +76,8 @@ class RunDir:
     and the run recorded as ``running`` in the index. On success the directory is renamed to
     ``<out>/<name>`` and the run marked ``complete``. On an exception listed in ``discard_on``
     (the user's input was unusable: nothing ran) the staging directory and the index row are
-    removed; on any other exception, KeyboardInterrupt included, the directory is renamed to
+    removed, and so are the index file and the output directory if this run created them and
+    they are empty again; on any other exception, KeyboardInterrupt included, the directory is renamed to
     ``<out>/<name>.failed`` with the traceback in ``FAILED.txt`` and the run marked ``failed``.
     """
 
@@ -101,6 +102,9 @@ class RunDir:
         self.failed = self.out / f"{name}.failed"
 
     def __enter__(self) -> "RunDir":
+        # what this run creates, so that a discarded run (a usage error) leaves nothing behind
+        self._made_out = not self.out.exists()
+        self._made_index = self.index is not None and not self.index.path.exists()
         self.staging.mkdir(parents=True, exist_ok=False)
         _dump(self.staging / "config.json", self.config_doc)
         if self.index is not None:
@@ -116,6 +120,13 @@ class RunDir:
             shutil.rmtree(self.staging, ignore_errors=True)
             if self.index is not None:
                 self.index.forget(self.name)
+                if self._made_index and self.index.is_empty():
+                    self.index.delete()
+            if self._made_out:
+                try:
+                    self.out.rmdir()  # only if empty: another run may have started there meanwhile
+                except OSError:
+                    pass
         else:
             import traceback
 

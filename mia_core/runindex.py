@@ -131,6 +131,21 @@ class RunIndex:
         finally:
             con.close()
 
+    def is_empty(self) -> bool:
+        """True when the index file is missing or holds no run."""
+        if not self.path.is_file():
+            return True
+        con = self._connect()
+        try:
+            return con.execute("SELECT COUNT(*) FROM runs").fetchone()[0] == 0
+        finally:
+            con.close()
+
+    def delete(self) -> None:
+        """Remove the index file (and SQLite's journal beside it)."""
+        for suffix in ("", "-journal", "-wal", "-shm"):
+            Path(str(self.path) + suffix).unlink(missing_ok=True)
+
     def list(self, *, limit: Optional[int] = None) -> List[Dict[str, Any]]:
         """Runs, newest first."""
         if not self.path.is_file():

@@ -40,6 +40,9 @@ def test_eval_end_to_end_writes_run_directory(tmp_path):
     assert cfg["defenses"][0]["params"]["sparsity"] == 0.5
     assert cfg["defenses"][0]["params"]["scope"] == "global"  # defaults resolved
     assert cfg["model"]["params"] == {"width": 32, "depth": 1, "activation": "relu"}
+    # the targets as the user gave them, never an array that grows with the population
+    assert cfg["targets"] == "first:2" and cfg["n_targets"] == 2
+    assert all(not isinstance(v, list) or len(v) < 20 for v in cfg.values())
     m = json.loads((run / "metrics.json").read_text())
     assert set(m["attacks"]) == {"lira", "loss"}
     lira = m["attacks"]["lira"]

@@ -116,10 +116,9 @@ def test_unusable_datasets_are_one_line_usage_errors(tmp_path, make, message):
     assert res.exit_code == 2, res.output
     err = res.stderr.strip()
     assert err.startswith("Error: ") and "\n" not in err and message in err
-    runs = tmp_path / "runs"
-    assert not runs.exists() or not [p for p in runs.iterdir() if p.is_dir()]
-    if (runs / "index.sqlite").exists():
-        assert _index(tmp_path) == []
+    # a usage error found mid-run (the dataset is read once the run started) leaves nothing at all:
+    # not the run directory, not an index row, not the index file or the output directory it created
+    assert not (tmp_path / "runs").exists()
 
 
 def test_file_dataset_runs_end_to_end(tmp_path):
@@ -203,3 +202,19 @@ def test_a_data_path_with_a_comma_is_quoted(tmp_path):
     res = CliRunner().invoke(main, ["eval", "--dataset", f'file:path="{path}"', "--model", "logreg", "--n-models",
                                     "2", "--epochs", "1", "--attack", "loss", "-q", "--out", str(tmp_path / "runs")])
     assert res.exit_code == 0, res.output
+
+
+def test_a_discarded_run_keeps_an_index_it_did_not_create(tmp_path):
+    from mia_core.params import ParamError
+    from mia_core.results import RunDir
+    from mia_core.runindex import RunIndex
+
+    doc = {"dataset": {"name": "d"}, "model": {"name": "m"}, "n_models": 2, "seed": 0}
+    out = tmp_path / "runs"
+    with RunDir(out, doc, index=RunIndex(out)):
+        pass  # one complete run
+    with pytest.raises(ParamError):
+        with RunDir(out, doc, index=RunIndex(out), discard_on=(ParamError,)):
+            raise ParamError("bad")
+    assert [row[1] for row in _index(tmp_path)] == ["complete"]
+    assert len([p for p in out.iterdir() if p.is_dir()]) == 1

@@ -162,7 +162,10 @@ class Plan:
             "recipe": c.recipe.to_dict(),
             "n_models": c.n_models,
             "seed": c.seed,
-            "targets": list(self.targets),
+            # the user's spec ("all", "first:K", "0,3"), never the expanded index list: config.json
+            # stays a few KB whatever the population size (metrics.json lists the targets scored)
+            "targets": c.targets,
+            "n_targets": len(self.targets),
             "fprs": list(c.fprs),
             "confidence": c.confidence,
             "device": str(self.device),
