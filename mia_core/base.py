@@ -103,6 +103,13 @@ class Attack(Plugin, abc.ABC):
     access: ClassVar[Tuple[str, ...]] = ("logits",)
     min_reference_models: ClassVar[int] = 0
 
+    def reference_budget(self) -> Tuple[Optional[int], bool]:
+        """``(n_references, online)``: the attack's reference budget, as it will pass them to
+        ``ctx.for_target(t, n_references=..., online=...)``, so the engine can refuse a budget the
+        population cannot meet before training. Read from the parameters ``n_references`` (default
+        ``None``: all references) and ``online`` (default ``True``); override if yours differ."""
+        return getattr(self, "n_references", None), bool(getattr(self, "online", True))
+
     @abc.abstractmethod
     def fit(self, ctx: "AttackContext") -> "Attack":
         """Prepare the attack from the shared population context.

@@ -4,7 +4,7 @@ draws its training half from."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -30,9 +30,13 @@ class Records:
     index: np.ndarray
     n_classes: int
     name: str = "records"
+    #: ``(H, W)`` or ``(C, H, W)`` when each record is an image flattened row-major into its ``D``
+    #: features (``prod(image_shape) == D``); enables query augmentations (mirror, shifts).
+    image_shape: Optional[Tuple[int, ...]] = None
 
     @classmethod
-    def from_arrays(cls, x, y, *, name: str, n_classes: Optional[int] = None, index=None) -> "Records":
+    def from_arrays(cls, x, y, *, name: str, n_classes: Optional[int] = None, index=None,
+                    image_shape: Optional[Sequence[int]] = None) -> "Records":
         """Validate and normalise arrays into :class:`Records`.
 
         Raises:
@@ -86,7 +90,14 @@ class Records:
         index = np.asarray(index, dtype=np.int64)
         if index.shape != y.shape:
             raise DataError(f"dataset {name!r}: index must have one entry per record")
-        return cls(x=np.ascontiguousarray(x), y=y, index=index, n_classes=int(n_classes), name=name)
+        if image_shape is not None:
+            shape = tuple(int(d) for d in image_shape)
+            if len(shape) not in (2, 3) or min(shape) < 1 or int(np.prod(shape)) != x.shape[1]:
+                raise DataError(f"dataset {name!r}: image_shape {tuple(image_shape)} must be (H, W) or (C, H, W) "
+                                f"with {x.shape[1]} pixels in all")
+            image_shape = shape
+        return cls(x=np.ascontiguousarray(x), y=y, index=index, n_classes=int(n_classes), name=name,
+                   image_shape=image_shape)
 
     @property
     def n(self) -> int:

@@ -63,7 +63,16 @@ def _masked_mean_var(values: np.ndarray, mask: np.ndarray):
     return n, mean, ss
 
 
-def fit_gaussians(*, ref_scores, ref_in, variance: str = "per-example") -> GaussianFit:
+def _masked_median(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Per-column median of the entries where ``mask`` holds (nan for an empty column)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-nan columns: no reference on that side
+        return np.nanmedian(np.where(mask, values, np.nan), axis=0)
+
+
+def fit_gaussians(*, ref_scores, ref_in, variance: str = "per-example", stat: str = "mean") -> GaussianFit:
     """Fit the IN and OUT Gaussians of LiRA (Carlini et al. 2022, Sec. IV-B) for each record.
 
     For record ``j``, ``mu_in[j]`` is the mean of ``ref_scores[m, j]`` over the reference models
@@ -76,7 +85,13 @@ def fit_gaussians(*, ref_scores, ref_in, variance: str = "per-example") -> Gauss
             scores, which needs at least two IN and two OUT models per record; ``"global"`` —
             one variance per side shared by all records (the paper's "fixed variance" variant
             for few reference models), estimated as the pooled within-record variance
-            ``sum_j sum_m (s_mj - mu_j)^2 / sum_j (n_j - 1)``.
+            ``sum_j sum_m (s_mj - mu_j)^2 / sum_j (n_j - 1)``; when no record has two references
+            on a side (one reference model per record, offline), that side's variance is the
+            variance of all its scores across records, as the authors' reference code does for
+            every budget.
+        stat: the centre ``mu``: ``"mean"`` (the sample mean) or ``"median"`` (the reference code's
+            choice, more robust to an outlying reference model). The variance is about the sample
+            mean either way.
 
     Records whose IN (OUT) side is empty get ``mu = nan``; callers decide what that means.
     """
@@ -86,10 +101,13 @@ def fit_gaussians(*, ref_scores, ref_in, variance: str = "per-example") -> Gauss
         raise ValueError(f"ref_scores and ref_in must both be [R, N]; got {s.shape} and {k.shape}")
     if variance not in ("per-example", "global"):
         raise ValueError(f"variance must be 'per-example' or 'global', got {variance!r}")
+    if stat not in ("mean", "median"):
+        raise ValueError(f"stat must be 'mean' or 'median', got {stat!r}")
     n_in, mu_in, ss_in = _masked_mean_var(s, k)
     n_out, mu_out, ss_out = _masked_mean_var(s, ~k)
-    mu_in = np.where(n_in > 0, mu_in, np.nan)
-    mu_out = np.where(n_out > 0, mu_out, np.nan)
+    centre_in, centre_out = (mu_in, mu_out) if stat == "mean" else (_masked_median(s, k), _masked_median(s, ~k))
+    mu_in = np.where(n_in > 0, centre_in, np.nan)
+    mu_out = np.where(n_out > 0, centre_out, np.nan)
     finite = s[np.isfinite(s)]
     floor = MIN_STD_FRACTION * (float(finite.std()) if finite.size else 1.0) or 1e-12
     if variance == "per-example":
@@ -102,15 +120,22 @@ def fit_gaussians(*, ref_scores, ref_in, variance: str = "per-example") -> Gauss
         std_in = np.sqrt(ss_in / (n_in - 1))
         std_out = np.sqrt(ss_out / (n_out - 1))
     else:
-        dof_in = np.maximum(n_in - 1, 0).sum()
-        dof_out = np.maximum(n_out - 1, 0).sum()
-        if dof_in < 1 or dof_out < 1:
-            raise ValueError("a global variance needs some record with at least 2 IN and 2 OUT reference models")
-        std_in = np.full(s.shape[1], math.sqrt(ss_in.sum() / dof_in))
-        std_out = np.full(s.shape[1], math.sqrt(ss_out.sum() / dof_out))
+        std_in = np.full(s.shape[1], _global_std(s, k, n_in, ss_in))
+        std_out = np.full(s.shape[1], _global_std(s, ~k, n_out, ss_out))
     std_in = np.maximum(std_in, floor)
     std_out = np.maximum(std_out, floor)
     return GaussianFit(mu_in, std_in, mu_out, std_out, n_in, n_out)
+
+
+def _global_std(s: np.ndarray, mask: np.ndarray, n: np.ndarray, ss: np.ndarray) -> float:
+    """One side's global standard deviation: pooled within-record, or across records when no
+    record has two references on that side (see :func:`fit_gaussians`). nan for an empty side."""
+    dof = np.maximum(n - 1, 0).sum()
+    if dof >= 1:
+        return math.sqrt(ss.sum() / dof)
+    values = s[mask]
+    values = values[np.isfinite(values)]
+    return float(values.std(ddof=1)) if values.size >= 2 else float("nan")
 
 
 def lira_online(*, obs, fit: GaussianFit) -> np.ndarray:

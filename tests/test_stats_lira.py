@@ -82,7 +82,7 @@ class _FakeCtx:
         self._keep, self._conf = keep, conf
         self.n_models = keep.shape[0]
 
-    def for_target(self, t):
+    def for_target(self, t, n_references=None, online=True):
         from types import SimpleNamespace
 
         refs = np.array([i for i in range(self.n_models) if i != t])
@@ -130,3 +130,77 @@ def test_auto_variance_switches_at_64_models(n_models, expected):
     ctx = Ctx()
     ctx.n_models = n_models
     assert LiRA().fit(ctx).variance_ == expected
+
+
+# ----------------------------------------------------------------- centre, budgets, one reference
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(r=st.integers(2, 7), n=st.integers(1, 6), seed=st.integers(0, 1000))
+def test_median_centre_matches_numpy_per_record(r, n, seed):
+    rng = np.random.default_rng(seed)
+    s = rng.normal(size=(r, n))
+    k = rng.random((r, n)) < 0.5
+    k[0], k[1] = True, False  # at least one reference per side
+    fit = fit_gaussians(ref_scores=s, ref_in=k, variance="global", stat="median")
+    for j in range(n):
+        assert fit.mu_in[j] == pytest.approx(np.median(s[k[:, j], j]))
+        assert fit.mu_out[j] == pytest.approx(np.median(s[~k[:, j], j]))
+
+
+def test_one_reference_per_record_uses_the_variance_across_records():
+    rng = np.random.default_rng(0)
+    s = rng.normal(size=(2, 50))
+    k = np.zeros((2, 50), dtype=bool)
+    k[0, ::2] = True
+    k[1, 1::2] = True  # one IN and one OUT reference per record
+    fit = fit_gaussians(ref_scores=s, ref_in=k, variance="global")
+    assert np.allclose(fit.std_in, s[k].std(ddof=1)) and np.allclose(fit.std_out, s[~k].std(ddof=1))
+    with pytest.raises(ValueError, match="per-example variance needs at least 2 IN and 2 OUT"):
+        fit_gaussians(ref_scores=s, ref_in=k, variance="per-example")
+    with pytest.raises(ValueError, match="stat must be 'mean' or 'median'"):
+        fit_gaussians(ref_scores=s, ref_in=k, stat="mode")
+
+
+def test_lira_budget_uses_the_selected_references_only():
+    from mia_core.engine.contexts import AttackContext
+    from mia_core.testing import planted_population
+    from mia_plugins.attacks.lira import LiRA
+
+    pop = planted_population()
+    ctx = AttackContext(pop, ("logits",), owner="attack lira")
+    n = pop.n_records
+    for k, online in ((1, False), (2, False), (2, True)):
+        scores = LiRA(online=online, n_references=k).fit(ctx).score(0, np.arange(n))
+        view = ctx.for_target(0, n_references=k, online=online)
+        assert len(view.references) == (k if online else 2 * k)
+        fit = fit_gaussians(ref_scores=view.ref_signal("confidence"), ref_in=view.ref_keep, variance="global")
+        obs = view.target_signal("confidence")
+        expected = lira_online(obs=obs, fit=fit) if online else lira_offline(obs=obs, fit=fit)
+        assert np.allclose(scores, expected)
+        assert metrics.auc(scores, pop.keep[0]) > 0.7
+
+
+@pytest.mark.parametrize("params,match", [
+    (dict(n_references=0), "n_references must be a positive integer"),
+    (dict(n_references=2, variance="per-example"), "n_references >= 4 online"),
+    (dict(online=False, n_references=1, variance="per-example"), "n_references >= 2 offline"),
+    (dict(stat="mode"), "stat must be one of mean, median"),
+    (dict(augment="rotate"), "augment must be one of none, mirror, mirror-shift"),
+])
+def test_lira_rejects_bad_parameters(params, match):
+    from mia_plugins.attacks.lira import LiRA
+
+    with pytest.raises(ValueError, match=match):
+        LiRA(**params).validate()
+
+
+def test_cli_refuses_a_budget_the_population_cannot_meet(tmp_path):
+    from click.testing import CliRunner
+
+    from mia_core.cli import main
+
+    res = CliRunner().invoke(main, ["eval", "--attack", "lira:n_references=8", "--n-models", "6", "-q",
+                                    "--out", str(tmp_path / "runs")])
+    assert res.exit_code == 2
+    assert "attack 'lira:n_references=8': n_references=8 needs 4 reference pairs but a population of 6 models has 2" \
+        in res.stderr
+    assert not (tmp_path / "runs").exists()

@@ -15,7 +15,7 @@ import numpy as np
 
 from mia_core.data import Records
 from mia_core.engine.signals import SIGNAL_ACCESS, Signals
-from mia_core.engine.trainer import Params, TrainingRecipe, references
+from mia_core.engine.trainer import Params, TrainingRecipe, references, select_references
 
 if TYPE_CHECKING:  # pragma: no cover
     from mia_core.engine.population import ModelPopulation
@@ -59,6 +59,14 @@ class SignalContext:
         return self._population.records.y
 
     @property
+    def features(self) -> np.ndarray:
+        """float32 ``[N, D]`` the records' features (read-only). The attacker knows the records it
+        asks about, so any access level may read them (e.g. a quantile-regression attack's input)."""
+        x = self._population.records.x.view()
+        x.flags.writeable = False
+        return x
+
+    @property
     def n_models(self) -> int:
         return self._population.n_models
 
@@ -80,12 +88,46 @@ class SignalContext:
         so the references' membership is independent of the target's)."""
         return references(target, self.n_models)
 
-    def signal(self, name: str) -> np.ndarray:
+    def signal(self, name: str, *, augment: Optional[str] = None, shift: int = 1) -> np.ndarray:
         """The signal ``name`` for every model and record (see :mod:`mia_core.engine.signals`).
+
+        Args:
+            augment: ``None`` — the records as they are: ``[M, N]`` (``[M, N, C]`` for ``logits``
+                and ``probs``); or one of :data:`mia_core.augment.AUGMENTATIONS` for image-shaped
+                records: the models queried on each augmented view, ``[A, M, N]`` (``[A, M, N, C]``),
+                view 0 the unmodified record (computed on first use, then kept).
+            shift: pixels for ``mirror-shift``.
 
         Raises:
             AccessError: the plugin's declared access does not reveal this signal.
+            ValueError: augmentations asked for on records that are not images.
         """
+        self._check_access(name)
+        if augment is not None:
+            stacked = self.__dict__.setdefault("_aug_stacked", {})
+            key = (augment, int(shift), name)
+            if key not in stacked:
+                stacked[key] = np.stack([s.get(name) for s in self._augmented(augment, shift)])
+            return stacked[key]
+        return self._all_signals().get(name)
+
+    def _augmented(self, kind: str, shift: int):
+        from mia_core.augment import augment_records
+        from mia_core.engine.signals import compute_signals
+
+        key = (kind, int(shift))
+        cache = self.__dict__.setdefault("_aug_signals", {})
+        if key not in cache:
+            records = self._population.records
+            if records.image_shape is None:
+                raise ValueError(f"{self.owner}: augment={kind!r} needs image-shaped records; dataset "
+                                 f"{records.name!r} declares no image_shape (use augment=none)")
+            views = augment_records(records.x, image_shape=records.image_shape, kind=kind, shift=shift)
+            cache[key] = [self._all_signals()] + [
+                compute_signals(self._population.logits(v), records.y) for v in views[1:]]
+        return cache[key]
+
+    def _check_access(self, name: str) -> None:
         if name not in SIGNAL_ACCESS:
             raise KeyError(f"unknown signal {name!r}; available: {', '.join(SIGNAL_ACCESS)}")
         if not SIGNAL_ACCESS[name] & set(self.access):
@@ -93,7 +135,6 @@ class SignalContext:
                 f"{self.owner} declared access {self.access} but read signal {name!r}, which needs "
                 f"one of {sorted(SIGNAL_ACCESS[name])}"
             )
-        return self._all_signals().get(name)
 
     def parameters(self) -> Params:
         """White-box access: the stacked parameters (read-only copies)."""
@@ -121,15 +162,19 @@ class TargetView:
     ref_keep: np.ndarray
     _ctx: "AttackContext" = field(repr=False)
 
-    def ref_signal(self, name: str) -> np.ndarray:
+    def ref_signal(self, name: str, *, augment: Optional[str] = None, shift: int = 1) -> np.ndarray:
         """The signal of every reference model: float ``[R, N]`` (``[R, N, C]`` for ``logits``
-        and ``probs``)."""
-        return self._ctx.signal(name)[self.references]
+        and ``probs``); with ``augment`` (see :meth:`SignalContext.signal`) ``[A, R, N]``."""
+        if augment is None:
+            return self._ctx.signal(name)[self.references]
+        return self._ctx.signal(name, augment=augment, shift=shift)[:, self.references]
 
-    def target_signal(self, name: str) -> np.ndarray:
+    def target_signal(self, name: str, *, augment: Optional[str] = None, shift: int = 1) -> np.ndarray:
         """The target model's signal, what the attacker observes by querying it: float ``[N]``
-        (``[N, C]`` for ``logits`` and ``probs``)."""
-        return self._ctx.signal(name)[self.target]
+        (``[N, C]`` for ``logits`` and ``probs``); with ``augment`` ``[A, N]``."""
+        if augment is None:
+            return self._ctx.signal(name)[self.target]
+        return self._ctx.signal(name, augment=augment, shift=shift)[:, self.target]
 
 
 class AttackContext(SignalContext):
@@ -170,10 +215,22 @@ class AttackContext(SignalContext):
         finally:
             self._scoring = None
 
-    def for_target(self, target: int) -> TargetView:
+    def for_target(self, target: int, *, n_references: Optional[int] = None, online: bool = True) -> TargetView:
         """The view of ``target``: only inside ``score(target, ...)``. Another target's view
         would hand out this target's membership row (every model is a reference of the others),
-        and so would a view kept from ``fit``."""
+        and so would a view kept from ``fit``.
+
+        Args:
+            n_references: a reference budget ``k`` (``None``: all ``M - 2`` references): the view
+                holds a reproducible subset of whole complementary pairs, the same for every attack
+                given the same budget and nested across budgets (see
+                :func:`~mia_core.engine.trainer.select_references`): offline, ``k`` pairs, so ``k``
+                OUT references per record; online, ``k / 2`` pairs, ``k / 2`` IN and ``k / 2`` OUT.
+            online: whether the attack uses IN references (sets how ``k`` is counted).
+
+        Raises:
+            ValueError: an unusable budget (see ``select_references``).
+        """
         if self.strict and (self._scoring is None or int(target) != self._scoring):
             where = "fit()" if self._scoring is None else f"score({self._scoring}, ...)"
             raise AccessError(
@@ -181,7 +238,8 @@ class AttackContext(SignalContext):
                 f"view of the target it is scoring, inside score(target, ...) (other targets' views "
                 f"hold this target's membership)"
             )
-        refs = self.references(target)
+        refs = select_references(target=int(target), n_models=self.n_models, n_references=n_references,
+                                 online=online, seed=self.seed)
         return TargetView(target=target, references=refs, ref_keep=self._population.keep[refs], _ctx=self)
 
 

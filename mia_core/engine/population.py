@@ -158,9 +158,11 @@ class ModelPopulation:
         """The device the parameters live on."""
         return next(iter(self.params.values())).device
 
-    def logits(self) -> torch.Tensor:
-        """float32 ``[M, N, C]``, on the population's device."""
-        x = torch.from_numpy(self.records.x).to(self.device)
+    def logits(self, x: Optional[np.ndarray] = None) -> torch.Tensor:
+        """float32 ``[M, N, C]`` on the records (or on ``x``, float ``[N, D]``: e.g. augmented
+        views of them), on the population's device."""
+        x = torch.from_numpy(np.ascontiguousarray(self.records.x if x is None else x, dtype=np.float32))
+        x = x.to(self.device)
         return ensemble_logits(self.base, self.params, self.buffers, x)
 
     def signals(self) -> Signals:

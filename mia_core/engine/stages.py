@@ -47,7 +47,7 @@ from mia_core.engine.contexts import AttackContext, DefenseContext, EstimatorCon
 from mia_core.engine.population import ModelPopulation, accuracy
 from mia_core.engine.progress import Reporter
 from mia_core.engine.signals import Signals
-from mia_core.engine.trainer import TrainingRecipe
+from mia_core.engine.trainer import TrainingRecipe, select_references
 from mia_core.params import ParamError, instantiate, parse_spec, split_spec
 from mia_core.results import SCHEMA_VERSION, RunDir, plain_json, write_run
 from mia_core.runindex import RunIndex
@@ -298,6 +298,11 @@ def resolve(config: EvalConfig) -> Plan:
                 f"attack {a.label!r} needs at least {needed} reference models besides the target and its "
                 f"partner: use --n-models {needed + 2 + needed % 2} or more (got {config.n_models})"
             )
+        n_refs, online = a.plugin.reference_budget()
+        try:
+            select_references(target=0, n_models=config.n_models, n_references=n_refs, online=online, seed=0)
+        except ValueError as exc:
+            raise ParamError(f"attack {a.label!r}: {exc}") from None
     defenses = [_resolve_one("defense", t, i) for i, t in enumerate(config.defenses)]
     for d in defenses:
         if d.plugin.stage not in ("train", "post"):

@@ -164,6 +164,56 @@ def references(target: int, n_models: int) -> np.ndarray:
     return np.array([m for m in range(n_models) if m != target and m != partner(target)], dtype=np.int64)
 
 
+def select_references(*, target: int, n_models: int, n_references: Optional[int], online: bool,
+                      seed: int) -> np.ndarray:
+    """A reproducible subset of ``target``'s references for an attack with a reference budget.
+
+    The references come in complementary pairs (:func:`make_keep_matrix`), so a subset taken as
+    whole pairs keeps the fair game: every record then has as many IN as OUT references, whatever
+    the target's membership. The pairs are shuffled once per ``(seed, target)`` and taken from the
+    front, so the budgets are nested (the 2-reference subset contains the 1-reference one) and
+    every attack given the same budget sees the same models.
+
+    * ``online=False`` (offline attacks use only the OUT references of each record): ``k`` pairs,
+      so every record is scored against exactly ``k`` OUT reference models, as in the papers'
+      offline setting with ``k`` reference models that never trained on the target records.
+    * ``online=True``: ``k / 2`` pairs, so ``k`` reference models, ``k / 2`` IN and ``k / 2`` OUT
+      for every record (``k`` must be even).
+
+    Args:
+        target: the target model; n_models: ``M``.
+        n_references: ``k``, or ``None`` for all ``M - 2`` references.
+        online: whether the attack uses IN references (see above).
+        seed: the attack context's seed (:attr:`AttackContext.seed`).
+
+    Returns:
+        int64 ``[R]`` model indices, ``R = 2k`` offline, ``k`` online, ``M - 2`` for ``None``.
+
+    Raises:
+        ValueError: ``k`` is not a positive integer, is odd online, or needs more pairs than the
+            ``(M - 2) / 2`` the population has.
+    """
+    refs = references(target, n_models)
+    if n_references is None:
+        return refs
+    k = n_references
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"n_references must be a positive integer or 'all', got {k!r}")
+    if online and k % 2:
+        raise ValueError(f"n_references={k}: an online attack needs as many IN as OUT references, so an "
+                         f"even number (or online=false)")
+    pairs = int(k) if not online else int(k) // 2
+    available = (n_models - 2) // 2
+    if pairs > available:
+        most = available if not online else 2 * available
+        raise ValueError(f"n_references={k} needs {pairs} reference pairs but a population of {n_models} models "
+                         f"has {available} besides the target's; use n_references <= {most} or more --n-models")
+    first = refs[0::2]  # refs are whole pairs in order: (2i, 2i+1) for every pair i but the target's
+    order = np.random.default_rng(np.random.SeedSequence([int(seed), 0x726566, int(target)])).permutation(len(first))
+    chosen = np.sort(first[order[:pairs]])
+    return np.sort(np.concatenate([chosen, chosen ^ 1])).astype(np.int64)
+
+
 def model_seeds(seed: int, n_models: int, *, model_ids: Optional[Sequence[int]] = None) -> list:
     """Independent per-model initialisation seeds derived from one run seed.
 

@@ -34,7 +34,7 @@ class Digits(DatasetSource):
         x, y = load_digits(return_X_y=True)
         if self.n_records:
             x, y = x[: self.n_records], y[: self.n_records]
-        return Records.from_arrays(x / 16.0, y, name="digits", n_classes=10)
+        return Records.from_arrays(x / 16.0, y, name="digits", n_classes=10, image_shape=(8, 8))
 
 
 class BreastCancer(DatasetSource):
