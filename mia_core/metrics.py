@@ -38,7 +38,7 @@ import math
 import operator
 import warnings
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, NamedTuple, Sequence, Tuple
+from typing import Any, Dict, Mapping, NamedTuple, Sequence, Tuple
 
 import numpy as np
 from scipy import special
@@ -56,6 +56,10 @@ __all__ = [
     "summarize",
     "summarize_with_curve",
     "RocCurve",
+    "auc_interval",
+    "slice_metrics",
+    "AUC_INTERVAL_METHOD",
+    "EPSILON_METHOD",
 ]
 
 
@@ -484,6 +488,107 @@ def epsilon_lower_bound(
 
 
 # --------------------------------------------------------------------------------------------
+# AUC interval (bootstrap)
+# --------------------------------------------------------------------------------------------
+
+#: How :func:`auc_interval` computes its interval, as recorded in ``metrics.json``.
+AUC_INTERVAL_METHOD = ("percentile bootstrap over records (a record's scores against every target are resampled "
+                       "together, since they share the record)")
+
+
+def auc_interval(*, scores: Any, membership: Any, groups: Any = None, n_boot: int = 200,
+                 confidence: float = 0.95, seed: int = 0) -> Tuple[float, float]:
+    """Percentile-bootstrap interval of the AUC (Efron & Tibshirani 1993, ch. 13).
+
+    Resamples the clusters ``groups`` (e.g. record ids: the scores of one record against several
+    target models are not independent) with replacement, ``n_boot`` times, and returns the
+    ``(1 - confidence) / 2`` and ``(1 + confidence) / 2`` quantiles of the resampled AUCs. Each
+    resample's AUC counts ties as 1/2, like :func:`auc`; it is computed from one global sort by
+    weighting every score with its cluster's multiplicity (``O(n)`` per resample).
+
+    Args:
+        scores: float ``[n]``; membership: bool ``[n]``.
+        groups: int ``[n]`` cluster ids (``None``: every score its own cluster).
+        n_boot: resamples, >= 1. confidence: in (0, 1). seed: the resampling seed.
+
+    Returns:
+        ``(low, high)``. A resample that happens to draw no member or no non-member is skipped;
+        ``(nan, nan)`` if every resample was.
+    """
+    s, m = _check_inputs(scores, membership)
+    c = _check_confidence(confidence)
+    if isinstance(n_boot, bool) or not isinstance(n_boot, (int, np.integer)) or n_boot < 1:
+        raise ValueError(f"n_boot must be an integer >= 1, got {n_boot!r}")
+    g = np.arange(s.size) if groups is None else np.asarray(groups)
+    if g.shape != s.shape:
+        raise ValueError(f"groups must have one id per score ({s.size}), got shape {g.shape}")
+    _, cluster = np.unique(g, return_inverse=True)
+    n_clusters = int(cluster.max()) + 1
+    order = np.argsort(s, kind="stable")
+    s_sorted, m_sorted, cl_sorted = s[order], m[order], cluster[order]
+    starts = np.flatnonzero(np.r_[True, s_sorted[1:] != s_sorted[:-1]])  # tie groups, contiguous
+    rng = np.random.default_rng(seed)
+    aucs = []
+    for lo in range(0, n_boot, 64):  # resamples in blocks: [b, n] weights stay small
+        b = min(64, n_boot - lo)
+        counts = rng.multinomial(n_clusters, np.full(n_clusters, 1.0 / n_clusters), size=b).astype(np.float64)
+        w = counts[:, cl_sorted]  # [b, n] multiplicity of each score
+        pos = np.add.reduceat(w * m_sorted, starts, axis=1)
+        neg = np.add.reduceat(w * ~m_sorted, starts, axis=1)
+        below = np.cumsum(neg, axis=1) - neg
+        n_pos, n_neg = pos.sum(axis=1), neg.sum(axis=1)
+        ok = (n_pos > 0) & (n_neg > 0)
+        val = (pos * (below + 0.5 * neg)).sum(axis=1)
+        aucs.append(val[ok] / (n_pos[ok] * n_neg[ok]))
+    aucs = np.concatenate(aucs)
+    if aucs.size == 0:
+        return float("nan"), float("nan")
+    alpha = 1.0 - c
+    return float(np.quantile(aucs, alpha / 2)), float(np.quantile(aucs, 1 - alpha / 2))
+
+
+# --------------------------------------------------------------------------------------------
+# slices
+# --------------------------------------------------------------------------------------------
+
+
+def slice_metrics(*, scores: Any, membership: Any, slices: Mapping[str, Any], fprs: Sequence[float] = (0.001, 0.01),
+                  confidence: float = 0.95) -> Dict[str, Dict[str, Any]]:
+    """The attack's metrics restricted to each slice of the scores (e.g. by class, or by
+    whether the target classifies the record correctly).
+
+    Args:
+        scores: float ``[n]``; membership: bool ``[n]``.
+        slices: ``{slice name: bool [n] mask}``.
+
+    Returns:
+        ``{slice name: {"n_members", "n_nonmembers", "auc", "advantage", "tpr_at_fpr": {key:
+        {"tpr", "resolvable"}}}}``; a slice without members or without non-members gets only its
+        counts (its AUC is undefined). No warnings are emitted: ``resolvable`` says where fewer
+        than ``1/fpr`` non-members back a TPR.
+    """
+    s, m = _check_inputs(scores, membership)
+    c = _check_confidence(confidence)
+    out: Dict[str, Dict[str, Any]] = {}
+    for name, mask in slices.items():
+        mask = np.asarray(mask, dtype=bool)
+        if mask.shape != s.shape:
+            raise ValueError(f"slice {name!r} has shape {mask.shape}, expected {s.shape}")
+        ss, mm = s[mask], m[mask]
+        entry: Dict[str, Any] = {"n_members": int(mm.sum()), "n_nonmembers": int((~mm).sum())}
+        if entry["n_members"] and entry["n_nonmembers"]:
+            r = _roc_counts(ss, mm)
+            entry["auc"] = _auc(r)
+            entry["advantage"] = _advantage(r)
+            entry["tpr_at_fpr"] = {}
+            for f in fprs:
+                t = _tpr_at_fpr(r, _check_fpr(f, "each of fprs"), c)
+                entry["tpr_at_fpr"][_fpr_key(f)] = {"tpr": t.tpr, "resolvable": t.resolvable}
+        out[str(name)] = entry
+    return out
+
+
+# --------------------------------------------------------------------------------------------
 # summary
 # --------------------------------------------------------------------------------------------
 
@@ -516,12 +621,22 @@ def summarize(
     return summarize_with_curve(scores, membership, fprs=fprs, confidence=confidence)[0]
 
 
+#: How the ``epsilon`` entry of a summary is computed, as recorded in ``metrics.json``.
+EPSILON_METHOD = ("Jagielski, Ullman & Oprea (NeurIPS 2020): max over thresholds of the (epsilon, delta)-DP "
+                  "hypothesis-testing inequalities, with Clopper-Pearson upper ends of FPR and FNR at the stated "
+                  "confidence; treats every score as an independent trial (see metrics.epsilon_lower_bound)")
+
+
 def summarize_with_curve(
     scores: Any,
     membership: Any,
     *,
     fprs: Sequence[float] = (0.001, 0.01, 0.1),
     confidence: float = 0.95,
+    groups: Any = None,
+    n_boot: int = 200,
+    seed: int = 0,
+    delta: float = 0.0,
 ) -> Tuple[Dict[str, Any], RocCurve]:
     """All metrics of one attack, as a JSON-serialisable dict, and the ROC curve they came from
     (one sort serves both, so a plot never recomputes the curve).
@@ -529,8 +644,11 @@ def summarize_with_curve(
     Returns:
         ``{"auc", "balanced_accuracy", "advantage", "epsilon_lower_bound", "n_members",
         "n_nonmembers", "confidence", "tpr_at_fpr": {"0.001": TprAtFpr.to_dict(), ...},
-        "warnings": [...]}`` with plain Python values. ``balanced_accuracy`` and ``advantage``
-        are best-threshold (oracle) values; ``epsilon_lower_bound`` uses ``delta = 0``. Each FPR
+        "auc_ci": [low, high], "auc_ci_method", "epsilon": {"value", "delta", "confidence",
+        "method"}, "warnings": [...]}`` with plain Python values. ``balanced_accuracy`` and
+        ``advantage`` are best-threshold (oracle) values; ``auc_ci`` is :func:`auc_interval`
+        (clusters ``groups``, ``n_boot`` resamples, ``seed``); ``epsilon_lower_bound`` (kept for
+        readers of schema 2) equals ``epsilon["value"]``, :func:`epsilon_lower_bound` at ``delta``. Each FPR
         in ``fprs`` with fewer than ``1/fpr`` non-members adds a message to ``"warnings"`` and
         emits a :class:`MetricsWarning`.
     """
@@ -555,11 +673,16 @@ def summarize_with_curve(
     for msg in messages:
         warnings.warn(msg, MetricsWarning, stacklevel=2)
     area = _auc(r)
+    lo, hi = auc_interval(scores=s, membership=m, groups=groups, n_boot=n_boot, confidence=c, seed=seed)
+    eps = _epsilon_lower_bound(r, c, float(delta))
     summary = {
         "auc": area,
+        "auc_ci": [lo, hi],
+        "auc_ci_method": AUC_INTERVAL_METHOD + f", {n_boot} resamples",
         "balanced_accuracy": (1.0 + adv) / 2.0,
         "advantage": adv,
-        "epsilon_lower_bound": _epsilon_lower_bound(r, c, 0.0),
+        "epsilon_lower_bound": eps,
+        "epsilon": {"value": eps, "delta": float(delta), "confidence": c, "method": EPSILON_METHOD},
         "n_members": r.n_pos,
         "n_nonmembers": r.n_neg,
         "confidence": c,

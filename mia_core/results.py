@@ -216,9 +216,12 @@ def _pct(x: float) -> str:
 def format_summary(metrics_doc: Dict, *, fprs=(0.001, 0.01)) -> str:
     """The terminal table: one row per attack, then the target's accuracy and the defenses."""
     rows: List[List[str]] = []
-    head = ["attack", "AUC", "bal.acc", "advantage"] + [f"TPR@{_fmt_fpr(f)} FPR [95% CI]" for f in fprs]
+    head = ["attack", "AUC [95% CI]", "advantage", "ε lower bound"] + [f"TPR@{_fmt_fpr(f)} FPR [95% CI]" for f in fprs]
     for label, m in metrics_doc["attacks"].items():
-        row = [label, f"{m['auc']:.3f}", f"{m['balanced_accuracy']:.3f}", f"{m['advantage']:.3f}"]
+        auc = f"{m['auc']:.3f}"
+        if m.get("auc_ci"):
+            auc += f" [{m['auc_ci'][0]:.3f}, {m['auc_ci'][1]:.3f}]"
+        row = [label, auc, f"{m['advantage']:.3f}", f"{m['epsilon_lower_bound']:.2f}"]
         for f in fprs:
             t = m["tpr_at_fpr"].get(_key(f))
             if t is None:

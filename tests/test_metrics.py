@@ -560,3 +560,77 @@ def test_property_matches_sklearn(data):
     fpr_ref, tpr_ref, _ = skm.roc_curve(m, s, drop_intermediate=False)
     np.testing.assert_allclose(fpr, fpr_ref, atol=1e-15)
     np.testing.assert_allclose(tpr, tpr_ref, atol=1e-15)
+
+
+# ----------------------------------------------------------------- AUC bootstrap interval, slices
+def _naive_auc_weighted(s, m, w):
+    """Mann-Whitney over all weighted pairs, ties 1/2."""
+    pos, neg = np.flatnonzero(m), np.flatnonzero(~m)
+    num = sum(w[i] * w[j] * ((s[i] > s[j]) + 0.5 * (s[i] == s[j])) for i in pos for j in neg)
+    return num / (w[pos].sum() * w[neg].sum())
+
+
+@settings(max_examples=30, deadline=None, derandomize=True)
+@given(n=st.integers(2, 25), n_groups=st.integers(1, 8), seed=st.integers(0, 10_000), ties=st.booleans())
+def test_auc_interval_resamples_match_a_naive_weighted_auc(n, n_groups, seed, ties):
+    rng = np.random.default_rng(seed)
+    s = rng.integers(0, 4, n).astype(float) if ties else rng.normal(size=n)
+    m = rng.random(n) < 0.5
+    m[0], m[1] = True, False
+    g = rng.integers(0, n_groups, n)
+    lo, hi = M.auc_interval(scores=s, membership=m, groups=g, n_boot=7, seed=seed, confidence=0.5)
+    # replay the resamples with the same generator and check the quantiles from naive AUCs
+    _, cl = np.unique(g, return_inverse=True)
+    k = cl.max() + 1
+    counts = np.random.default_rng(seed).multinomial(k, np.full(k, 1.0 / k), size=7).astype(float)
+    naive = []
+    for c in counts:
+        w = c[cl]
+        if w[m].sum() > 0 and w[~m].sum() > 0:
+            naive.append(_naive_auc_weighted(s, m, w))
+    if not naive:
+        assert np.isnan(lo) and np.isnan(hi)
+    else:
+        assert lo == pytest.approx(np.quantile(naive, 0.25)) and hi == pytest.approx(np.quantile(naive, 0.75))
+
+
+def test_auc_interval_covers_the_auc_and_shrinks_with_more_data():
+    rng = np.random.default_rng(0)
+    widths = []
+    for n in (200, 5000):
+        m = rng.random(n) < 0.5
+        s = rng.normal(size=n) + 0.5 * m
+        lo, hi = M.auc_interval(scores=s, membership=m, seed=1)
+        assert lo <= M.auc(s, m) <= hi
+        widths.append(hi - lo)
+    assert widths[1] < widths[0] / 3
+    with pytest.raises(ValueError, match="n_boot must be an integer >= 1"):
+        M.auc_interval(scores=s, membership=m, n_boot=0)
+    with pytest.raises(ValueError, match="groups must have one id per score"):
+        M.auc_interval(scores=s, membership=m, groups=[0, 1])
+
+
+def test_slices_are_the_metrics_of_the_subset():
+    rng = np.random.default_rng(2)
+    m = rng.random(400) < 0.5
+    s = rng.normal(size=400) + m
+    cls = rng.integers(0, 3, 400)
+    out = M.slice_metrics(scores=s, membership=m, slices={f"class={k}": cls == k for k in range(3)}
+                                | {"none": np.zeros(400, bool)}, fprs=(0.01,))
+    for k in range(3):
+        sel = cls == k
+        e = out[f"class={k}"]
+        assert e["auc"] == M.auc(s[sel], m[sel]) and e["advantage"] == M.advantage(s[sel], m[sel])
+        assert e["n_members"] + e["n_nonmembers"] == sel.sum()
+        assert e["tpr_at_fpr"]["0.01"]["resolvable"] == ((~m[sel]).sum() >= 100)
+    assert out["none"] == {"n_members": 0, "n_nonmembers": 0}
+
+
+def test_summary_records_the_epsilon_method_and_delta():
+    rng = np.random.default_rng(3)
+    m = rng.random(300) < 0.5
+    s = rng.normal(size=300) + 2 * m
+    doc, _ = M.summarize_with_curve(s, m, delta=1e-5)
+    assert doc["epsilon"]["delta"] == 1e-5 and "Jagielski" in doc["epsilon"]["method"]
+    assert doc["epsilon"]["value"] == M.epsilon_lower_bound(s, m, delta=1e-5) == doc["epsilon_lower_bound"]
+    assert doc["auc_ci"][0] <= doc["auc"] <= doc["auc_ci"][1] and "bootstrap" in doc["auc_ci_method"]

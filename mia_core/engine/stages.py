@@ -636,10 +636,18 @@ def compute_metrics(plan: Plan, *, records: Records, trained: PopulationResult, 
     keep = defended.population.keep
     membership = keep[targets]
     attack_metrics, curves = {}, {}
+    n = records.n
+    groups = np.tile(np.arange(n), len(targets))  # a record's scores against every target: one cluster
+    labels = np.tile(records.y, len(targets))
+    correct = signals.correct[targets].ravel() > 0.5
+    slices = {f"class={k}": labels == k for k in range(records.n_classes) if (labels == k).any()}
+    slices.update({"target_correct=true": correct, "target_correct=false": ~correct})
     for a in plan.attacks:
         s = scores[a.label]
         summary, curves[a.label] = metrics.summarize_with_curve(s.ravel(), membership.ravel(), fprs=tuple(c.fprs),
-                                                                 confidence=c.confidence)
+                                                                 confidence=c.confidence, groups=groups, seed=c.seed)
+        summary["slices"] = metrics.slice_metrics(scores=s.ravel(), membership=membership.ravel(), slices=slices,
+                                                  fprs=tuple(c.fprs), confidence=c.confidence)
         per_target = [metrics.auc(row, m) for row, m in zip(s, membership)]
         summary["per_target_auc"] = {"mean": float(np.mean(per_target)), "std": float(np.std(per_target)),
                                      "min": float(np.min(per_target)), "max": float(np.max(per_target))}
