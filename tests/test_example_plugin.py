@@ -64,7 +64,7 @@ def _miafw(installed, *args):
 
 
 @pytest.mark.parametrize("kind, name, target", [
-    ("attacks", "mentr", "miafw_plugin_example.mentr:Mentr"),
+    ("attacks", "demo-mentr", "miafw_plugin_example.mentr:Mentr"),
     ("defenses", "temperature", "miafw_plugin_example.temperature:Temperature"),
 ])
 def test_list_shows_the_installed_plugin(installed, kind, name, target):
@@ -84,20 +84,20 @@ def test_list_shows_the_installed_plugin(installed, kind, name, target):
 def test_eval_runs_the_installed_plugins(installed):
     _, tmp = installed
     out, cache = tmp / "runs", tmp / "cache"
-    proc = _miafw(installed, "eval", "--attack", "mentr", "--defense", "temperature:T=4",
+    proc = _miafw(installed, "eval", "--attack", "demo-mentr", "--defense", "temperature:T=4",
                   "--dataset", "digits:n_records=300", "--model", "mlp:width=32", "--n-models", "6",
                   "--epochs", "8", "--targets", "first:2", "-q", "--out", str(out), "--cache-dir", str(cache))
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert re.search(r"^mentr\s+\d\.\d{3}\s", proc.stdout, re.M), proc.stdout
+    assert re.search(r"^demo-mentr\s+\d\.\d{3}\s", proc.stdout, re.M), proc.stdout
     assert "defense temperature" in proc.stdout, proc.stdout
     found = re.search(r"^run directory: (.+)$", proc.stdout, re.M)
     assert found, proc.stdout
     run = Path(found.group(1).strip())
     assert run.parent == out
     m = json.loads((run / "metrics.json").read_text())
-    assert set(m["attacks"]) == {"mentr"}
-    mentr = m["attacks"]["mentr"]
-    assert mentr["name"] == "mentr" and 0.0 <= mentr["auc"] <= 1.0
+    assert set(m["attacks"]) == {"demo-mentr"}
+    mentr = m["attacks"]["demo-mentr"]
+    assert mentr["name"] == "demo-mentr" and 0.0 <= mentr["auc"] <= 1.0
     assert mentr["n_members"] + mentr["n_nonmembers"] == 2 * 300
     assert len(m["defenses"]) == 1
     defense = m["defenses"][0]
@@ -123,15 +123,15 @@ def test_refresh_makes_a_plugin_added_at_run_time_visible(installed, monkeypatch
     site, _ = installed
     registry.refresh()
     # scan both groups before the plugin appears (stevedore caches each group on first use)
-    if "mentr" in registry.names("attacks") or "temperature" in registry.names("defenses"):
+    if "demo-mentr" in registry.names("attacks") or "temperature" in registry.names("defenses"):
         pytest.skip(f"{DIST} is installed in this environment, so it is visible without the test's copy")
     try:
         monkeypatch.syspath_prepend(str(site))
         # stevedore keeps the entry points it scanned above, per group, for the process's lifetime
-        assert "mentr" not in registry.names("attacks")
+        assert "demo-mentr" not in registry.names("attacks")
         assert "temperature" not in registry.names("defenses")
         registry.refresh()
-        assert "mentr" in registry.names("attacks")
+        assert "demo-mentr" in registry.names("attacks")
         assert "temperature" in registry.names("defenses")
     finally:
         registry.refresh()  # the next lookup rescans with the restored sys.path
@@ -142,13 +142,13 @@ def test_installed_plugins_pass_the_conformance_kit(installed, monkeypatch, fres
     monkeypatch.syspath_prepend(str(site))
     registry.refresh()
     try:
-        attack = registry.load("attacks", "mentr")
+        attack = registry.load("attacks", "demo-mentr")
         defense = registry.load("defenses", "temperature")
         for cls in (attack, defense):
             assert Path(inspect.getfile(cls)).resolve().is_relative_to(site.resolve()), inspect.getfile(cls)
         infos = {i.name: i for i in registry.inspect_group("attacks")}
-        assert infos["mentr"].status == "ok"
-        assert (infos["mentr"].distribution, infos["mentr"].version) == (DIST, VERSION)
+        assert infos["demo-mentr"].status == "ok"
+        assert (infos["demo-mentr"].distribution, infos["demo-mentr"].version) == (DIST, VERSION)
         report = check_attack(attack)
         assert report["auc"] > 0.8 and report["params"] == {"eps": 1e-12}
         assert check_defense(defense) == {"T": 2.0, "layer": "2", "scaled_parameters": ["2.weight", "2.bias"]}

@@ -1,6 +1,6 @@
 """miafw-plugin-example: third-party plugins for miafw, registered through entry points.
 
-* attack ``mentr`` (:class:`miafw_plugin_example.mentr.Mentr`): the modified prediction entropy
+* attack ``demo-mentr`` (:class:`miafw_plugin_example.mentr.Mentr`): the modified prediction entropy
   of Song & Mittal (USENIX Security 2021);
 * defense ``temperature`` (:class:`miafw_plugin_example.temperature.Temperature`): post-training
   temperature scaling of the output layer.
