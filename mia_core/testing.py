@@ -23,6 +23,11 @@ What is checked:
   memorised and non-members are not: any sound attack must score members higher
   (pooled AUC > 0.6); scores are finite, one per record, and a record's score does not depend
   on which other records are scored with it;
+* **no signal, no membership** — on the null population (the planted models, with membership
+  redrawn independently of what they trained on, so no attack can beat chance) the AUC's
+  99.9% bootstrap interval must contain 0.5: an attack that "finds" members there reads the
+  answer from somewhere it should not (the 99.9% level keeps the check at chance from failing
+  by luck across the many attacks and parameter sets a suite checks);
 * **determinism** — a fresh instance with the same parameters gives identical output;
 * **access** — with a context that grants nothing, the plugin must hit an
   :class:`~mia_core.engine.contexts.AccessError` (it reads signals only through the context, so its
@@ -46,6 +51,8 @@ from mia_core.results import json_default, plain_json
 #: the loss attack reaches about 0.9).
 MIN_PLANTED_AUC = 0.6
 PLANTED_TARGETS = (0, 1)
+#: Level of the AUC interval that must contain 0.5 on the null population.
+NULL_CONFIDENCE = 0.999
 
 
 class ConformanceError(AssertionError):
@@ -85,6 +92,18 @@ def planted_population(seed: int = 0) -> ModelPopulation:
     about 0.93, test accuracy about chance, 0.25). Built once per process and seed (1-2 s on
     an idle 2-core machine)."""
     return _planted(seed).clone()
+
+
+def null_population(seed: int = 0) -> ModelPopulation:
+    """The planted population with its keep matrix replaced by an independent one (fresh
+    complementary pairs): the models still memorised their training halves, but the membership
+    an attack is scored against is unrelated to them, so every attack's AUC is 0.5 in
+    expectation."""
+    from mia_core.engine.trainer import make_keep_matrix
+
+    pop = _planted(seed).clone()
+    pop.keep = make_keep_matrix(pop.n_models, pop.n_records, np.random.default_rng([seed, 0x6E756C6C]))
+    return pop
 
 
 # ----------------------------------------------------------------------------- parameters
@@ -170,7 +189,7 @@ def _expect_access_error(cls, run, unenforced: str) -> None:
 
 
 # ----------------------------------------------------------------------------- attacks
-def _score_all(cls, params, pop: ModelPopulation, access) -> np.ndarray:
+def _score_all(cls, params, pop: ModelPopulation, access, targets=PLANTED_TARGETS) -> np.ndarray:
     obj = cls(**params)
     ctx = AttackContext(pop, access, owner=f"attack {cls.__qualname__}", strict=True)
     ret = obj.fit(ctx)
@@ -178,7 +197,7 @@ def _score_all(cls, params, pop: ModelPopulation, access) -> np.ndarray:
         _fail(cls, f"fit() must return self, returned {type(ret).__name__}")
     rows = []
     records = np.arange(pop.n_records, dtype=np.int64)
-    for t in PLANTED_TARGETS:
+    for t in targets:
         with ctx.scoring(t):  # as the engine calls it: the target's view only while scoring it
             s = np.asarray(obj.score(t, records))
         if s.shape != (pop.n_records,):
@@ -220,6 +239,17 @@ def check_attack(cls, *, params: Optional[Mapping[str, Any]] = None, seed: int =
         hint = " — the scores look inverted (higher must mean member)" if auc < 1 - MIN_PLANTED_AUC else ""
         _fail(cls, f"pooled AUC {auc:.3f} on the planted population, where members are memorised; "
                    f"expected > {MIN_PLANTED_AUC}{hint}")
+    null = null_population(seed)
+    null_scores = _score_all(cls, params, null, cls.access, targets=range(null.n_models))
+    n = null.n_records
+    null_member = null.keep.ravel()
+    lo, hi = metrics.auc_interval(scores=null_scores.ravel(), membership=null_member,
+                                  groups=np.tile(np.arange(n), null.n_models), confidence=NULL_CONFIDENCE, seed=seed)
+    if not lo <= 0.5 <= hi:
+        null_auc = metrics.auc(null_scores.ravel(), null_member)
+        _fail(cls, f"AUC {null_auc:.3f} [{lo:.3f}, {hi:.3f}] on the null population, where membership is unrelated "
+                   f"to what the models trained on; the interval must contain 0.5 (does the attack read membership "
+                   f"from the reference keep matrix or the target's?)")
     again = _score_all(cls, params, planted_population(seed), cls.access)
     if not np.array_equal(scores, again):
         _fail(cls, "two fits with the same parameters and population gave different scores (seed any "
@@ -339,5 +369,6 @@ __all__ = [
     "check_defense",
     "check_estimator",
     "check_params",
+    "null_population",
     "planted_population",
 ]

@@ -14,7 +14,10 @@ from mia_core.testing import ConformanceError, check_attack, check_defense, chec
 
 # Extra parameter sets worth covering for the built-ins (the defaults always run).
 EXTRA = {
-    ("attacks", "lira"): [{"online": False}, {"variance": "per-example"}],
+    ("attacks", "lira"): [{"online": False}, {"variance": "per-example"}, {"stat": "median"},
+                          {"online": False, "n_references": 1}, {"n_references": 2}],
+    ("attacks", "bavaria"): [{"variant": "n"}, {"online": False, "n_references": 1},
+                             {"online": True, "n_references": 2, "variant": "n"}],
     ("defenses", "prune"): [{"scope": "layer", "sparsity": 0.5, "finetune_epochs": 0}],
 }
 
@@ -116,6 +119,14 @@ class SideChannel(LossScore):
         return -self.ctx_._population.signals().loss[target][records]
 
 
+class PeeksAtMembership(LossScore):
+    """Reads the target's membership row behind the context's back: perfect on the planted
+    population, and just as perfect on the null one, where nothing can be learned."""
+
+    def score(self, target, records):
+        return super().score(target, records) + 100.0 * self.ctx_._population.keep[target][records]
+
+
 class BatchDependent(LossScore):
     def score(self, target, records):
         s = super().score(target, records)
@@ -139,6 +150,7 @@ class ReturnsNone(LossScore):
     (LearnsInInit, "learned attributes"),
     (SideChannel, "no access granted"),
     (BatchDependent, "must not depend on the other records"),
+    (PeeksAtMembership, "on the null population, where membership is unrelated"),
     (BadAccess, "unknown levels"),
     (ReturnsNone, "fit\\(\\) must return self"),
 ])
