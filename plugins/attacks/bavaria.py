@@ -24,6 +24,17 @@ where phi is LiRA's logit-scaled confidence. The hyperparameters (mu0_s, beta0_s
 all records of a side and fitted on the whole reference population (empirical Bayes), so one or
 two references per record suffice: the prior carries the variance the record's own references
 cannot estimate.
+
+What was measured here (README, "Reference budgets"): with the author's defaults (``kappa0 = 1``)
+BaVarIA's TPR at 0.1% FPR stays at chance on the default digits population at every budget,
+online and offline, although its online AUC with every reference matches LiRA's. The cause is
+the conjugate coupling of mean and variance: the posterior scale ``beta_n`` gains
+``kappa0 n (xbar - mu0)^2 / (2 kappa_n)``, so a record whose references sit far from the
+population mean ``mu0`` — exactly the confidently fitted records the low-FPR tail is made of —
+gets a wide predictive. With ``kappa0 = 0.01`` (a weak prior on the mean) the same population
+gives BaVarIA-t online above LiRA at every budget and, with ``offline_test=one-sided``, offline
+equal to LiRA's. That is reported as a diagnosis, not adopted as a default: the defaults are the
+author's.
 """
 
 from __future__ import annotations
@@ -36,7 +47,7 @@ import numpy as np
 from scipy import special
 
 from mia_core.base import Attack
-from mia_core.stats import gaussian_logpdf
+from mia_core.stats import gaussian_logpdf, normal_logsf
 
 #: Smallest pooled variance the empirical-Bayes fit returns: keeps a side whose reference scores
 #: all coincide (a single score, ties) from producing a zero scale and an infinite ratio.
@@ -185,8 +196,16 @@ def stabilized_gaussian(*, values, mask, prior: NIG) -> Tuple[np.ndarray, np.nda
     return mean, stabilized_variance(post=nig_posterior(values=values, mask=mask, prior=prior))
 
 
+def nig_log_predictive_sf(x, *, post: NIG) -> np.ndarray:
+    """log Pr[X > x] under BaVarIA-t's predictive (the Student-t of :func:`nig_log_predictive`)."""
+    from scipy import stats
+
+    scale = np.sqrt(post.beta * (post.kappa + 1.0) / (post.alpha * post.kappa))
+    return stats.t.logsf(np.asarray(x, dtype=np.float64), 2.0 * post.alpha, loc=post.mu, scale=scale)
+
+
 def bavaria_scores(*, obs, ref_scores, ref_in, variant: str = "t", online: bool = True,
-                   kappa0: float = 1.0, alpha0: Optional[float] = None) -> np.ndarray:
+                   kappa0: float = 1.0, alpha0: Optional[float] = None, offline_test: str = "ratio") -> np.ndarray:
     """BaVarIA membership scores of every record: ``log p_IN(phi_obs) - log p_OUT(phi_obs)``.
 
     * the IN and OUT priors are fitted (:func:`fit_nig_prior`) on all the IN, respectively OUT,
@@ -199,6 +218,11 @@ def bavaria_scores(*, obs, ref_scores, ref_in, variant: str = "t", online: bool 
       reference models behave on their training data in general);
     * ``variant="t"``: densities are the Student-t predictives (:func:`nig_log_predictive`);
       ``"n"``: Gaussians with the sample mean and :func:`stabilized_variance`.
+    * ``offline_test="one-sided"`` (offline only; miafw's addition, not in the paper or the
+      author's code): LiRA's one-sided offline test (Carlini et al. 2022, Sec. IV-D) on the
+      record's OUT predictive, ``-log Pr[X > phi_obs]``, with no IN side. The ratio against a
+      population-level IN prior is two-sided in effect (a score far *below* the record's OUT
+      scores also raises it), which is what cost the authors' two-sided offline LiRA here too.
 
     Args:
         obs: float ``[N]``, the target's scores.
@@ -220,9 +244,18 @@ def bavaria_scores(*, obs, ref_scores, ref_in, variant: str = "t", online: bool 
     k_in, k_out = k & valid, ~k & valid
     prior_in = fit_nig_prior(values=s[k_in], kappa0=kappa0, alpha0=a0)
     prior_out = fit_nig_prior(values=s[k_out], kappa0=kappa0, alpha0=a0)
+    if offline_test not in ("ratio", "one-sided"):
+        raise ValueError(f"offline_test must be 'ratio' or 'one-sided', got {offline_test!r}")
+    obs = np.asarray(obs, dtype=np.float64)
+    if not online and offline_test == "one-sided":
+        if variant == "t":
+            out = -nig_log_predictive_sf(obs, post=nig_posterior(values=s, mask=k_out, prior=prior_out))
+        else:
+            mean, var = stabilized_gaussian(values=s, mask=k_out, prior=prior_out)
+            out = -normal_logsf(obs, mu=mean, std=np.sqrt(var))
+        return np.where(np.isfinite(out), out, 0.0)
     if not online:
         k_in = np.zeros_like(k_in)  # the IN side is the prior alone
-    obs = np.asarray(obs, dtype=np.float64)
     logp = []
     for mask, prior in ((k_in, prior_in), (k_out, prior_out)):
         if variant == "t":
@@ -266,6 +299,9 @@ class BaVarIA(Attack):
         kappa0: prior strength of the mean, in pseudo-observations (the author's default 1).
         alpha0: shape of the variance prior; ``None`` uses the author's default per variant:
             2 for ``t`` (prior predictive of finite variance), 1 for ``n``.
+        offline_test: offline only: ``ratio`` (the paper's: IN prior against the record's OUT
+            posterior) or ``one-sided`` (miafw's addition: LiRA's one-sided test on the record's
+            OUT predictive; see :func:`bavaria_scores`). The README's budget table shows both.
     """
 
     api_version = "1.0"
@@ -278,16 +314,22 @@ class BaVarIA(Attack):
     )
 
     def __init__(self, variant: Literal["t", "n"] = "t", online: bool = True, n_references: Optional[int] = None,
-                 kappa0: float = 1.0, alpha0: Optional[float] = None):
+                 kappa0: float = 1.0, alpha0: Optional[float] = None,
+                 offline_test: Literal["ratio", "one-sided"] = "ratio"):
         self.variant = variant
         self.online = online
         self.n_references = n_references
         self.kappa0 = kappa0
         self.alpha0 = alpha0
+        self.offline_test = offline_test
 
     def validate(self) -> None:
         if self.variant not in ("t", "n"):
             raise ValueError(f"variant must be t or n, got {self.variant!r}")
+        if self.offline_test not in ("ratio", "one-sided"):
+            raise ValueError(f"offline_test must be ratio or one-sided, got {self.offline_test!r}")
+        if self.online and self.offline_test != "ratio":
+            raise ValueError("offline_test=one-sided applies only with online=false")
         if not isinstance(self.online, bool):
             raise ValueError(f"online must be true or false, got {self.online!r}")
         k = self.n_references
@@ -331,7 +373,7 @@ class BaVarIA(Attack):
         # so a record's score must not depend on which others are scored with it.
         scores = bavaria_scores(obs=view.target_signal("confidence"), ref_scores=view.ref_signal("confidence"),
                                 ref_in=view.ref_keep, variant=self.variant, online=self.online,
-                                kappa0=float(self.kappa0), alpha0=self.alpha0_)
+                                kappa0=float(self.kappa0), alpha0=self.alpha0_, offline_test=self.offline_test)
         return scores[records]
 
 
@@ -343,6 +385,7 @@ __all__ = [
     "bavaria_scores",
     "fit_nig_prior",
     "nig_log_predictive",
+    "nig_log_predictive_sf",
     "nig_posterior",
     "stabilized_gaussian",
     "stabilized_variance",

@@ -361,6 +361,8 @@ def test_uses_the_budgeted_view():
     ({"kappa0": 0.0}, "kappa0 must be a finite number > 0"),
     ({"kappa0": float("nan")}, "kappa0 must be"),
     ({"alpha0": -1.0}, "alpha0 must be a finite number > 0 or None"),
+    ({"offline_test": "two-sided"}, "offline_test must be ratio or one-sided"),
+    ({"offline_test": "one-sided"}, "applies only with online=false"),
 ])
 def test_validation_errors(params, match):
     with pytest.raises(ValueError, match=match):
@@ -394,3 +396,47 @@ def test_cli_end_to_end(tmp_path):
         "--out", str(tmp_path / "runs"), "--cache-dir", str(tmp_path / "cache"),
     ])
     assert res.exit_code == 0, res.output
+
+
+@settings(max_examples=30, deadline=None, derandomize=True)
+@given(r=st.integers(2, 6), n=st.integers(1, 5), seed=st.integers(0, 1000), variant=st.sampled_from(["t", "n"]))
+def test_one_sided_offline_is_the_upper_tail_of_the_out_predictive(r, n, seed, variant):
+    from mia_plugins.attacks.bavaria import bavaria_scores, fit_nig_prior, nig_posterior, stabilized_gaussian
+
+    rng = np.random.default_rng(seed)
+    s = rng.normal(size=(r, n)) * 2
+    k = rng.random((r, n)) < 0.5
+    k[0], k[1] = True, False
+    obs = rng.normal(size=n) * 3
+    got = bavaria_scores(obs=obs, ref_scores=s, ref_in=k, variant=variant, online=False, offline_test="one-sided")
+    prior = fit_nig_prior(values=s[~k], kappa0=1.0, alpha0=2.0 if variant == "t" else 1.0)
+    if variant == "t":
+        post = nig_posterior(values=s, mask=~k, prior=prior)
+        scale = np.sqrt(post.beta * (post.kappa + 1) / (post.alpha * post.kappa))
+        expected = -scipy.stats.t.logsf(obs, 2 * post.alpha, loc=post.mu, scale=scale)
+    else:
+        mean, var = stabilized_gaussian(values=s, mask=~k, prior=prior)
+        expected = -scipy.stats.norm.logsf(obs, loc=mean, scale=np.sqrt(var))
+    assert np.allclose(got, expected, rtol=1e-9, atol=1e-12)
+    # monotone in the observation, like LiRA's offline test (the ratio against the IN prior is not)
+    grid = np.linspace(-8, 8, 9)
+    per_obs = [bavaria_scores(obs=np.full(n, v), ref_scores=s, ref_in=k, variant=variant, online=False,
+                              offline_test="one-sided") for v in grid]
+    assert (np.diff(np.stack(per_obs), axis=0) >= 0).all()
+
+
+def test_small_kappa0_one_sided_offline_approaches_lira_global_offline():
+    """With a vanishing prior on the mean the NIG coupling term kappa0 n (xbar - mu0)^2 / (2 kappa_n)
+    vanishes and, with many OUT references, the one-sided test ranks like LiRA's offline test."""
+    from mia_plugins.attacks.bavaria import bavaria_scores
+
+    rng = np.random.default_rng(4)
+    mu = rng.normal(size=40) * 4
+    s = mu + rng.normal(size=(400, 40))
+    k = np.zeros_like(s, dtype=bool)
+    k[::2] = True
+    obs = mu + rng.normal(size=40) * 1.5
+    got = bavaria_scores(obs=obs, ref_scores=s, ref_in=k, variant="t", online=False, offline_test="one-sided",
+                         kappa0=1e-6)
+    lira = lira_offline(obs=obs, fit=fit_gaussians(ref_scores=s, ref_in=k, variance="per-example"))
+    assert scipy.stats.spearmanr(got, lira).statistic > 0.99
