@@ -21,7 +21,10 @@ EXTRA = {
     ("attacks", "confidence"): [{"thresholds": "none"}],
     ("attacks", "mentr"): [{"thresholds": "global"}, {"n_references": 2}],
     ("attacks", "loss"): [{"threshold": "yeom"}, {"threshold": "yeom", "n_references": 2}],
-    ("attacks", "bavaria"): [{"variant": "n"}, {"online": False, "n_references": 1},
+    ("attacks", "shadow"): [{"per_class": True, "features": "logits,label"}, {"classifier": "hgb", "n_references": 2}],
+    ("attacks", "quantile"): [{"method": "gaussian", "statistic": "confidence"},
+                              {"reference_model": 0, "use_label": False}],
+    ("attacks", "bavaria"): [{"online": False, "offline_test": "one-sided"}, {"variant": "n"}, {"online": False, "n_references": 1},
                              {"online": True, "n_references": 2, "variant": "n"}],
     ("defenses", "prune"): [{"scope": "layer", "sparsity": 0.5, "finetune_epochs": 0}],
 }
