@@ -106,6 +106,33 @@ def null_population(seed: int = 0) -> ModelPopulation:
     return pop
 
 
+def separable_population(seed: int = 0):
+    """A population whose *signals* are planted so that members are separable for every kind of
+    attack: ``(population, signals)``.
+
+    The planted population's records, keep matrix and models, with the signals replaced by
+    synthetic logits: on a member the true class leads by a margin of ``8 + |N(0, 2^2)|`` for 85% of
+    the members and ``2 + |N(0, 1)|`` for the rest (a right-skewed loss, so even Yeom's "loss below
+    the mean training loss" decision finds most members), so the prediction is right and confident; on a non-member the logits are ``N(0, 1)`` with the
+    true class pushed down by 1, so the prediction is uncertain and usually wrong. Confidence,
+    entropy, loss, correctness and every reference-based statistic then separate members; pass
+    ``signals`` to :class:`~mia_core.engine.contexts.AttackContext`.
+    """
+    import torch
+
+    from mia_core.engine.signals import compute_signals
+
+    pop = _planted(seed).clone()
+    rng = np.random.default_rng([seed, 0x736570])
+    m, n, c = pop.n_models, pop.n_records, pop.records.n_classes
+    z = rng.normal(size=(m, n, c))
+    y = pop.records.y
+    margin = np.where(rng.random((m, n)) < 0.85, 8.0 + np.abs(rng.normal(scale=2.0, size=(m, n))),
+                      2.0 + np.abs(rng.normal(size=(m, n))))
+    z[:, np.arange(n), y] += np.where(pop.keep, margin, -1.0)
+    return pop, compute_signals(torch.from_numpy(z.astype(np.float32)), y)
+
+
 # ----------------------------------------------------------------------------- parameters
 def check_params(cls, params: Optional[Mapping[str, Any]] = None) -> Plugin:
     """scikit-learn's parameter rules; returns an instance built with ``params``."""
@@ -379,4 +406,5 @@ __all__ = [
     "check_params",
     "null_population",
     "planted_population",
+    "separable_population",
 ]
