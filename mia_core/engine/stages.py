@@ -302,6 +302,11 @@ def resolve(config: EvalConfig) -> Plan:
         try:
             select_references(target=0, n_models=config.n_models, n_references=n_refs, online=online, seed=0)
         except ValueError as exc:
+            if n_refs is not None and getattr(a.plugin, "n_references", None) is None:  # the attack's own need
+                pairs = n_refs if not online else (n_refs + 1) // 2
+                raise ParamError(f"attack {a.label!r} needs {pairs} reference pairs besides the target's; a "
+                                 f"population of {config.n_models} models has {(config.n_models - 2) // 2}: use "
+                                 f"--n-models {2 * pairs + 2} or more") from None
             raise ParamError(f"attack {a.label!r}: {exc}") from None
     defenses = [_resolve_one("defense", t, i) for i, t in enumerate(config.defenses)]
     for d in defenses:

@@ -375,6 +375,14 @@ class RMIA(Attack):
             raise ValueError(f"population_size must be a positive integer (or unset for every record), "
                              f"got {self.population_size!r}")
 
+    def reference_budget(self):
+        """As :meth:`Attack.reference_budget`; tuning the offline ``a`` on all references needs at
+        least two reference pairs (one as pseudo-target), so the engine refuses a smaller
+        population before training."""
+        if not self.online and self.offline_a is None and self.n_references is None:
+            return 2, False
+        return self.n_references, bool(self.online)
+
     def fit(self, ctx) -> "RMIA":
         self.validate()
         pairs = (ctx.n_models - 2) // 2  # reference pairs besides the target's

@@ -416,3 +416,16 @@ def test_cli_end_to_end(tmp_path):
                                     "--n-models", "6", "--epochs", "3", "--targets", "first:2", "-q",
                                     "--out", str(tmp_path / "runs"), "--cache-dir", str(tmp_path / "cache")])
     assert res.exit_code == 0, res.output
+
+
+def test_cli_refuses_offline_tuning_without_two_reference_pairs_before_training(tmp_path):
+    from click.testing import CliRunner
+
+    from mia_core.cli import main
+
+    res = CliRunner().invoke(main, ["eval", "--attack", "rmia:online=false", "--n-models", "4", "-q",
+                                    "--out", str(tmp_path / "runs"), "--cache-dir", str(tmp_path / "cache")])
+    assert res.exit_code == 2
+    assert ("attack 'rmia:online=false' needs 2 reference pairs besides the target's; a population of 4 models "
+            "has 1: use --n-models 6 or more") in res.stderr
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "cache").exists()
