@@ -90,7 +90,7 @@ def third_party(root: Path) -> Path:
     return make_distribution(
         root, "miafw-testplugins",
         {"tp_good": GOOD_ATTACK, "tp_broken": BROKEN, "tp_future": WRONG_API, "tp_plain": NOT_A_PLUGIN},
-        {"miafw.attacks": {"confidence": "tp_good:Confidence", "broken": "tp_broken:Whatever",
+        {"miafw.attacks": {"tp-confidence": "tp_good:Confidence", "broken": "tp_broken:Whatever",
                            "future": "tp_future:Future", "plain": "tp_plain:Plain"}},
     )
 

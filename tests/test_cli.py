@@ -133,10 +133,10 @@ def test_installed_command_with_broken_third_party_plugin(tmp_path):
                          env=env, capture_output=True, text=True)
     assert out.returncode == 2 and "libfoo" in out.stderr and "Traceback" not in out.stderr
     # the third party's working attack runs end to end next to a built-in one
-    out = subprocess.run(exe + ["eval", *SMALL, "--out", str(tmp_path / "r"), "--attack", "confidence",
+    out = subprocess.run(exe + ["eval", *SMALL, "--out", str(tmp_path / "r"), "--attack", "tp-confidence",
                                 "--attack", "lira"], env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    assert "confidence" in out.stdout
+    assert "tp-confidence" in out.stdout
 
 
 def test_bench_command_json_and_errors():

@@ -62,10 +62,10 @@ def test_broken_plugin_is_isolated(with_third_party):
     assert infos["future"].status == "incompatible" and "99.0" in infos["future"].error
     assert infos["plain"].status == "incompatible" and "not a subclass" in infos["plain"].error
     # every other plugin keeps working
-    assert infos["confidence"].status == "ok" and infos["confidence"].distribution == "miafw-testplugins"
+    assert infos["tp-confidence"].status == "ok" and infos["tp-confidence"].distribution == "miafw-testplugins"
     assert infos["lira"].status == "ok"
     with pytest.raises(registry.BrokenPluginError, match="libfoo"):
         registry.load("attacks", "broken")
     with pytest.raises(registry.BrokenPluginError, match="incompatible"):
         registry.load("attacks", "future")
-    assert registry.load("attacks", "confidence").__name__ == "Confidence"
+    assert registry.load("attacks", "tp-confidence").__name__ == "Confidence"
