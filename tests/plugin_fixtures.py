@@ -258,3 +258,31 @@ def estimators(root: Path) -> Path:
            "reversed-interval": "tp_estimators:ReversedInterval", "bad-bound": "tp_estimators:BadBound",
            "tiny-bound": "tp_estimators:TinyBound"}
     return make_distribution(root, "miafw-test-estimators", {"tp_estimators": ESTIMATORS}, {"miafw.estimators": eps})
+
+
+SMALL_EVAL = ("--dataset", "digits:n_records=300", "--model", "mlp:width=32", "--n-models", "6", "--epochs", "3",
+              "--targets", "first:2", "-q")
+
+
+def eval_attacks(tmp_path, *specs):
+    """``miafw eval`` with ``specs`` as attacks on a small digits population (300 records, 6 models,
+    2 targets), end to end through the CLI; returns ``metrics.json``'s ``attacks`` after checking
+    that the run succeeded and scored every attack on every record of both targets."""
+    import json
+
+    from click.testing import CliRunner
+
+    from mia_core.cli import main
+
+    args = ["eval", *SMALL_EVAL, "--out", str(tmp_path / "runs"), "--cache-dir", str(tmp_path / "cache")]
+    for spec in specs:
+        args += ["--attack", spec]
+    res = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    run = next(d for d in (tmp_path / "runs").iterdir() if d.is_dir() and not d.name.startswith("."))
+    attacks = json.loads((run / "metrics.json").read_text())["attacks"]
+    assert set(attacks) == set(specs)
+    for spec in specs:
+        assert 0.0 <= attacks[spec]["auc"] <= 1.0
+        assert attacks[spec]["n_members"] + attacks[spec]["n_nonmembers"] == 2 * 300
+    return attacks

@@ -385,17 +385,9 @@ def test_fit_refuses_too_few_models_and_too_large_budgets():
 
 
 def test_cli_end_to_end(tmp_path):
-    from click.testing import CliRunner
+    from plugin_fixtures import eval_attacks
 
-    from mia_core.cli import main
-
-    res = CliRunner().invoke(main, [
-        "eval", "--dataset", "digits:n_records=300", "--model", "mlp:width=32",
-        "--attack", "bavaria", "--attack", "bavaria:variant=n,online=false,n_references=1",
-        "--n-models", "6", "--epochs", "3", "--targets", "first:2", "-q",
-        "--out", str(tmp_path / "runs"), "--cache-dir", str(tmp_path / "cache"),
-    ])
-    assert res.exit_code == 0, res.output
+    eval_attacks(tmp_path, "bavaria", "bavaria:variant=n,online=false,n_references=1")
 
 
 @settings(max_examples=30, deadline=None, derandomize=True)

@@ -9,7 +9,6 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import scipy.special
-from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -235,10 +234,6 @@ def test_planted_population_members_score_higher(params):
 
 
 def test_cli_end_to_end(tmp_path):
-    from mia_core.cli import main
+    from plugin_fixtures import eval_attacks
 
-    res = CliRunner().invoke(main, [
-        "eval", "--attack", "quantile", "--attack", "quantile:method=gaussian,alpha=0.05",
-        "--dataset", "digits:n_records=300", "--model", "mlp:width=32", "--n-models", "6", "--epochs", "3",
-        "--targets", "first:2", "-q", "--out", str(tmp_path / "runs"), "--cache-dir", str(tmp_path / "cache")])
-    assert res.exit_code == 0, res.output
+    eval_attacks(tmp_path, "quantile", "quantile:method=gaussian,alpha=0.05")

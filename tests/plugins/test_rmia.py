@@ -407,15 +407,9 @@ def test_plugin_scores_follow_the_ratio_for_any_gamma():
 
 
 def test_cli_end_to_end(tmp_path):
-    from click.testing import CliRunner
+    from plugin_fixtures import eval_attacks
 
-    from mia_core.cli import main
-
-    res = CliRunner().invoke(main, ["eval", "--dataset", "digits:n_records=300", "--attack", "rmia",
-                                    "--attack", "rmia:online=false,population_size=100",
-                                    "--n-models", "6", "--epochs", "3", "--targets", "first:2", "-q",
-                                    "--out", str(tmp_path / "runs"), "--cache-dir", str(tmp_path / "cache")])
-    assert res.exit_code == 0, res.output
+    eval_attacks(tmp_path, "rmia", "rmia:online=false,population_size=100")
 
 
 def test_cli_refuses_offline_tuning_without_two_reference_pairs_before_training(tmp_path):

@@ -8,7 +8,6 @@ import math
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -270,10 +269,6 @@ def test_scores_are_cached_per_target_and_independent_of_the_call():
 
 
 def test_cli_end_to_end(tmp_path):
-    from mia_core.cli import main
+    from plugin_fixtures import eval_attacks
 
-    res = CliRunner().invoke(main, [
-        "eval", "--attack", "shadow", "--attack", 'shadow:features="logits,entropy",per_class=true',
-        "--dataset", "digits:n_records=300", "--model", "mlp:width=32", "--n-models", "6", "--epochs", "3",
-        "--targets", "first:2", "-q", "--out", str(tmp_path / "runs"), "--cache-dir", str(tmp_path / "cache")])
-    assert res.exit_code == 0, res.output
+    eval_attacks(tmp_path, "shadow", 'shadow:features="logits,entropy",per_class=true')

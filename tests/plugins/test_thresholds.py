@@ -4,18 +4,15 @@ population, and one command-line run."""
 
 from __future__ import annotations
 
-import json
 import math
 from fractions import Fraction
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from mia_core import metrics
-from mia_core.cli import main
 from mia_core.engine import AttackContext
 from mia_core.testing import check_attack, planted_population
 from mia_plugins.attacks.thresholds import (
@@ -360,17 +357,6 @@ def test_conformance_kit(cls, params):
 
 # ----------------------------------------------------------------------------- command line
 def test_cli_runs_every_threshold_attack(tmp_path):
-    specs = ["confidence", "entropy", "mentr", "gap", "mentr:thresholds=none", "confidence:n_references=2"]
-    args = ["eval", "--dataset", "digits:n_records=300", "--model", "mlp:width=32", "--n-models", "6",
-            "--epochs", "3", "--targets", "first:2", "-q", "--out", str(tmp_path / "runs"),
-            "--cache-dir", str(tmp_path / "cache")]
-    for spec in specs:
-        args += ["--attack", spec]
-    res = CliRunner().invoke(main, args, catch_exceptions=False)
-    assert res.exit_code == 0, res.output
-    run = next(d for d in (tmp_path / "runs").iterdir() if d.is_dir() and not d.name.startswith("."))
-    attacks = json.loads((run / "metrics.json").read_text())["attacks"]
-    assert set(attacks) == set(specs)
-    for spec in specs:
-        assert 0.0 <= attacks[spec]["auc"] <= 1.0
-        assert attacks[spec]["n_members"] + attacks[spec]["n_nonmembers"] == 2 * 300
+    from plugin_fixtures import eval_attacks
+
+    eval_attacks(tmp_path, "confidence", "entropy", "mentr", "gap", "mentr:thresholds=none", "confidence:n_references=2")
