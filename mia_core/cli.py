@@ -126,6 +126,9 @@ def main() -> None:
               help="Poisson's q in (0, 1] [default: batch size / largest training half].")
 @click.option("--device", default="cpu", show_default=True, metavar="cpu|cuda[:N]|auto",
               help="Where training, signals and defenses run; auto picks CUDA when available.")
+@click.option("--non-adaptive", is_flag=True,
+              help="Defend the target models only; the attacker's reference models stay undefended (by default "
+                   "the attacker knows the recipe and defends its references the same way).")
 @click.option("--out", default="runs", show_default=True, type=click.Path(file_okay=False, path_type=Path),
               help="Directory that receives the run directory.")
 @click.option("--cache-dir", default=None, type=click.Path(file_okay=False, path_type=Path),
@@ -134,7 +137,8 @@ def main() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print metrics.json to stdout instead of the table.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 def eval_cmd(attacks, defenses, estimators, dataset, model, n_models, seed, targets, epochs, batch_size, lr,
-             weight_decay, optimizer, sampler, sampling_rate, device, out, cache_dir, no_cache, as_json, quiet):
+             weight_decay, optimizer, sampler, sampling_rate, device, non_adaptive, out, cache_dir, no_cache, as_json,
+             quiet):
     """Evaluate membership leakage of a (defended) model population.
 
     \b
@@ -142,6 +146,7 @@ def eval_cmd(attacks, defenses, estimators, dataset, model, n_models, seed, targ
       miafw eval --attack lira --defense prune
       miafw eval --attack lira --attack lira:online=false --attack loss --defense prune:sparsity=0.9
       miafw eval --attack lira --defense weight-decay:lam=0.001
+      miafw eval --attack lira --defense prune:sparsity=0.9 --non-adaptive
       miafw eval --dataset breast-cancer --model logreg --n-models 32
     """
     import dataclasses
@@ -157,7 +162,8 @@ def eval_cmd(attacks, defenses, estimators, dataset, model, n_models, seed, targ
                                          sampling_rate=sampling_rate).items() if v is not None}
     config = EvalConfig(attacks=tuple(attacks) or ("lira",), defenses=tuple(defenses), estimators=tuple(estimators),
                         dataset=dataset, model=model, n_models=n_models, seed=seed, targets=targets,
-                        recipe=dataclasses.replace(TrainingRecipe(), **overrides), device=device)
+                        recipe=dataclasses.replace(TrainingRecipe(), **overrides), device=device,
+                        adaptive=not non_adaptive)
     try:
         plan = resolve(config)
     except USAGE_ERRORS as exc:

@@ -249,6 +249,8 @@ def format_summary(metrics_doc: Dict, *, fprs=(0.001, 0.01)) -> str:
         + (f" (before defenses: train {_pct(tgt['undefended_train_accuracy'])}, "
            f"test {_pct(tgt['undefended_test_accuracy'])})" if metrics_doc["defenses"] else "")
     )
+    if metrics_doc["defenses"] and not metrics_doc.get("adaptive", True):
+        out.append("attacker: non-adaptive (the targets carry the defenses, the reference models do not)")
     for d in metrics_doc["defenses"]:
         rep = d["report"]
         shown = {k: v for k, v in rep.items() if not isinstance(v, (list, dict))}

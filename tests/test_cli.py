@@ -289,3 +289,36 @@ def test_an_unusable_output_directory_is_refused_before_training(tmp_path):
     (tmp_path / "a-file").write_text("not a directory")
     res = CliRunner().invoke(main, ["eval", *SMALL, "--attack", "loss", "--out", str(tmp_path / "a-file" / "runs")])
     assert res.exit_code == 2 and "is not a writable directory" in res.output
+
+
+def test_non_adaptive_defends_the_targets_only(tmp_path):
+    """--non-adaptive: the attacker's references are the undefended models, the targets defended."""
+    from mia_core import EvalConfig
+    from mia_core.engine import AttackContext, SignalContext
+    from mia_core.engine.stages import apply_defenses, compute_signals, load_records, resolve, train_population
+    from mia_core.engine.trainer import TrainingRecipe
+
+    common = ["--attack", "lira", "--attack", "loss", "--defense", "prune:sparsity=0.8,finetune_epochs=0"]
+    adaptive = json.loads(_eval(tmp_path, *common, "--json", out="a").stdout)
+    res = _eval(tmp_path, *common, "--non-adaptive", "--json", out="n")
+    assert res.exit_code == 0, res.output
+    non = json.loads(res.stdout)
+    assert adaptive["adaptive"] is True and non["adaptive"] is False
+    assert json.loads((_run_dir(tmp_path, "n") / "config.json").read_text())["adaptive"] is False
+    assert non["attacks"]["loss"] == adaptive["attacks"]["loss"]  # no references: nothing changes
+    assert non["attacks"]["lira"]["auc"] != adaptive["attacks"]["lira"]["auc"]
+    table = _eval(tmp_path, *common, "--non-adaptive", out="t")
+    assert "attacker: non-adaptive" in table.output
+    # the views: references from the undefended population, the target from the defended one
+    plan = resolve(EvalConfig(attacks=("lira",), defenses=("prune:sparsity=0.8,finetune_epochs=0",),
+                              dataset="digits:n_records=300", model="mlp:width=32", n_models=6,
+                              recipe=TrainingRecipe(epochs=3)))
+    trained = train_population(plan, load_records(plan), cache=None)
+    defended = apply_defenses(plan, trained.population)
+    und, dfd = compute_signals(trained.population), compute_signals(defended.population)
+    refs = SignalContext(trained.population, ("logits",), signals=und)
+    ctx = AttackContext(defended.population, ("logits",), signals=dfd, references=refs)
+    view = ctx.for_target(0)
+    assert not ctx.adaptive
+    assert np.array_equal(view.ref_signal("confidence"), und.confidence[view.references])
+    assert np.array_equal(view.target_signal("confidence"), dfd.confidence[0])

@@ -166,8 +166,8 @@ class TargetView:
         """The signal of every reference model: float ``[R, N]`` (``[R, N, C]`` for ``logits``
         and ``probs``); with ``augment`` (see :meth:`SignalContext.signal`) ``[A, R, N]``."""
         if augment is None:
-            return self._ctx.signal(name)[self.references]
-        return self._ctx.signal(name, augment=augment, shift=shift)[:, self.references]
+            return self._ctx.reference_signal(name)[self.references]
+        return self._ctx.reference_signal(name, augment=augment, shift=shift)[:, self.references]
 
     def target_signal(self, name: str, *, augment: Optional[str] = None, shift: int = 1) -> np.ndarray:
         """The target model's signal, what the attacker observes by querying it: float ``[N]``
@@ -185,12 +185,30 @@ class AttackContext(SignalContext):
     _scoring: Optional[int] = None
 
     def __init__(self, population: "ModelPopulation", access: Sequence[str], *, owner: str = "plugin",
-                 signals: Optional[Signals] = None, strict: bool = False):
+                 signals: Optional[Signals] = None, strict: bool = False,
+                 references: Optional["SignalContext"] = None):
         super().__init__(population, access, owner=owner, signals=signals)
         #: The engine and the conformance kit run attacks strictly: :meth:`for_target` only for
         #: the target being scored, inside :meth:`scoring`. A context built by hand (a plugin's
         #: own unit tests) allows any target's view.
         self.strict = strict
+        #: Non-adaptive evaluation: the reference models' signals come from this context's
+        #: population (the same models without the defenses), the target's from ``population``.
+        self._references = references
+
+    @property
+    def adaptive(self) -> bool:
+        """Whether the reference models carry the target's defenses (the default: the attacker
+        knows the recipe) or not (``--non-adaptive``: only the target is defended)."""
+        return self._references is None
+
+    def reference_signal(self, name: str, *, augment: Optional[str] = None, shift: int = 1) -> np.ndarray:
+        """The signal the reference models give, for :class:`TargetView`: the population's own
+        (adaptive) or the undefended population's (non-adaptive); shapes as :meth:`signal`."""
+        self._check_access(name)
+        if self._references is None:
+            return self.signal(name, augment=augment, shift=shift)
+        return self._references.signal(name, augment=augment, shift=shift)
 
     @property
     def keep(self) -> np.ndarray:  # type: ignore[override]

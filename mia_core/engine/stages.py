@@ -43,7 +43,7 @@ from mia_core import metrics, registry
 from mia_core.base import PluginSpec
 from mia_core.data import DataError, Records
 from mia_core.engine.cache import PopulationCache, cache_key
-from mia_core.engine.contexts import AttackContext, DefenseContext, EstimatorContext
+from mia_core.engine.contexts import AttackContext, DefenseContext, EstimatorContext, SignalContext
 from mia_core.engine.population import ModelPopulation, accuracy
 from mia_core.engine.progress import Reporter
 from mia_core.engine.signals import Signals
@@ -83,6 +83,9 @@ class EvalConfig:
         recipe: how each model is trained.
         fprs: FPR levels for TPR-at-FPR; confidence: level of every interval.
         device: ``"cpu"``, ``"cuda"`` (or ``"cuda:N"``) or ``"auto"`` (CUDA when available).
+        adaptive: ``True`` (default): every model carries the defenses, so the attacker's
+            reference models are defended like the target (it knows the recipe); ``False``: only
+            the target is defended, the references are the same models without any defense.
     """
 
     attacks: Sequence[str] = ("lira",)
@@ -97,6 +100,7 @@ class EvalConfig:
     fprs: Sequence[float] = DEFAULT_FPRS
     confidence: float = 0.95
     device: str = "cpu"
+    adaptive: bool = True
 
 
 @dataclass(frozen=True)
@@ -169,7 +173,7 @@ class Plan:
             "fprs": list(c.fprs),
             "confidence": c.confidence,
             "device": str(self.device),
-            "adaptive": True,
+            "adaptive": bool(c.adaptive),
             "versions": self.versions,
             "argv": list(sys.argv),
         }
@@ -520,8 +524,13 @@ def _check_scores(owner: str, scores, n: int) -> np.ndarray:
 
 
 def run_attacks(plan: Plan, population: ModelPopulation, signals: Signals, *,
-                reporter: Optional[Reporter] = None) -> Dict[str, np.ndarray]:
+                reporter: Optional[Reporter] = None,
+                references: Optional[Tuple[ModelPopulation, Signals]] = None) -> Dict[str, np.ndarray]:
     """Stage 6: fit each attack once and score every record against each target.
+
+    Args:
+        references: for a non-adaptive evaluation, the undefended population and its signals:
+            the attacks' reference models are read from it, the targets from ``population``.
 
     Returns:
         ``{label: float64 [T, N]}`` in the plan's attack order, ``T = len(plan.targets)``.
@@ -531,7 +540,11 @@ def run_attacks(plan: Plan, population: ModelPopulation, signals: Signals, *,
     all_records = np.arange(n, dtype=np.int64)
     scores: Dict[str, np.ndarray] = {}
     for a in plan.attacks:
-        ctx = AttackContext(population, a.plugin.access, owner=f"attack {a.name!r}", signals=signals, strict=True)
+        ref_ctx = None
+        if references is not None:
+            ref_ctx = SignalContext(references[0], a.plugin.access, owner=f"attack {a.name!r}", signals=references[1])
+        ctx = AttackContext(population, a.plugin.access, owner=f"attack {a.name!r}", signals=signals, strict=True,
+                            references=ref_ctx)
         with reporter.progress(len(plan.targets), f"attack {a.label}") as update:
             _guarded(a.owner, a.plugin.fit, ctx)
             rows = []
@@ -681,6 +694,7 @@ def compute_metrics(plan: Plan, *, records: Records, trained: PopulationResult, 
         "schema_version": SCHEMA_VERSION,
         "attacks": attack_metrics,
         "best_attack": best,
+        "adaptive": bool(c.adaptive),
         "estimators": estimator_metrics,
         "target": {
             "targets": targets,
@@ -837,15 +851,18 @@ def run_stages(plan: Plan, *, cache: Optional[PopulationCache] = None,
     records = load_records(plan) if records is None else records
     trained = train_population(plan, records, cache=cache, reporter=reporter)
     trained_signals = compute_signals(trained.population)
-    undefended_signals = trained_signals
+    undefended, undefended_signals = trained.population, trained_signals
     if plan.train_defenses:  # the accuracy cost of a train-time defense needs the population without it
         reporter.message("the same population without train-time defenses, for their accuracy cost:")
         baseline = train_population(dataclasses.replace(plan, train_defenses=()), records, cache=cache,
                                     reporter=reporter)
-        undefended_signals = compute_signals(baseline.population)
+        undefended, undefended_signals = baseline.population, compute_signals(baseline.population)
     defended = apply_defenses(plan, trained.population, reporter=reporter)
     signals = compute_signals(defended.population) if plan.post_defenses else trained_signals
-    scores = run_attacks(plan, defended.population, signals, reporter=reporter)
+    references = None
+    if not plan.config.adaptive and plan.defenses:  # the target alone carries the defenses
+        references = (undefended, undefended_signals)
+    scores = run_attacks(plan, defended.population, signals, reporter=reporter, references=references)
     estimates = run_estimators(plan, defended.population, signals, reporter=reporter)
     m = compute_metrics(plan, records=records, trained=trained, defended=defended,
                         undefended_signals=undefended_signals, signals=signals, scores=scores, estimates=estimates)
