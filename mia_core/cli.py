@@ -95,50 +95,54 @@ def main() -> None:
     """
 
 
+def _evaluation_options(f):
+    """The options that define an evaluation, shared by `eval` and `sweep`."""
+    f = click.option("-q", "--quiet", is_flag=True, help="No progress output.")(f)
+    f = click.option("--no-cache", is_flag=True, help="Neither read nor write the population cache.")(f)
+    f = click.option("--cache-dir", default=None, type=click.Path(file_okay=False, path_type=Path),
+                     help="Population cache [default: $MIAFW_CACHE or ~/.cache/miafw].")(f)
+    f = click.option("--non-adaptive", is_flag=True,
+                     help="Defend the target models only; the attacker's reference models stay undefended (by default "
+                          "the attacker knows the recipe and defends its references the same way).")(f)
+    f = click.option("--device", default="cpu", show_default=True, metavar="cpu|cuda[:N]|auto",
+                     help="Where training, signals and defenses run; auto picks CUDA when available.")(f)
+    f = click.option("--sampling-rate", default=None, type=float,
+                     help="Poisson's q in (0, 1] [default: batch size / largest training half].")(f)
+    f = click.option("--sampler", default=None, type=click.Choice(["fixed", "poisson"]),
+                     help="Mini-batches: per-model permutations of --batch-size records, or Poisson sampling (each "
+                          "record in a step with probability --sampling-rate) [default: fixed].")(f)
+    f = click.option("--optimizer", default=None, type=click.Choice(["adam", "sgd"]), help="Optimizer [default: adam].")(f)
+    f = click.option("--weight-decay", default=None, type=float,
+                     help="The optimizer's L2 term [default: 0]; see also the weight-decay defense.")(f)
+    f = click.option("--lr", default=None, type=float, help="Learning rate [default: 0.002].")(f)
+    f = click.option("--batch-size", default=None, type=int, help="Mini-batch size [default: 64].")(f)
+    f = click.option("--epochs", default=None, type=int, help="Training epochs per model [default: 60].")(f)
+    f = click.option("--targets", default="all", show_default=True,
+                     help="Target models whose scores are pooled: 'all', 'first:K', or indices like 0,3.")(f)
+    f = click.option("--seed", default=0, show_default=True, type=int, help="Seed for membership, initialisation and batches.")(f)
+    f = click.option("--n-models", default=16, show_default=True, type=int,
+                     help="Models in the population (even); each trains on a random half of the records.")(f)
+    f = click.option("--model", default="mlp", show_default=True, metavar="NAME[:k=v,...]",
+                     help=f"Model family. Available: {_names_help('models')}.")(f)
+    f = click.option("--dataset", default="digits", show_default=True, metavar="NAME[:k=v,...]",
+                     help=f"Dataset. Available: {_names_help('datasets')}.")(f)
+    f = click.option("--estimator", "estimators", multiple=True, metavar="NAME[:k=v,...]",
+                     help="Leakage estimator, shown beside the attacks with the advantage bound it implies; repeatable. "
+                       f"Available: {_names_help('estimators')}.")(f)
+    f = click.option("--defense", "defenses", multiple=True, metavar="NAME[:k=v,...]",
+                     help="Defense; repeatable, applied in order (train-time ones while training, post-training ones "
+                       f"after it). Available: {_names_help('defenses')}.")(f)
+    f = click.option("--attack", "attacks", multiple=True, metavar="NAME[:k=v,...]",
+                     help=f"Attack to run; repeatable. Default: lira. Available: {_names_help('attacks')}.")(f)
+    return f
+
+
 @main.command("eval")
-@click.option("--attack", "attacks", multiple=True, metavar="NAME[:k=v,...]",
-              help=f"Attack to run; repeatable. Default: lira. Available: {_names_help('attacks')}.")
-@click.option("--defense", "defenses", multiple=True, metavar="NAME[:k=v,...]",
-              help="Defense; repeatable, applied in order (train-time ones while training, post-training ones "
-                   f"after it). Available: {_names_help('defenses')}.")
-@click.option("--estimator", "estimators", multiple=True, metavar="NAME[:k=v,...]",
-              help="Leakage estimator, shown beside the attacks with the advantage bound it implies; repeatable. "
-                   f"Available: {_names_help('estimators')}.")
-@click.option("--dataset", default="digits", show_default=True, metavar="NAME[:k=v,...]",
-              help=f"Dataset. Available: {_names_help('datasets')}.")
-@click.option("--model", default="mlp", show_default=True, metavar="NAME[:k=v,...]",
-              help=f"Model family. Available: {_names_help('models')}.")
-@click.option("--n-models", default=16, show_default=True, type=int,
-              help="Models in the population (even); each trains on a random half of the records.")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed for membership, initialisation and batches.")
-@click.option("--targets", default="all", show_default=True,
-              help="Target models whose scores are pooled: 'all', 'first:K', or indices like 0,3.")
-@click.option("--epochs", default=None, type=int, help="Training epochs per model [default: 60].")
-@click.option("--batch-size", default=None, type=int, help="Mini-batch size [default: 64].")
-@click.option("--lr", default=None, type=float, help="Learning rate [default: 0.002].")
-@click.option("--weight-decay", default=None, type=float,
-              help="The optimizer's L2 term [default: 0]; see also the weight-decay defense.")
-@click.option("--optimizer", default=None, type=click.Choice(["adam", "sgd"]), help="Optimizer [default: adam].")
-@click.option("--sampler", default=None, type=click.Choice(["fixed", "poisson"]),
-              help="Mini-batches: per-model permutations of --batch-size records, or Poisson sampling (each "
-                   "record in a step with probability --sampling-rate) [default: fixed].")
-@click.option("--sampling-rate", default=None, type=float,
-              help="Poisson's q in (0, 1] [default: batch size / largest training half].")
-@click.option("--device", default="cpu", show_default=True, metavar="cpu|cuda[:N]|auto",
-              help="Where training, signals and defenses run; auto picks CUDA when available.")
-@click.option("--non-adaptive", is_flag=True,
-              help="Defend the target models only; the attacker's reference models stay undefended (by default "
-                   "the attacker knows the recipe and defends its references the same way).")
 @click.option("--out", default="runs", show_default=True, type=click.Path(file_okay=False, path_type=Path),
               help="Directory that receives the run directory.")
-@click.option("--cache-dir", default=None, type=click.Path(file_okay=False, path_type=Path),
-              help="Population cache [default: $MIAFW_CACHE or ~/.cache/miafw].")
-@click.option("--no-cache", is_flag=True, help="Neither read nor write the population cache.")
 @click.option("--json", "as_json", is_flag=True, help="Print metrics.json to stdout instead of the table.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress output.")
-def eval_cmd(attacks, defenses, estimators, dataset, model, n_models, seed, targets, epochs, batch_size, lr,
-             weight_decay, optimizer, sampler, sampling_rate, device, non_adaptive, out, cache_dir, no_cache, as_json,
-             quiet):
+@_evaluation_options
+def eval_cmd(out, as_json, **options):
     """Evaluate membership leakage of a (defended) model population.
 
     \b
@@ -149,29 +153,59 @@ def eval_cmd(attacks, defenses, estimators, dataset, model, n_models, seed, targ
       miafw eval --attack lira --defense prune:sparsity=0.9 --non-adaptive
       miafw eval --dataset breast-cancer --model logreg --n-models 32
     """
-    import dataclasses
-
-    from mia_core.engine.cache import PopulationCache, default_cache_dir
     from mia_core.engine.progress import TerminalReporter
-    from mia_core.engine.stages import USAGE_ERRORS, EvalConfig, PluginRuntimeError, evaluate, resolve
-    from mia_core.engine.trainer import TrainingRecipe
+    from mia_core.engine.stages import evaluate
     from mia_core.results import format_summary
 
-    overrides = {k: v for k, v in dict(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-                                         optimizer=optimizer, sampler=sampler,
-                                         sampling_rate=sampling_rate).items() if v is not None}
-    config = EvalConfig(attacks=tuple(attacks) or ("lira",), defenses=tuple(defenses), estimators=tuple(estimators),
-                        dataset=dataset, model=model, n_models=n_models, seed=seed, targets=targets,
-                        recipe=dataclasses.replace(TrainingRecipe(), **overrides), device=device,
-                        adaptive=not non_adaptive)
+    plan, cache = _plan_and_cache(options)
+    with _engine_errors(out):
+        ev = evaluate(plan, out=out, cache=cache, reporter=TerminalReporter(options["quiet"] or as_json))
+    if as_json:  # metrics.json plus where the run was written (the file itself stays path-free)
+        click.echo(json.dumps({**ev.metrics, "run_dir": str(ev.run_dir)}, indent=2, sort_keys=True))
+    else:
+        click.echo(format_summary(ev.metrics))
+        click.echo(f"run directory: {ev.run_dir}")
+
+
+def _config_from(options):
+    """An :class:`EvalConfig` from the :func:`_evaluation_options`."""
+    import dataclasses
+
+    from mia_core.engine.stages import EvalConfig
+    from mia_core.engine.trainer import TrainingRecipe
+
+    o = options
+    overrides = {k: o[k] for k in ("epochs", "batch_size", "lr", "weight_decay", "optimizer", "sampler",
+                                   "sampling_rate") if o[k] is not None}
+    return EvalConfig(attacks=tuple(o["attacks"]) or ("lira",), defenses=tuple(o["defenses"]),
+                      estimators=tuple(o["estimators"]), dataset=o["dataset"], model=o["model"],
+                      n_models=o["n_models"], seed=o["seed"], targets=o["targets"],
+                      recipe=dataclasses.replace(TrainingRecipe(), **overrides), device=o["device"],
+                      adaptive=not o["non_adaptive"])
+
+
+def _plan_and_cache(options):
+    """The resolved plan (a usage error exits 2 here, before anything runs) and the cache."""
+    from mia_core.engine.cache import PopulationCache, default_cache_dir
+    from mia_core.engine.stages import USAGE_ERRORS, resolve
+
     try:
-        plan = resolve(config)
+        plan = resolve(_config_from(options))
     except USAGE_ERRORS as exc:
         _fail(str(exc))
-    cache = PopulationCache(None if no_cache else (cache_dir or default_cache_dir()))
+    cache = PopulationCache(None if options["no_cache"] else (options["cache_dir"] or default_cache_dir()))
+    return plan, cache
+
+
+@contextlib.contextmanager
+def _engine_errors(out):
+    """Run engine work: warnings as one line each, SIGTERM as Ctrl-C, and every failure as one
+    line with its exit status (2 unusable input, 1 a plugin or I/O failure, 130/143 interrupted)."""
+    from mia_core.engine.stages import USAGE_ERRORS, PluginRuntimeError
+
     try:
         with _terse_warnings(), _sigterm_interrupts():
-            ev = evaluate(plan, out=out, cache=cache, reporter=TerminalReporter(quiet or as_json))
+            yield
     except USAGE_ERRORS as exc:
         _fail(str(exc))
     except PluginRuntimeError as exc:
@@ -187,11 +221,47 @@ def eval_cmd(attacks, defenses, estimators, dataset, model, n_models, seed, targ
         _fail(f"could not write the run under {out}: {exc}", EXIT_FAILURE)
     except RuntimeError as exc:  # e.g. torch running out of device memory outside a plugin
         _fail(f"{type(exc).__name__}: {exc} (run marked failed: {getattr(exc, 'run_dir', '?')})", EXIT_FAILURE)
-    if as_json:  # metrics.json plus where the run was written (the file itself stays path-free)
-        click.echo(json.dumps({**ev.metrics, "run_dir": str(ev.run_dir)}, indent=2, sort_keys=True))
-    else:
-        click.echo(format_summary(ev.metrics))
-        click.echo(f"run directory: {ev.run_dir}")
+
+
+@main.command("sweep")
+@click.option("--grid", "grids", multiple=True, metavar="[DEFENSE.]PARAM=V1,V2,...",
+              help="A defense parameter and the values to sweep; give two for their product.")
+@click.option("--out", default="sweeps", show_default=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Directory that receives the sweep directory (sweep-<id>/; the same sweep resumes there).")
+@_evaluation_options
+def sweep_cmd(grids, out, **options):
+    """Sweep a defense parameter over a grid: one evaluation per point, a table and a trade-off plot.
+
+    Post-training defenses train the population once and defend it at every point. Run the same
+    command again to resume an interrupted sweep: finished points are kept.
+
+    \b
+    Examples:
+      miafw sweep --attack lira --defense prune --grid sparsity=0,0.5,0.8,0.9,0.95
+      miafw sweep --attack lira --defense prune:finetune_epochs=0 --grid sparsity=0.5,0.9 --grid scope=global,layer
+      miafw sweep --attack lira --defense weight-decay --grid lam=0,0.001,0.01
+    """
+    import tempfile
+
+    from mia_core.engine.progress import TerminalReporter
+    from mia_core.params import ParamError
+    from mia_core.sweep import format_table, parse_grid, run_sweep
+
+    config = _config_from(options)
+    try:
+        axes = parse_grid(grids, config.defenses)
+    except ParamError as exc:
+        _fail(str(exc))
+    with tempfile.TemporaryDirectory(prefix="miafw-sweep-cache-") as tmp:
+        if options["no_cache"]:  # still train the population once for every post-training point
+            options = {**options, "no_cache": False, "cache_dir": Path(tmp)}
+        _, cache = _plan_and_cache(options)
+        with _engine_errors(out):
+            res = run_sweep(config, axes, out=out, cache=cache, reporter=TerminalReporter(options["quiet"]))
+    if res.resumed:
+        click.echo(f"resumed: {res.resumed} of {len(res.rows)} points were already done", err=True)
+    click.echo(format_table(res.rows, [a.label(config.defenses) for a in axes]))
+    click.echo(f"sweep directory: {res.directory} (table.md, tradeoff.png, points.jsonl, runs/)")
 
 
 @main.group("cache")

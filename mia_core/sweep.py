@@ -1,0 +1,310 @@
+"""Defense sweeps: one evaluation per point of a parameter grid, resumable (``miafw sweep``).
+
+A sweep takes an :class:`~mia_core.engine.stages.EvalConfig` and one or two grid axes, each a
+defense parameter and its values (``--grid sparsity=0,0.5,0.9``). Every point is an ordinary
+evaluation through :func:`mia_core.evaluate`, written as a run under the sweep's directory; the
+population is trained once and served from the cache for every point that changes only
+post-training defenses (a train-time defense's parameters are part of the cache key, so each of
+its values trains its own population, once).
+
+The sweep directory ``<out>/sweep-<id>/`` (``id`` hashes the configuration and the grid, so the
+same command finds the same directory) holds
+
+``sweep.json``    what was swept: the base configuration, the axes and every point's specification;
+``points.jsonl``  one line per finished point (appended and flushed as each finishes);
+``runs/``         each point's run directory and ``index.sqlite``;
+``table.md``      one row per point: parameters, accuracy, per attack AUC [CI] and TPR at the FPRs;
+``tradeoff.png``  TPR at 1% FPR and AUC against test accuracy and against the swept parameter.
+
+Running the same sweep again resumes it: points whose line is in ``points.jsonl`` and whose run
+directory still holds a ``metrics.json`` are not run again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from mia_core.params import ParamError, split_spec
+
+SWEEP_SCHEMA = 1
+
+
+@dataclass(frozen=True)
+class GridAxis:
+    """One swept parameter: the defense it belongs to (index into the config's defenses), the
+    parameter's name and its values as given (strings, typed by the plugin when resolved)."""
+
+    defense: int
+    param: str
+    values: Tuple[str, ...]
+
+    def label(self, defenses: Sequence[str]) -> str:
+        return f"{split_spec(defenses[self.defense])[0]}.{self.param}"
+
+
+def parse_grid(texts: Sequence[str], defenses: Sequence[str]) -> List[GridAxis]:
+    """Parse ``--grid [DEFENSE.]PARAM=V1,V2,...`` against the configuration's defenses.
+
+    Without ``DEFENSE.`` the parameter belongs to the only defense; with several defenses the
+    prefix is required. At most two axes (their product is swept).
+
+    Raises:
+        ParamError: a malformed axis, an unknown or ambiguous defense, a parameter swept twice,
+            an empty or repeated value, or more than two axes.
+    """
+    if not texts:
+        raise ParamError("no --grid given; use --grid PARAM=V1,V2,... (e.g. --grid sparsity=0,0.5,0.9)")
+    if len(texts) > 2:
+        raise ParamError(f"at most two --grid axes (their product is swept), got {len(texts)}")
+    if not defenses:
+        raise ParamError("a sweep varies a defense's parameter; give the defense with --defense NAME")
+    names = [split_spec(d)[0] for d in defenses]
+    axes: List[GridAxis] = []
+    for text in texts:
+        key, eq, values = text.partition("=")
+        key = key.strip()
+        if not eq or not key:
+            raise ParamError(f"--grid {text!r}: expected [DEFENSE.]PARAM=V1,V2,...")
+        if "." in key:
+            dname, param = key.split(".", 1)
+            hits = [i for i, n in enumerate(names) if n == dname]
+            if not hits:
+                raise ParamError(f"--grid {text!r}: no defense {dname!r} among --defense {', '.join(names)}")
+            if len(hits) > 1:
+                raise ParamError(f"--grid {text!r}: defense {dname!r} is given {len(hits)} times; sweep one only")
+            index = hits[0]
+        else:
+            if len(names) > 1:
+                raise ParamError(f"--grid {text!r}: several defenses ({', '.join(names)}); name one as DEFENSE.{key}")
+            index, param = 0, key
+        vals = tuple(v.strip() for v in values.split(","))
+        if not vals or any(not v for v in vals):
+            raise ParamError(f"--grid {text!r}: empty value; expected PARAM=V1,V2,...")
+        if len(set(vals)) != len(vals):
+            raise ParamError(f"--grid {text!r}: a value is repeated")
+        if any(a.defense == index and a.param == param for a in axes):
+            raise ParamError(f"--grid {text!r}: {names[index]}.{param} is swept twice")
+        if param in split_spec(defenses[index])[1]:
+            raise ParamError(f"--grid {text!r}: {param} is also fixed in --defense {defenses[index]!r}; give it once")
+        axes.append(GridAxis(index, param, vals))
+    return axes
+
+
+def grid_points(axes: Sequence[GridAxis]) -> List[Tuple[str, ...]]:
+    """Every combination of the axes' values, first axis slowest."""
+    return list(itertools.product(*(a.values for a in axes)))
+
+
+def point_defenses(defenses: Sequence[str], axes: Sequence[GridAxis], point: Sequence[str]) -> Tuple[str, ...]:
+    """The defense specifications at ``point``: each swept parameter set on its defense."""
+    out = list(defenses)
+    for axis, value in zip(axes, point):
+        name, raw = split_spec(out[axis.defense])
+        raw = {**raw, axis.param: value}
+        out[axis.defense] = name + ":" + ",".join(f"{k}={_quote(v)}" for k, v in raw.items())
+    return tuple(out)
+
+
+def _quote(value: str) -> str:
+    return f'"{value}"' if ("," in value or ":" in value) and not value[:1] in "\"'" else value
+
+
+def sweep_id(config, axes: Sequence[GridAxis]) -> str:
+    """Content hash of the base configuration and the grid: the same command, the same sweep."""
+    doc = {"config": dataclasses.asdict(config), "axes": [dataclasses.asdict(a) for a in axes]}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+@dataclass
+class SweepResult:
+    """What :func:`run_sweep` did.
+
+    Attributes:
+        directory: the sweep directory.
+        rows: one summary per point, in grid order (see :func:`point_summary`).
+        resumed: how many points were found done and not run again.
+    """
+
+    directory: Path
+    rows: List[Dict[str, Any]]
+    resumed: int
+
+
+def point_summary(metrics: Dict[str, Any], *, point: Dict[str, str], run_dir: str, index: int) -> Dict[str, Any]:
+    """The numbers of one point kept in ``points.jsonl``."""
+    attacks = {}
+    for label, m in metrics["attacks"].items():
+        attacks[label] = {"auc": m["auc"], "auc_ci": m.get("auc_ci"), "advantage": m["advantage"],
+                          "tpr_at_fpr": {k: {f: v[f] for f in ("tpr", "ci_low", "ci_high", "resolvable")}
+                                         for k, v in m["tpr_at_fpr"].items()}}
+    t = metrics["target"]
+    return {"index": index, "point": point, "run_dir": run_dir, "attacks": attacks,
+            "train_accuracy": t["train_accuracy"], "test_accuracy": t["test_accuracy"],
+            "undefended_test_accuracy": t["undefended_test_accuracy"],
+            "defenses": [{"name": d["name"], "report": d["report"]} for d in metrics["defenses"]]}
+
+
+def _read_done(path: Path, n_points: int) -> Dict[int, Dict[str, Any]]:
+    """Finished points from ``points.jsonl``: a line that does not parse (a write cut short) or
+    whose run directory lost its metrics is ignored, so that point runs again."""
+    done: Dict[int, Dict[str, Any]] = {}
+    if not path.is_file():
+        return done
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+            i = int(row["index"])
+        except (ValueError, KeyError, TypeError):
+            continue
+        if 0 <= i < n_points and (Path(row.get("run_dir", "")) / "metrics.json").is_file():
+            done[i] = row
+    return done
+
+
+def run_sweep(config, axes: Sequence[GridAxis], *, out, cache=None, reporter=None) -> SweepResult:
+    """Run (or resume) the sweep of ``config`` over ``axes``; see the module docstring.
+
+    Args:
+        config: the base :class:`~mia_core.engine.stages.EvalConfig` (its defenses hold the
+            swept ones, without the swept parameters).
+        axes: from :func:`parse_grid`.
+        out: the directory that receives ``sweep-<id>/``.
+        cache: a population cache (a :class:`~mia_core.engine.cache.PopulationCache` or a
+            directory); ``None`` trains every point from scratch.
+        reporter: progress messages.
+
+    Raises:
+        One of the engine's usage errors if any point's configuration is unusable, before
+        anything is trained; :class:`~mia_core.engine.stages.PluginRuntimeError` as
+        :func:`mia_core.evaluate`.
+    """
+    from mia_core.engine.progress import Reporter
+    from mia_core.engine.stages import evaluate, resolve
+
+    reporter = reporter or Reporter()
+    points = grid_points(axes)
+    plans = []
+    for point in points:  # every point validated before the first is trained
+        plans.append(resolve(dataclasses.replace(config, defenses=point_defenses(config.defenses, axes, point))))
+    directory = Path(out) / f"sweep-{sweep_id(config, axes)}"
+    directory.mkdir(parents=True, exist_ok=True)
+    labels = [a.label(config.defenses) for a in axes]
+    doc = {"schema": SWEEP_SCHEMA, "axes": labels, "values": [list(a.values) for a in axes],
+           "base": plans[0].document, "points": [dict(zip(labels, p)) for p in points],
+           "defenses": [list(p.config.defenses) for p in plans]}
+    (directory / "sweep.json").write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    lines = directory / "points.jsonl"
+    done = _read_done(lines, len(points))
+    resumed = len(done)
+    if resumed:
+        reporter.message(f"resuming {directory}: {resumed} of {len(points)} points already done")
+    for i, (point, plan) in enumerate(zip(points, plans)):
+        if i in done:
+            continue
+        shown = ", ".join(f"{k}={v}" for k, v in zip(labels, point))
+        reporter.message(f"point {i + 1}/{len(points)}: {shown}")
+        ev = evaluate(plan, out=directory / "runs", cache=cache, reporter=reporter)
+        row = point_summary(ev.metrics, point=dict(zip(labels, point)), run_dir=str(ev.run_dir), index=i)
+        with open(lines, "a") as fh:
+            fh.write(json.dumps(row, sort_keys=True) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        done[i] = row
+    rows = [done[i] for i in range(len(points))]
+    (directory / "table.md").write_text(format_table(rows, labels) + "\n")
+    plot_tradeoff(directory / "tradeoff.png", rows, labels)
+    return SweepResult(directory=directory, rows=rows, resumed=resumed)
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.2f}%"
+
+
+def format_table(rows: Sequence[Dict[str, Any]], labels: Sequence[str], *, fprs=("0.001", "0.01")) -> str:
+    """A Markdown table, one row per point."""
+    attacks = list(rows[0]["attacks"]) if rows else []
+    head = list(labels) + ["train acc", "test acc"]
+    for a in attacks:
+        head += [f"{a} AUC [95% CI]"] + [f"{a} TPR@{float(f) * 100:g}% FPR [95% CI]" for f in fprs]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["point"][lbl] for lbl in labels] + [_pct(r["train_accuracy"]), _pct(r["test_accuracy"])]
+        for a in attacks:
+            m = r["attacks"][a]
+            ci = m.get("auc_ci") or [float("nan")] * 2
+            cells.append(f"{m['auc']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]")
+            for f in fprs:
+                t = m["tpr_at_fpr"].get(f)
+                cells.append("-" if t is None else f"{_pct(t['tpr'])} [{_pct(t['ci_low'])}, {_pct(t['ci_high'])}]"
+                             + ("" if t["resolvable"] else " !"))
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def _numeric(values: Sequence[str]) -> Optional[List[float]]:
+    try:
+        return [float(v) for v in values]
+    except ValueError:
+        return None
+
+
+def plot_tradeoff(path: Path, rows: Sequence[Dict[str, Any]], labels: Sequence[str]) -> None:
+    """Four panels: TPR at 1% FPR and AUC, each against test accuracy and against the first swept
+    parameter (one line per value of the second axis, if any), one colour per attack."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    attacks = list(rows[0]["attacks"]) if rows else []
+    fig, axs = plt.subplots(2, 2, figsize=(10, 8), dpi=110)
+    first = [r["point"][labels[0]] for r in rows]
+    x_param = _numeric(first)
+    groups: Dict[str, List[int]] = {}
+    for i, r in enumerate(rows):
+        groups.setdefault(r["point"][labels[1]] if len(labels) > 1 else "", []).append(i)
+    markers = "osd^v<>p*h"
+    for a_i, a in enumerate(attacks):
+        color = f"C{a_i % 10}"
+        for g_i, (gval, idx) in enumerate(groups.items()):
+            tag = a + (f" ({labels[1]}={gval})" if gval else "")
+            acc = [rows[i]["test_accuracy"] for i in idx]
+            tpr = [rows[i]["attacks"][a]["tpr_at_fpr"].get("0.01", {}).get("tpr", float("nan")) for i in idx]
+            auc = [rows[i]["attacks"][a]["auc"] for i in idx]
+            xs = [x_param[i] for i in idx] if x_param is not None else list(range(len(idx)))
+            kw = dict(color=color, marker=markers[g_i % len(markers)], label=tag)
+            axs[0, 0].plot(acc, tpr, ls="", **kw)
+            axs[0, 1].plot(acc, auc, ls="", **kw)
+            axs[1, 0].plot(xs, tpr, **kw)
+            axs[1, 1].plot(xs, auc, **kw)
+    for ax in axs[0]:
+        ax.set_xlabel("target test accuracy")
+    for ax in axs[1]:
+        ax.set_xlabel(labels[0])
+        if x_param is None:
+            ax.set_xticks(range(len(groups.get(next(iter(groups)), []))))
+            ax.set_xticklabels([rows[i]["point"][labels[0]] for i in next(iter(groups.values()))], rotation=30)
+    for ax in (axs[0, 0], axs[1, 0]):
+        ax.set_ylabel("TPR at 1% FPR")
+        ax.axhline(0.01, color="grey", ls="--", lw=1)
+    for ax in (axs[0, 1], axs[1, 1]):
+        ax.set_ylabel("AUC")
+        ax.axhline(0.5, color="grey", ls="--", lw=1)
+    for ax in axs.ravel():
+        ax.grid(True, alpha=0.3)
+    axs[0, 0].legend(fontsize=7, loc="best")
+    fig.suptitle("privacy-utility trade-off (dashed: chance)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+__all__ = ["GridAxis", "SweepResult", "format_table", "grid_points", "parse_grid", "plot_tradeoff",
+           "point_defenses", "point_summary", "run_sweep", "sweep_id"]
