@@ -105,10 +105,18 @@ class RunDir:
         # what this run creates, so that a discarded run (a usage error) leaves nothing behind
         self._made_out = not self.out.exists()
         self._made_index = self.index is not None and not self.index.path.exists()
-        self.staging.mkdir(parents=True, exist_ok=False)
-        _dump(self.staging / "config.json", self.config_doc)
+        # the index row first: a process killed at any later point leaves a row that `miafw runs`
+        # shows as interrupted and `--prune` removes with its directory, never an orphan directory
         if self.index is not None:
             self.index.start(self.name, self.staging, self.config_doc)
+        try:
+            self.staging.mkdir(parents=True, exist_ok=False)
+            _dump(self.staging / "config.json", self.config_doc)
+        except BaseException:
+            shutil.rmtree(self.staging, ignore_errors=True)
+            if self.index is not None:
+                self.index.forget(self.name)
+            raise
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
