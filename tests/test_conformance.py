@@ -26,6 +26,8 @@ EXTRA = {
                               {"reference_model": 0, "use_label": False}],
     ("attacks", "bavaria"): [{"online": False, "offline_test": "one-sided"}, {"variant": "n"}, {"online": False, "n_references": 1},
                              {"online": True, "n_references": 2, "variant": "n"}],
+    ("defenses", "noise"): [{"sigma": 0.0}, {"sigma": 0.05, "include_bias": False},
+                            {"epsilon": 0.9, "delta": 1e-5, "sensitivity": 0.005}],
     ("defenses", "prune"): [{"scope": "layer", "sparsity": 0.5, "finetune_epochs": 0}],
 }
 
