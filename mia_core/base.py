@@ -196,6 +196,15 @@ class TrainingDefense(Plugin, abc.ABC):
     #: Ask the trainer for per-sample gradients ``[M, B, ...]`` (costlier than per-batch ones).
     per_sample_gradients: ClassVar[bool] = False
 
+    def reserve_fraction(self) -> float:
+        """The fraction of the records the defense needs as *reserved* records: trained on by no
+        model and scored against no target (the keep matrix's third role), e.g. adversarial
+        regularization's non-member reference set. The engine reserves the largest fraction any
+        train-time defense asks for, for the defended population and its undefended baseline
+        alike (so both have the same keep matrix); the defense finds them in ``ctx.reserved``.
+        Default 0: no record is reserved."""
+        return 0.0
+
     def configure(self, ctx: "TrainingContext") -> None:
         """Called once before training with the trainer's context: ``ctx.recipe``, ``ctx.n_models``,
         ``ctx.train_sizes`` (int ``[M]``), ``ctx.param_shapes``, ``ctx.epochs``, ``ctx.device``, the

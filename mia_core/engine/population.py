@@ -29,6 +29,7 @@ from mia_core.engine.trainer import (
     ensemble_logits,
     init_ensemble,
     make_keep_matrix,
+    reserve_records,
     train_ensemble,
 )
 
@@ -59,6 +60,16 @@ class ModelPopulation:
     seed: int
     training: Optional[TrainingResult] = None
     train_defenses: Sequence[Any] = ()
+    #: bool ``[N]``: the reserved records (no model trains on them, no target is scored on them;
+    #: see :meth:`mia_core.base.TrainingDefense.reserve_fraction`); ``None``: none.
+    reserved: Optional[np.ndarray] = None
+
+    @property
+    def scored_records(self) -> np.ndarray:
+        """int64 indices of the records attacks are scored on: all but the reserved ones."""
+        if self.reserved is None:
+            return np.arange(self.n_records, dtype=np.int64)
+        return np.flatnonzero(~self.reserved).astype(np.int64)
 
     # ----------------------------------------------------------------- construction
     @classmethod
@@ -73,6 +84,7 @@ class ModelPopulation:
         on_epoch: Optional[Callable[[int, float], None]] = None,
         device: Optional[torch.device] = None,
         defenses: Sequence[Any] = (),
+        reserve: float = 0.0,
     ) -> "ModelPopulation":
         """Draw the keep matrix, initialise ``n_models`` models and train them as one ensemble.
 
@@ -86,6 +98,8 @@ class ModelPopulation:
             device: where the models train (default the CPU). Initialisation always draws on the
                 CPU, so every device starts from the same weights.
             defenses: train-time defenses (:class:`~mia_core.base.TrainingDefense`), in order.
+            reserve: the fraction of records to reserve (:func:`~mia_core.engine.trainer.reserve_records`):
+                no model trains on them and they are not scored.
 
         Returns:
             the population; ``pop.training`` holds the :class:`~mia_core.engine.trainer.TrainingResult`.
@@ -93,6 +107,9 @@ class ModelPopulation:
         recipe.validate()
         rng = np.random.default_rng(np.random.SeedSequence([seed, 0x6B656570]))  # "keep"
         keep = make_keep_matrix(n_models, records.n, rng)
+        reserved = reserve_records(records.n, reserve, seed) if reserve else None
+        if reserved is not None:
+            keep[:, reserved] = False
         empty = np.flatnonzero(~keep.any(axis=1))
         if empty.size:
             raise DataError(f"with {records.n} records and {n_models} models, model {int(empty[0])} draws no "
@@ -102,7 +119,8 @@ class ModelPopulation:
         if device is not None:
             params = {k: v.detach().to(device).requires_grad_(v.requires_grad) for k, v in params.items()}
             buffers = {k: v.to(device) for k, v in buffers.items()}
-        pop = cls(records=records, keep=keep, base=base, params=params, buffers=buffers, recipe=recipe, seed=seed)
+        pop = cls(records=records, keep=keep, base=base, params=params, buffers=buffers, recipe=recipe, seed=seed,
+                  reserved=reserved)
         pop.train_defenses = tuple(defenses)
         pop.training = pop._train(recipe.epochs, seed, on_epoch=on_epoch, defenses=defenses)
         return pop
@@ -119,6 +137,7 @@ class ModelPopulation:
             self.base, self.params, self.buffers, x, y, self.keep, self.recipe, rng,
             epochs=epochs, lr=lr, post_step=post_step, on_epoch=on_epoch, defenses=defenses,
             epoch_size=int(self.keep.sum(axis=1).max()),
+            reserved=None if self.reserved is None else np.flatnonzero(self.reserved),
         )
 
     def clone(self) -> "ModelPopulation":
@@ -133,6 +152,7 @@ class ModelPopulation:
             seed=self.seed,
             training=self.training,
             train_defenses=self.train_defenses,
+            reserved=None if self.reserved is None else self.reserved.copy(),
         )
 
     # ----------------------------------------------------------------- views
@@ -181,11 +201,14 @@ class ModelPopulation:
     # ----------------------------------------------------------------- persistence
     def state(self) -> Dict[str, Any]:
         """Tensors-only state for ``torch.save`` (loaded back with ``weights_only=True``)."""
-        return {
+        state = {
             "keep": torch.from_numpy(self.keep.copy()),
             "params": {k: v.detach().to("cpu", copy=True) for k, v in self.params.items()},
             "buffers": {k: v.detach().to("cpu", copy=True) for k, v in self.buffers.items()},
         }
+        if self.reserved is not None:
+            state["reserved"] = torch.from_numpy(self.reserved.copy())
+        return state
 
     @classmethod
     def from_state(cls, state, *, records: Records, build, recipe: TrainingRecipe, seed: int,
@@ -200,7 +223,11 @@ class ModelPopulation:
         expected = {k for k, _ in base.named_parameters()}
         if set(params) != expected:
             raise ValueError(f"stored parameters {sorted(params)} do not match the model's {sorted(expected)}")
-        return cls(records=records, keep=keep, base=base, params=params, buffers=buffers, recipe=recipe, seed=seed)
+        reserved = state["reserved"].numpy().astype(bool) if "reserved" in state else None
+        if reserved is not None and (reserved.shape != (records.n,) or keep[:, reserved].any()):
+            raise ValueError("stored reserved records do not fit the keep matrix")
+        return cls(records=records, keep=keep, base=base, params=params, buffers=buffers, recipe=recipe, seed=seed,
+                   reserved=reserved)
 
 
 def accuracy(signals: Signals, keep: np.ndarray) -> Dict[str, np.ndarray]:

@@ -145,6 +145,9 @@ class Plan:
     targets: Tuple[int, ...]
     device: torch.device
     versions: Dict[str, str]
+    #: Fraction of the records reserved (no model trains on them, none is scored): the largest
+    #: any train-time defense asks for; kept when the undefended baseline drops the defenses.
+    reserve: float = 0.0
 
     @property
     def defenses(self) -> Tuple[Component, ...]:
@@ -174,6 +177,7 @@ class Plan:
             "confidence": c.confidence,
             "device": str(self.device),
             "adaptive": bool(c.adaptive),
+            **({"reserved_fraction": self.reserve} if self.reserve else {}),
             "versions": self.versions,
             "argv": list(sys.argv),
         }
@@ -318,6 +322,13 @@ def resolve(config: EvalConfig) -> Plan:
             raise ParamError(f"defense {d.name!r} declares stage {d.plugin.stage!r}; expected 'train' or 'post'")
     estimators = [_resolve_one("estimator", t, i) for i, t in enumerate(config.estimators)]
     _unique(estimators)
+    reserve = 0.0
+    for d in defenses:
+        if d.plugin.stage == "train":
+            f = float(d.plugin.reserve_fraction())
+            if not 0.0 <= f < 1.0:
+                raise ParamError(f"defense {d.label!r} asks to reserve {f!r} of the records; expected [0, 1)")
+            reserve = max(reserve, f)
     return Plan(
         config=config,
         dataset=dataset,
@@ -329,6 +340,7 @@ def resolve(config: EvalConfig) -> Plan:
         targets=targets,
         device=device,
         versions=versions(),
+        reserve=reserve,
     )
 
 
@@ -402,6 +414,7 @@ def population_key(plan: Plan, records: Records) -> str:
             "n_models": c.n_models,
             "seed": c.seed,
             "device": plan.device.type,
+            **({"reserve": plan.reserve} if plan.reserve else {}),  # keys without a reservation stay as they were
             "miafw": mia_core.__version__,
             "torch": torch.__version__,
         }
@@ -443,7 +456,7 @@ def train_population(plan: Plan, records: Records, *, cache: Optional[Population
         pop = _guarded(
             owner,
             lambda: ModelPopulation.train(records, build, c.recipe, n_models=c.n_models, seed=c.seed,
-                                          defenses=defenses, device=plan.device,
+                                          defenses=defenses, device=plan.device, reserve=plan.reserve,
                                           on_epoch=lambda e, loss: update(1, loss=loss)),
         )
     _check_finite(owner, pop, "training")
@@ -533,11 +546,12 @@ def run_attacks(plan: Plan, population: ModelPopulation, signals: Signals, *,
             the attacks' reference models are read from it, the targets from ``population``.
 
     Returns:
-        ``{label: float64 [T, N]}`` in the plan's attack order, ``T = len(plan.targets)``.
+        ``{label: float64 [T, N']}`` in the plan's attack order, ``T = len(plan.targets)``, over the
+        population's scored records (``N' = N`` unless a train-time defense reserved some).
     """
     reporter = reporter or Reporter()
-    n = population.n_records
-    all_records = np.arange(n, dtype=np.int64)
+    all_records = population.scored_records  # every record but the reserved ones
+    n = len(all_records)
     scores: Dict[str, np.ndarray] = {}
     for a in plan.attacks:
         ref_ctx = None
@@ -652,12 +666,12 @@ def compute_metrics(plan: Plan, *, records: Records, trained: PopulationResult, 
     post-training ones), which gives the defenses' accuracy cost."""
     c, targets = plan.config, list(plan.targets)
     keep = defended.population.keep
-    membership = keep[targets]
+    scored = defended.population.scored_records  # reserved records are never scored
+    membership = keep[targets][:, scored]
     attack_metrics, curves = {}, {}
-    n = records.n
-    groups = np.tile(np.arange(n), len(targets))  # a record's scores against every target: one cluster
-    labels = np.tile(records.y, len(targets))
-    correct = signals.correct[targets].ravel() > 0.5
+    groups = np.tile(scored, len(targets))  # a record's scores against every target: one cluster
+    labels = np.tile(records.y[scored], len(targets))
+    correct = signals.correct[targets][:, scored].ravel() > 0.5
     slices = {f"class={k}": labels == k for k in range(records.n_classes) if (labels == k).any()}
     slices.update({"target_correct=true": correct, "target_correct=false": ~correct})
     for a in plan.attacks:
@@ -712,6 +726,7 @@ def compute_metrics(plan: Plan, *, records: Records, trained: PopulationResult, 
         "population": {
             "n_models": c.n_models,
             "n_records": records.n,
+            "reserved_records": int(records.n - len(scored)),
             "members_per_model_mean": float(keep.sum(1).mean()),
             "cache_key": trained.key,
         },
@@ -867,8 +882,10 @@ def run_stages(plan: Plan, *, cache: Optional[PopulationCache] = None,
     m = compute_metrics(plan, records=records, trained=trained, defended=defended,
                         undefended_signals=undefended_signals, signals=signals, scores=scores, estimates=estimates)
     targets = list(plan.targets)
-    return Evaluation(plan=plan, metrics=m.document, scores=scores, membership=defended.population.keep[targets],
-                      targets=targets, record_index=records.index, estimates=estimates, curves=m.curves,
+    scored = defended.population.scored_records
+    return Evaluation(plan=plan, metrics=m.document, scores=scores,
+                      membership=defended.population.keep[targets][:, scored],
+                      targets=targets, record_index=records.index[scored], estimates=estimates, curves=m.curves,
                       population=defended.population)
 
 

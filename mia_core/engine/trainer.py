@@ -151,6 +151,20 @@ def make_keep_matrix(n_models: int, n_records: int, rng: np.random.Generator) ->
     return keep
 
 
+def reserve_records(n_records: int, fraction: float, seed: int) -> np.ndarray:
+    """The reserved records (the keep matrix's third role: trained on by no model, scored against
+    no target): bool ``[N]`` with ``round(fraction * N)`` entries set, drawn from the run seed on a
+    stream of their own, so the pairs' coin flips of the other records do not change."""
+    if not 0.0 <= float(fraction) < 1.0:
+        raise ValueError(f"the reserved fraction must be in [0, 1), got {fraction!r}")
+    out = np.zeros(n_records, dtype=bool)
+    k = int(round(float(fraction) * n_records))
+    if k:
+        rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x72657376]))  # "resv"
+        out[rng.choice(n_records, size=k, replace=False)] = True
+    return out
+
+
 def partner(model: int) -> int:
     """The other model of ``model``'s complementary pair (see :func:`make_keep_matrix`)."""
     return int(model) ^ 1
@@ -270,6 +284,9 @@ class TrainingContext:
             defense that needs data of its own, such as adversarial regularization's reference
             set, takes it from here).
         keep: bool ``[M, N]``: which records each model trains on (its non-members are the rest).
+        reserved: int64 ``[R]``: the reserved records (see
+            :meth:`~mia_core.base.TrainingDefense.reserve_fraction`): no model trains on them and
+            no target is scored on them, so a defense may use them as known non-members.
     """
 
     recipe: TrainingRecipe
@@ -287,6 +304,7 @@ class TrainingContext:
     x: torch.Tensor
     y: torch.Tensor
     keep: np.ndarray
+    reserved: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
     def model_stream(self, m: int, purpose: int) -> np.random.SeedSequence:
         """The random stream of the ``m``-th model of this ensemble (``model_ids[m]`` in the
@@ -434,6 +452,7 @@ class Trainer:
         stacked: allow the batched-GEMM fast path for MLPs (``False`` forces ``vmap``).
         manual_backward: on that path, run the backward pass without autograd where every
             activation allows it (``False`` uses autograd; both give the same gradients).
+        reserved: int ``[R]`` the population's reserved records (``ctx.reserved`` for defenses).
     """
 
     def __init__(
@@ -457,6 +476,7 @@ class Trainer:
         sampler: Optional[BatchSampler] = None,
         stacked: bool = True,
         manual_backward: bool = True,
+        reserved: Optional[np.ndarray] = None,
     ):
         keep = np.asarray(keep, dtype=bool)
         n_models = keep.shape[0]
@@ -494,6 +514,7 @@ class Trainer:
             x=x,
             y=y,
             keep=keep,
+            reserved=np.zeros(0, dtype=np.int64) if reserved is None else np.asarray(reserved, dtype=np.int64),
         )
         for d in self.defenses:  # stage 0: configure (may replace the sampler)
             d.configure(self.ctx)
@@ -727,6 +748,7 @@ def train_ensemble(
     defenses: Sequence[Any] = (),
     model_ids: Optional[Sequence[int]] = None,
     epoch_size: Optional[int] = None,
+    reserved: Optional[np.ndarray] = None,
 ) -> TrainingResult:
     """Train the stacked ensemble in place: ``Trainer(...).fit()`` (see :class:`Trainer` for
     the arguments; ``rng`` is its ``seed``, the root of the per-model streams).
@@ -736,7 +758,7 @@ def train_ensemble(
     """
     return Trainer(
         base, params, buffers, x, y, keep, recipe, seed=rng, model_ids=model_ids, epoch_size=epoch_size,
-        defenses=defenses, epochs=epochs, lr=lr, post_step=post_step, on_epoch=on_epoch,
+        defenses=defenses, epochs=epochs, lr=lr, post_step=post_step, on_epoch=on_epoch, reserved=reserved,
     ).fit()
 
 
