@@ -257,6 +257,9 @@ def format_summary(metrics_doc: Dict, *, fprs=(0.001, 0.01)) -> str:
         + (f" (before defenses: train {_pct(tgt['undefended_train_accuracy'])}, "
            f"test {_pct(tgt['undefended_test_accuracy'])})" if metrics_doc["defenses"] else "")
     )
+    audit = metrics_doc.get("dp_audit")
+    if audit and audit.get("consistent"):  # an inconsistent audit is listed with the warnings below
+        out.append(audit["message"])
     if metrics_doc["defenses"] and not metrics_doc.get("adaptive", True):
         out.append("attacker: non-adaptive (the targets carry the defenses, the reference models do not)")
     for d in metrics_doc["defenses"]:

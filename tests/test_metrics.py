@@ -634,3 +634,21 @@ def test_summary_records_the_epsilon_method_and_delta():
     assert doc["epsilon"]["delta"] == 1e-5 and "Jagielski" in doc["epsilon"]["method"]
     assert doc["epsilon"]["value"] == M.epsilon_lower_bound(s, m, delta=1e-5) == doc["epsilon_lower_bound"]
     assert doc["auc_ci"][0] <= doc["auc"] <= doc["auc_ci"][1] and "bootstrap" in doc["auc_ci_method"]
+
+
+def test_dp_audit_compares_every_attacks_lower_bound_with_the_accountant():
+    from mia_core.engine.stages import dp_audit
+
+    rng = np.random.default_rng(5)
+    m = rng.random(4000) < 0.5
+    strong = rng.normal(size=4000) + 3.0 * m  # far more distinguishable than epsilon = 0.5 allows
+    weak = rng.normal(size=4000)
+    report = [{"name": "dp-sgd", "report": {"epsilon": 0.5, "delta": 1e-5}}]
+    assert dp_audit([], {"a": weak}, m, confidence=0.95) is None
+    assert dp_audit([{"name": "weight-decay", "report": {"lam": 0.1}}], {"a": weak}, m, confidence=0.95) is None
+    ok = dp_audit(report, {"weak": weak}, m, confidence=0.95)
+    assert ok["consistent"] and ok["best_lower_bound"] <= 0.5 and "as it must be" in ok["message"]
+    assert ok["lower_bounds"]["weak"] == M.epsilon_lower_bound(weak, m, delta=1e-5)
+    bad = dp_audit(report, {"weak": weak, "strong": strong}, m, confidence=0.95)
+    assert not bad["consistent"] and bad["best_attack"] == "strong"
+    assert bad["message"].startswith("DP AUDIT FAILED: attack 'strong'")

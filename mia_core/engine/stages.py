@@ -657,6 +657,42 @@ class MetricsResult:
     curves: Dict[str, metrics.RocCurve]
 
 
+def dp_audit(train_reports: List[Dict[str, Any]], scores: Dict[str, np.ndarray], membership: np.ndarray, *,
+             confidence: float) -> Optional[Dict[str, Any]]:
+    """Audit a differentially private training (Jagielski et al. 2020): every attack's empirical
+    ε lower bound at the accountant's δ, beside the accountant's ε.
+
+    A train-time defense that reports ``epsilon`` and ``delta`` (``dp-sgd``) is audited; with
+    several, the one with the smallest ε. The lower bound of a sound audit cannot exceed the
+    accountant's ε (up to the bound's statistical error and its independence assumption, see
+    :func:`mia_core.metrics.epsilon_lower_bound`); one that does means a bug in the training, the
+    accountant or the evaluation, and is reported as a warning, never hidden.
+
+    Returns:
+        ``None`` without such a defense; else ``{"defense", "accountant_epsilon", "delta",
+        "lower_bounds": {attack: ε}, "best_attack", "best_lower_bound", "consistent", "message"}``.
+    """
+    dp = [r for r in train_reports if isinstance(r.get("report"), dict)
+          and isinstance(r["report"].get("epsilon"), (int, float)) and isinstance(r["report"].get("delta"), (int, float))]
+    if not dp or not scores:
+        return None
+    entry = min(dp, key=lambda r: r["report"]["epsilon"])
+    eps, delta = float(entry["report"]["epsilon"]), float(entry["report"]["delta"])
+    bounds = {label: metrics.epsilon_lower_bound(s, membership, confidence=confidence, delta=delta)
+              for label, s in scores.items()}
+    best = max(bounds, key=bounds.get)
+    ok = bounds[best] <= eps
+    if ok:
+        message = (f"DP audit: the best attack's empirical ε lower bound ({best}: {bounds[best]:.3f} at δ={delta:g}) "
+                   f"is below the accountant's ε = {eps:.3f}, as it must be")
+    else:
+        message = (f"DP AUDIT FAILED: attack {best!r} shows an empirical ε lower bound of {bounds[best]:.3f} at "
+                   f"δ={delta:g}, above the accountant's ε = {eps:.3f} from {entry['name']!r}: a bug in the training, "
+                   f"the accountant or the evaluation (or the bound's independence assumption does not hold here)")
+    return {"defense": entry["name"], "accountant_epsilon": eps, "delta": delta, "lower_bounds": bounds,
+            "best_attack": best, "best_lower_bound": bounds[best], "consistent": bool(ok), "message": message}
+
+
 def compute_metrics(plan: Plan, *, records: Records, trained: PopulationResult, defended: DefenseResult,
                     undefended_signals: Signals, signals: Signals, scores: Dict[str, np.ndarray],
                     estimates: Dict[str, Estimate]) -> MetricsResult:
@@ -702,6 +738,10 @@ def compute_metrics(plan: Plan, *, records: Records, trained: PopulationResult, 
     acc = accuracy(signals, keep)
     before = accuracy(undefended_signals, keep)
     doc_warnings = population_warnings(records, float(before["train"][targets].mean()), plan.dataset.name)
+    audit = dp_audit(trained.train_reports, {a.label: scores[a.label].ravel() for a in plan.attacks},
+                     membership.ravel(), confidence=c.confidence)
+    if audit is not None and not audit["consistent"]:
+        doc_warnings.append(audit["message"])
     for w in doc_warnings:
         warnings.warn(w, EvaluationWarning, stacklevel=2)
     doc = {
@@ -709,6 +749,7 @@ def compute_metrics(plan: Plan, *, records: Records, trained: PopulationResult, 
         "attacks": attack_metrics,
         "best_attack": best,
         "adaptive": bool(c.adaptive),
+        **({"dp_audit": audit} if audit is not None else {}),
         "estimators": estimator_metrics,
         "target": {
             "targets": targets,
@@ -951,6 +992,7 @@ __all__ = [
     "estimate_memory",
     "compute_metrics",
     "compute_signals",
+    "dp_audit",
     "evaluate",
     "load_records",
     "parse_targets",
