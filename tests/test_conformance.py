@@ -31,7 +31,9 @@ EXTRA = {
                                {"bits": 3, "scheme": "affine", "rounding": "stochastic"}, {"method": "sign"}],
     ("defenses", "noise"): [{"sigma": 0.0}, {"sigma": 0.05, "include_bias": False},
                             {"epsilon": 0.9, "delta": 1e-5, "sensitivity": 0.005}],
-    ("defenses", "prune"): [{"scope": "layer", "sparsity": 0.5, "finetune_epochs": 0}],
+    ("defenses", "prune"): [{"search": True, "grid": "0.5,0.9", "finetune_epochs": 1},
+                            {"search": True, "grid": "0.5,0.9", "finetune_epochs": 1, "search_attack": "lira",
+                             "select": "sparsest", "leakage": "auc"}, {"scope": "layer", "sparsity": 0.5, "finetune_epochs": 0}],
 }
 
 

@@ -303,6 +303,19 @@ class DefenseContext:
         self._population._train(epochs, self.rng(1), lr=lr, post_step=post_step, on_epoch=on_epoch,
                                 defenses=self._population.train_defenses)
 
+    def probe(self, attack, *, models=None):
+        """Run ``attack`` (an :class:`~mia_core.base.Attack` instance or a spec such as
+        ``"lira:online=false"``) on the population as it is now, the way the engine does (strict
+        context, one target at a time), restricted to ``models`` (whole pairs; default all):
+        what a defense that searches its own setting (MIA-Pruning) scores each candidate with.
+        See :func:`mia_core.engine.probe.probe_population`."""
+        from mia_core.engine.probe import load_attack, probe_population
+
+        if isinstance(attack, str):
+            attack = load_attack(attack)
+        return probe_population(self._population, attack, models=models,
+                                owner=f"defense at position {self.position}")
+
     def changed(self) -> None:
         """Kept for plugins written against API 1.0, which had to call it after changing weights.
 

@@ -167,9 +167,8 @@ def probe_population(population: ModelPopulation, attack: "Attack", *, models: O
 
 
 def probe(ctx: "DefenseContext", attack: "Attack", *, models: Optional[Sequence[int]] = None) -> Probe:
-    """:func:`probe_population` on the population a post-training defense is changing, with its
-    current weights."""
-    return probe_population(ctx._population, attack, models=models, owner=f"defense at position {ctx.position}")
+    """:meth:`DefenseContext.probe <mia_core.engine.contexts.DefenseContext.probe>`, as a function."""
+    return ctx.probe(attack, models=models)
 
 
 __all__: Tuple[str, ...] = ("Probe", "check_probe", "load_attack", "models_needed", "probe", "probe_population",
