@@ -153,6 +153,12 @@ class Defense(Plugin, abc.ABC):
 
     stage: ClassVar[str] = "post"
 
+    def check_model(self, module: "torch.nn.Module") -> None:
+        """Refuse a model this defense cannot apply to, before anything trains: raise
+        ``ValueError`` with one line naming the layer or tensor and why (e.g. per-channel
+        quantization of a tensor without channels). ``module`` is one model of the population
+        (on the meta device: shapes and layer types, no values). Default: every model is fine."""
+
     @abc.abstractmethod
     def apply(self, ctx: "DefenseContext") -> Dict[str, Any]:
         """Apply the defense to every model of the population, in place.
@@ -195,6 +201,10 @@ class TrainingDefense(Plugin, abc.ABC):
     stage: ClassVar[str] = "train"
     #: Ask the trainer for per-sample gradients ``[M, B, ...]`` (costlier than per-batch ones).
     per_sample_gradients: ClassVar[bool] = False
+
+    def check_model(self, module: "torch.nn.Module") -> None:
+        """As :meth:`Defense.check_model`: refuse a model the defense cannot train (e.g. DP-SGD on
+        a layer without per-sample gradients) with one ``ValueError`` line, before training."""
 
     def reserve_fraction(self) -> float:
         """The fraction of the records the defense needs as *reserved* records: trained on by no

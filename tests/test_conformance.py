@@ -29,6 +29,7 @@ EXTRA = {
     ("defenses", "quantize"): [{"bits": 4, "granularity": "per-channel", "include_bias": True},
                                {"method": "ternary", "keep_last_layer": True, "last_layer_bits": None},
                                {"bits": 3, "scheme": "affine", "rounding": "stochastic"}, {"method": "sign"}],
+    ("defenses", "dp-sgd"): [{"target_epsilon": 4.0, "max_grad_norm": 0.5}, {"noise_multiplier": 0.0}],
     ("defenses", "noise"): [{"sigma": 0.0}, {"sigma": 0.05, "include_bias": False},
                             {"epsilon": 0.9, "delta": 1e-5, "sensitivity": 0.005}],
     ("defenses", "prune"): [{"search": True, "grid": "0.5,0.9", "finetune_epochs": 1},

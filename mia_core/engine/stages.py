@@ -870,6 +870,23 @@ def estimate_memory(plan: Plan, records: Records) -> int:
     return 4 * (6 * c.n_models * n_params + 3 * rows * (records.n_features + sum(widths)))
 
 
+def check_defenses(plan: Plan, records: Records) -> None:
+    """Every defense's :meth:`~mia_core.base.Defense.check_model` on the model family, before
+    anything trains.
+
+    Raises:
+        ParamError: naming the defense and why it cannot apply to this model.
+    """
+    if not plan.defenses:
+        return
+    module = plan.model.plugin.build(records.n_features, records.n_classes).to("meta")
+    for d in plan.defenses:
+        try:
+            d.plugin.check_model(module)
+        except ValueError as exc:
+            raise ParamError(f"defense {d.label!r} cannot apply to model {plan.model.label!r}: {exc}") from None
+
+
 def check_resources(plan: Plan, records: Records, *, out: Optional[Path] = None) -> None:
     """Refuse, before anything is trained or written, a population that cannot fit in memory and
     an output directory that cannot be written or has no room for the run.
@@ -962,6 +979,7 @@ def evaluate(config: Union[EvalConfig, Plan], *, out: Optional[Union[str, Path]]
         cache = PopulationCache(None if cache is None else Path(cache).expanduser())
     out = None if out is None else Path(out).expanduser()
     records = load_records(plan)  # unusable data is a usage error before any run directory exists
+    check_defenses(plan, records)
     check_resources(plan, records, out=out)
     if out is None:
         return run_stages(plan, cache=cache, reporter=reporter, records=records)
@@ -987,6 +1005,7 @@ __all__ = [
     "PopulationResult",
     "USAGE_ERRORS",
     "apply_defenses",
+    "check_defenses",
     "check_estimate",
     "check_resources",
     "estimate_memory",

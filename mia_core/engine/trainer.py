@@ -305,6 +305,8 @@ class TrainingContext:
     y: torch.Tensor
     keep: np.ndarray
     reserved: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    #: one model of the ensemble on the meta device (the architecture: layer types and shapes)
+    module: Optional[torch.nn.Module] = None
 
     def model_stream(self, m: int, purpose: int) -> np.random.SeedSequence:
         """The random stream of the ``m``-th model of this ensemble (``model_ids[m]`` in the
@@ -515,6 +517,7 @@ class Trainer:
             y=y,
             keep=keep,
             reserved=np.zeros(0, dtype=np.int64) if reserved is None else np.asarray(reserved, dtype=np.int64),
+            module=base,
         )
         for d in self.defenses:  # stage 0: configure (may replace the sampler)
             d.configure(self.ctx)

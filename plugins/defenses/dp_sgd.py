@@ -297,13 +297,16 @@ class DPSGD(TrainingDefense):
             raise ValueError(f"accountant must be one of {', '.join(ACCOUNTANTS)}, got {self.accountant!r}")
 
     # ------------------------------------------------------------------ hooks
+    def check_model(self, module) -> None:
+        """Refuse, before training, a model with a layer that has no per-sample gradient."""
+        bad = unsupported_layers(module)
+        if bad:
+            raise ValueError(f"dp-sgd needs per-sample gradients, which layer {bad[0]}")
+
     def configure(self, ctx) -> None:
         self.validate()
-        module = getattr(ctx, "module", None)  # the architecture, where the trainer's context exposes it
-        if module is not None:
-            bad = unsupported_layers(module)
-            if bad:
-                raise ValueError(f"dp-sgd needs per-sample gradients, which layer {bad[0]}")
+        if ctx.module is not None:  # also when training is driven without the engine's check
+            self.check_model(ctx.module)
         if self.sampling_rate is not None:
             q = float(self.sampling_rate)
         elif isinstance(ctx.sampler, PoissonSampler):  # the recipe's own Poisson rate

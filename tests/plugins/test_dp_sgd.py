@@ -441,3 +441,34 @@ def test_cli_end_to_end(tmp_path):
         "--targets", "first:2", "-q", "--out", str(tmp_path / "runs"), "--cache-dir", str(tmp_path / "cache")])
     assert res.exit_code == 0, res.output
     assert "defense dp-sgd (train-time): epsilon=" in res.output and "accountant=rdp" in res.output
+
+
+def test_a_model_without_per_sample_gradients_is_refused_before_training(tmp_path, monkeypatch):
+    """One clear line and exit status 2, before anything trains (nothing written, nothing cached)."""
+    from click.testing import CliRunner
+    from torch import nn
+
+    from mia_core import registry
+    from mia_core.base import ModelFamily
+    from mia_core.cli import main
+
+    class BatchNormMLP(ModelFamily):
+        api_version = "1.0"
+
+        def __init__(self):
+            pass
+
+        def build(self, n_features, n_classes):
+            return nn.Sequential(nn.Linear(n_features, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, n_classes))
+
+    real = registry.load
+    monkeypatch.setattr(registry, "load", lambda kind, name: BatchNormMLP if (kind, name) == ("models", "bn-mlp")
+                        else real(kind, name))
+    res = CliRunner().invoke(main, ["eval", "--attack", "loss", "--defense", "dp-sgd", "--model", "bn-mlp",
+                                    "--dataset", "digits:n_records=200", "--n-models", "4", "-q",
+                                    "--out", str(tmp_path / "runs"), "--cache-dir", str(tmp_path / "cache")])
+    assert res.exit_code == 2, res.output
+    err = res.stderr.strip()
+    assert err.startswith("Error: defense 'dp-sgd' cannot apply to model 'bn-mlp': dp-sgd needs per-sample gradients")
+    assert "\n" not in err and "BatchNorm" in err
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "cache").exists()
