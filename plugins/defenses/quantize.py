@@ -513,6 +513,12 @@ class Quantize(Defense):
                              f"{last!r}, the only one selected")
         return items
 
+    def check_model(self, module) -> None:
+        """:meth:`plan` on the model's parameter shapes (one model, zeros), before training."""
+        self.validate()
+        self.plan({n: torch.zeros((1,) + tuple(p.shape), dtype=p.dtype if p.dtype.is_floating_point else torch.float32)
+                   for n, p in module.named_parameters()})
+
     # ---------------------------------------------------------------- apply
     def apply(self, ctx) -> Dict[str, Any]:
         self.validate()

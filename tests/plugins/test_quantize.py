@@ -439,3 +439,20 @@ def test_cli_end_to_end(tmp_path):
     assert res.exit_code == 0, res.output
     assert "defense quantize:" in res.output and "effective_bits=" in res.output
     assert "kernel_backend=" in res.output
+
+
+def test_a_model_quantize_cannot_apply_to_is_refused_before_training(tmp_path):
+    """logreg's only 2-D tensor is its last layer: keeping it in float leaves nothing to quantize."""
+    from click.testing import CliRunner
+
+    from mia_core.cli import main
+
+    res = CliRunner().invoke(main, ["eval", "--attack", "loss", "--model", "logreg", "--defense",
+                                    "quantize:keep_last_layer=true,last_layer_bits=none",
+                                    "--dataset", "digits:n_records=200", "--n-models", "4", "-q",
+                                    "--out", str(tmp_path / "runs"), "--cache-dir", str(tmp_path / "cache")])
+    assert res.exit_code == 2, res.output
+    err = res.stderr.strip()
+    assert err.startswith("Error: defense 'quantize:keep_last_layer=true,last_layer_bits=none' cannot apply to "
+                          "model 'logreg': keep_last_layer=true with last_layer_bits=none leaves nothing to quantize")
+    assert "\n" not in err and not (tmp_path / "runs").exists() and not (tmp_path / "cache").exists()
