@@ -361,7 +361,8 @@ def _train_with(cls, params, seed: int):
     records, build, recipe = _planted_setup(seed)
     recipe = dataclasses.replace(recipe, epochs=TRAIN_CHECK_EPOCHS)
     obj = cls(**params)
-    pop = ModelPopulation.train(records, build, recipe, n_models=8, seed=seed, defenses=[obj])
+    pop = ModelPopulation.train(records, build, recipe, n_models=8, seed=seed, defenses=[obj],
+                                reserve=float(obj.reserve_fraction()))  # as the engine reserves for it
     report = _check_report(cls, "report()", pop.training.defenses[0])
     for k, v in pop.params.items():
         if not bool(v.isfinite().all()):
