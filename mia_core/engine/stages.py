@@ -536,6 +536,25 @@ def _check_scores(owner: str, scores, n: int) -> np.ndarray:
     return arr
 
 
+def scored_view(population: ModelPopulation, signals: Signals) -> Tuple[ModelPopulation, Signals]:
+    """The population and its signals restricted to the scored records: what attacks and
+    estimators see. Without reserved records, the arguments themselves. With them (a train-time
+    defense's non-member reference set, see
+    :meth:`~mia_core.base.TrainingDefense.reserve_fraction`), a view holding the other records
+    only, so no attack is ever shown a record that every model left out (it would have no IN
+    reference) and the complementary-pair game holds for every record it sees."""
+    if population.reserved is None or not population.reserved.any():
+        return population, signals
+    idx = population.scored_records
+    r = population.records
+    records = Records(x=r.x[idx], y=r.y[idx], index=r.index[idx], n_classes=r.n_classes, name=r.name,
+                      image_shape=r.image_shape)
+    view = dataclasses.replace(population, records=records, keep=population.keep[:, idx], reserved=None)
+    sliced = Signals(logits=signals.logits[:, idx], confidence=signals.confidence[:, idx],
+                     loss=signals.loss[:, idx], correct=signals.correct[:, idx])
+    return view, sliced
+
+
 def run_attacks(plan: Plan, population: ModelPopulation, signals: Signals, *,
                 reporter: Optional[Reporter] = None,
                 references: Optional[Tuple[ModelPopulation, Signals]] = None) -> Dict[str, np.ndarray]:
@@ -932,11 +951,12 @@ def run_stages(plan: Plan, *, cache: Optional[PopulationCache] = None,
         undefended, undefended_signals = baseline.population, compute_signals(baseline.population)
     defended = apply_defenses(plan, trained.population, reporter=reporter)
     signals = compute_signals(defended.population) if plan.post_defenses else trained_signals
+    target_pop, target_signals = scored_view(defended.population, signals)  # reserved records: never shown
     references = None
     if not plan.config.adaptive and plan.defenses:  # the target alone carries the defenses
-        references = (undefended, undefended_signals)
-    scores = run_attacks(plan, defended.population, signals, reporter=reporter, references=references)
-    estimates = run_estimators(plan, defended.population, signals, reporter=reporter)
+        references = scored_view(undefended, undefended_signals)
+    scores = run_attacks(plan, target_pop, target_signals, reporter=reporter, references=references)
+    estimates = run_estimators(plan, target_pop, target_signals, reporter=reporter)
     m = compute_metrics(plan, records=records, trained=trained, defended=defended,
                         undefended_signals=undefended_signals, signals=signals, scores=scores, estimates=estimates)
     targets = list(plan.targets)
@@ -1021,6 +1041,7 @@ __all__ = [
     "run_attacks",
     "run_estimators",
     "run_stages",
+    "scored_view",
     "train_population",
     "versions",
 ]

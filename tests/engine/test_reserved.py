@@ -53,7 +53,7 @@ def test_reserved_records_are_never_trained_nor_scored(tmp_path, monkeypatch):
         return Reserves if (kind, name) == ("defenses", "reserves") else real(kind, name)
 
     monkeypatch.setattr(registry, "load", load)
-    config = EvalConfig(attacks=("lira", "loss"), defenses=("reserves",), dataset="digits:n_records=300",
+    config = EvalConfig(attacks=("lira", "loss", "rmia", "bavaria"), defenses=("reserves",), dataset="digits:n_records=300",
                         model="mlp:width=16", n_models=6, targets="first:2", recipe=TrainingRecipe(epochs=2))
     plan = resolve(config)
     assert plan.reserve == 0.2 and plan.document["reserved_fraction"] == 0.2
@@ -78,3 +78,22 @@ def test_reserved_records_are_never_trained_nor_scored(tmp_path, monkeypatch):
     pop = ModelPopulation.from_state(ev.population.state(), records=records, build=lambda: plan.model.plugin.build(
         records.n_features, records.n_classes), recipe=plan.config.recipe, seed=0)
     assert np.array_equal(pop.reserved, reserved) and np.array_equal(pop.scored_records, np.flatnonzero(~reserved))
+
+
+def test_attacks_see_only_the_scored_records():
+    from mia_core.engine.signals import compute_signals
+    from mia_core.engine.stages import scored_view
+    from mia_core.testing import planted_population
+
+    pop = planted_population(0)
+    signals = compute_signals(pop.logits(), pop.records.y)
+    assert scored_view(pop, signals) == (pop, signals)  # nothing reserved: the same objects
+    reserved = reserve_records(pop.n_records, 0.25, 1)
+    pop.keep[:, reserved] = False
+    pop.reserved = reserved
+    view, sig = scored_view(pop, signals)
+    assert view.n_records == sig.confidence.shape[1] == (~reserved).sum() and view.reserved is None
+    assert np.array_equal(view.records.index, pop.records.index[~reserved])
+    assert np.array_equal(sig.loss, signals.loss[:, ~reserved]) and np.array_equal(view.keep, pop.keep[:, ~reserved])
+    # every record an attack sees is IN for exactly one model of each pair
+    assert (view.keep[0::2] ^ view.keep[1::2]).all()
