@@ -59,6 +59,12 @@ class SignalContext:
         return self._population.records.y
 
     @property
+    def record_index(self) -> np.ndarray:
+        """int64 ``[N]`` the records' stable identifiers (row numbers of the source data), for
+        reports that name records (positions shift when records are reserved)."""
+        return self._population.records.index
+
+    @property
     def features(self) -> np.ndarray:
         """float32 ``[N, D]`` the records' features (read-only). The attacker knows the records it
         asks about, so any access level may read them (e.g. a quantile-regression attack's input)."""
@@ -141,6 +147,39 @@ class SignalContext:
         if "params" not in self.access:
             raise AccessError(f"{self.owner} read the model parameters without declaring 'params' access")
         return {k: v.detach().clone() for k, v in self._population.params.items()}
+
+    def logits(self, params: Params, x: Optional[np.ndarray] = None, *,
+               models: Optional[Sequence[int]] = None):
+        """White-box access: the population's architecture run at parameters the plugin built
+        (e.g. perturbed or re-quantized copies of :meth:`parameters`), without gradients.
+
+        Args:
+            params: stacked ``{name: Tensor[K, ...]}`` with every name of :meth:`parameters`,
+                float32 or float64, on the population's device; ``K`` is any number of models.
+            x: float ``[B, D]`` inputs (default: the records' features), cast to the dtype of
+                ``params``.
+            models: int ``[K]``, the population model whose buffers row ``k`` runs with
+                (default ``0..M-1``, so ``K = M``).
+
+        Returns:
+            Tensor ``[K, B, C]`` of the dtype of ``params``.
+        """
+        if "params" not in self.access:
+            raise AccessError(f"{self.owner} ran the models on its own parameters without declaring 'params' access")
+        import torch
+
+        from mia_core.engine.trainer import ensemble_logits
+
+        pop = self._population
+        if set(params) != set(pop.params):
+            raise ValueError(f"params must hold exactly the tensors {sorted(pop.params)}, got {sorted(params)}")
+        first = next(iter(params.values()))
+        idx = torch.arange(pop.n_models) if models is None else torch.as_tensor(models, dtype=torch.long)
+        if idx.shape != (first.shape[0],):
+            raise ValueError(f"models has {idx.numel()} entries but params hold {first.shape[0]} models")
+        xt = torch.as_tensor(np.asarray(pop.records.x if x is None else x), dtype=first.dtype, device=first.device)
+        buffers = {k: v[idx.to(v.device)] for k, v in pop.buffers.items()}
+        return ensemble_logits(pop.base, params, buffers, xt)
 
 
 EstimatorContext = SignalContext
