@@ -27,6 +27,8 @@ The maths are pure, keyword-only functions; the plugin classes are thin wrappers
 
 from __future__ import annotations
 
+import abc
+
 from typing import Dict, Literal, Optional
 
 import numpy as np
@@ -223,9 +225,9 @@ class _CalibratedMetricAttack(Attack):
         self.thresholds = thresholds
         self.n_references = n_references
 
-    def statistic(self, probs: np.ndarray, labels: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
+    @abc.abstractmethod
+    def statistic(self, probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
         """The statistic, higher = member: float ``[N]`` from probs ``[N, C]`` and labels ``[N]``."""
-        raise NotImplementedError
 
     def validate(self) -> None:
         if self.thresholds not in THRESHOLD_MODES:
