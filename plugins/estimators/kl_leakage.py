@@ -475,8 +475,7 @@ class KLLeakage(Estimator):
     of them are IN, so records with the same IN/OUT split share one KL (a complementary-pair population
     of 16 models has at most 2^8 = 256 splits): ties among the most exposed records are expected there.
 
-    Records are identified by the context's ``record_index`` when it exposes one, else by their
-    position among the records the estimator was shown (``record_ids`` says which).
+    Records are identified by their stable ids (``ctx.record_index``: row numbers of the source data).
 
     Args:
         source: ``signal`` or ``params``.
@@ -579,8 +578,7 @@ class KLLeakage(Estimator):
         rho = float(per.mean())
         lo, hi = bootstrap_mean_interval(per_record=per, n_boot=int(self.n_bootstrap),
                                          confidence=float(self.confidence), seed=int(seeds[0]))
-        index = getattr(ctx, "record_index", None)
-        ids = np.asarray(index, dtype=np.int64) if index is not None else np.arange(per.size)
+        ids = np.asarray(ctx.record_index, dtype=np.int64)  # stable record ids (row numbers of the data)
         order = np.argsort(-per, kind="stable")[: int(self.top_k)]
         fit.update({"source": self.source, "dimension": res.dim, "covariance": res.covariance, "ridge": ridge,
                     "n_in_min": res.n_in_min, "n_out_min": res.n_out_min})
@@ -596,7 +594,6 @@ class KLLeakage(Estimator):
             "null_value": float(null.symmetric.mean()),
             "per_record": _summary(per),
             "most_exposed": [{"record": int(ids[j]), "kl": float(per[j])} for j in order],
-            "record_ids": "index" if index is not None else "position",
             "fit": fit,
             "units": "nats",
             "confidence": float(self.confidence),
