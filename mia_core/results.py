@@ -252,11 +252,18 @@ def format_summary(metrics_doc: Dict, *, fprs=(0.001, 0.01)) -> str:
             f"pooled over {n_t} target model{'s' if n_t != 1 else ''}: "
             f"{any_m['n_members']} member and {any_m['n_nonmembers']} non-member scores"
         )
-    out.append(
-        f"target accuracy: train {_pct(tgt['train_accuracy'])}, test {_pct(tgt['test_accuracy'])}"
-        + (f" (before defenses: train {_pct(tgt['undefended_train_accuracy'])}, "
-           f"test {_pct(tgt['undefended_test_accuracy'])})" if metrics_doc["defenses"] else "")
-    )
+    if tgt.get("train_accuracy") is None and "train_mse" in tgt:  # regression: accuracy is undefined
+        out.append(
+            f"target MSE: train {tgt['train_mse']:.4g}, test {tgt['test_mse']:.4g}"
+            + (f" (before defenses: train {tgt['undefended_train_mse']:.4g}, "
+               f"test {tgt['undefended_test_mse']:.4g})" if metrics_doc["defenses"] else "")
+        )
+    else:
+        out.append(
+            f"target accuracy: train {_pct(tgt['train_accuracy'])}, test {_pct(tgt['test_accuracy'])}"
+            + (f" (before defenses: train {_pct(tgt['undefended_train_accuracy'])}, "
+               f"test {_pct(tgt['undefended_test_accuracy'])})" if metrics_doc["defenses"] else "")
+        )
     audit = metrics_doc.get("dp_audit")
     if audit and audit.get("consistent"):  # an inconsistent audit is listed with the warnings below
         out.append(audit["message"])

@@ -130,7 +130,7 @@ class SignalContext:
                                  f"{records.name!r} declares no image_shape (use augment=none)")
             views = augment_records(records.x, image_shape=records.image_shape, kind=kind, shift=shift)
             cache[key] = [self._all_signals()] + [
-                compute_signals(self._population.logits(v), records.y) for v in views[1:]]
+                compute_signals(self._population.logits(v), records.y, task=records.task) for v in views[1:]]
         return cache[key]
 
     def _check_access(self, name: str) -> None:

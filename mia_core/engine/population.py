@@ -85,6 +85,7 @@ class ModelPopulation:
         device: Optional[torch.device] = None,
         defenses: Sequence[Any] = (),
         reserve: float = 0.0,
+        closed_form: Optional[Callable[..., Params]] = None,
     ) -> "ModelPopulation":
         """Draw the keep matrix, initialise ``n_models`` models and train them as one ensemble.
 
@@ -100,6 +101,11 @@ class ModelPopulation:
             defenses: train-time defenses (:class:`~mia_core.base.TrainingDefense`), in order.
             reserve: the fraction of records to reserve (:func:`~mia_core.engine.trainer.reserve_records`):
                 no model trains on them and they are not scored.
+            closed_form: a model family's ``fit_closed_form`` (e.g. ridge regression): called once as
+                ``closed_form(x=float64 [N, D], y=float64 [N], keep=bool [M, N])`` on the CPU, it returns
+                every model's parameters ``{name: Tensor[M, ...]}`` (the names and shapes ``build``'s
+                module has), which replace the initialisation; no SGD runs, so ``recipe`` (epochs,
+                lr, ...) and ``on_epoch`` are unused and train-time ``defenses`` are refused.
 
         Returns:
             the population; ``pop.training`` holds the :class:`~mia_core.engine.trainer.TrainingResult`.
@@ -122,8 +128,31 @@ class ModelPopulation:
         pop = cls(records=records, keep=keep, base=base, params=params, buffers=buffers, recipe=recipe, seed=seed,
                   reserved=reserved)
         pop.train_defenses = tuple(defenses)
-        pop.training = pop._train(recipe.epochs, seed, on_epoch=on_epoch, defenses=defenses)
+        if closed_form is not None:
+            pop.training = pop._solve(closed_form)
+        else:
+            pop.training = pop._train(recipe.epochs, seed, on_epoch=on_epoch, defenses=defenses)
         return pop
+
+    def _solve(self, closed_form: Callable[..., Params]) -> TrainingResult:
+        """Set every model's parameters from the family's closed-form solver (one call)."""
+        if self.train_defenses:
+            raise DataError("train-time defenses hook into SGD training; this model family is solved in "
+                            "closed form (use its own regularisation, or a post-training defense)")
+        x = torch.from_numpy(self.records.x).to(torch.float64)
+        y = torch.from_numpy(np.asarray(self.records.y, dtype=np.float64))
+        solved = closed_form(x=x, y=y, keep=torch.from_numpy(self.keep))
+        if not isinstance(solved, dict) or set(solved) != set(self.params):
+            raise ValueError(f"fit_closed_form returned parameters {sorted(solved) if isinstance(solved, dict) else solved!r}, "
+                             f"expected {sorted(self.params)}")
+        for name, p in self.params.items():
+            v = torch.as_tensor(solved[name])
+            if tuple(v.shape) != tuple(p.shape):
+                raise ValueError(f"fit_closed_form returned {name!r} of shape {tuple(v.shape)}, expected {tuple(p.shape)}")
+            with torch.no_grad():
+                p.copy_(v.to(p.dtype))
+        return TrainingResult(losses=[], steps=0, epochs=0, steps_per_epoch=0, sampling_rate=0.0, sampler="none",
+                              forward="closed-form", backward="none", per_sample_gradients=False)
 
     def _train(self, epochs, rng, *, lr=None, post_step=None, on_epoch=None, defenses=()) -> TrainingResult:
         """Train every model further on its own half and return what training did.
@@ -131,6 +160,9 @@ class ModelPopulation:
         ``rng`` (an int seed, a SeedSequence, or a Generator to draw one from) roots the
         per-model streams. An epoch walks the population's largest training half.
         """
+        if self.records.is_regression:
+            raise DataError("SGD training (and fine-tuning) minimise cross-entropy; a regression population is "
+                            "solved in closed form by its model family and cannot be fine-tuned")
         x = torch.from_numpy(self.records.x).to(self.device)
         y = torch.from_numpy(self.records.y).to(self.device)
         return train_ensemble(
@@ -192,10 +224,11 @@ class ModelPopulation:
         and hands the same :class:`Signals` to every attack and estimator, so a weight change can
         never leave stale signals behind.
         """
-        return compute_signals(self.logits(), self.records.y)
+        return compute_signals(self.logits(), self.records.y, task=self.records.task)
 
     def accuracy(self) -> Dict[str, np.ndarray]:
-        """Per-model accuracy on its own training half (``train``) and on the rest (``test``)."""
+        """Per-model accuracy on its own training half (``train``) and on the rest (``test``)
+        (regression: raises :class:`~mia_core.engine.signals.SignalUnavailable`; see :func:`mse`)."""
         return accuracy(self.signals(), self.keep)
 
     # ----------------------------------------------------------------- persistence
@@ -233,9 +266,18 @@ class ModelPopulation:
 def accuracy(signals: Signals, keep: np.ndarray) -> Dict[str, np.ndarray]:
     """Per-model accuracy from ``signals.correct`` ``[M, N]``: on the model's own training half
     (``train``, float ``[M]``) and on the other records (``test``)."""
-    correct = signals.correct.astype(bool)
+    correct = signals.get("correct").astype(bool)  # regression: SignalUnavailable (accuracy is undefined)
     keep = np.asarray(keep, dtype=bool)
     return {"train": (correct & keep).sum(1) / keep.sum(1), "test": (correct & ~keep).sum(1) / (~keep).sum(1)}
 
 
-__all__ = ["ModelPopulation", "accuracy"]
+def mse(signals: Signals, keep: np.ndarray) -> Dict[str, np.ndarray]:
+    """Per-model mean squared error (the mean of ``signals.loss`` ``[M, N]``; on regression the
+    squared error) on the model's own training half (``train``, float ``[M]``) and on the other
+    records (``test``): what regression reports where classification reports accuracy."""
+    loss = np.asarray(signals.loss, dtype=np.float64)
+    keep = np.asarray(keep, dtype=bool)
+    return {"train": (loss * keep).sum(1) / keep.sum(1), "test": (loss * ~keep).sum(1) / (~keep).sum(1)}
+
+
+__all__ = ["ModelPopulation", "accuracy", "mse"]

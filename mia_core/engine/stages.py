@@ -44,9 +44,9 @@ from mia_core.base import PluginSpec
 from mia_core.data import DataError, Records
 from mia_core.engine.cache import PopulationCache, cache_key
 from mia_core.engine.contexts import AttackContext, DefenseContext, EstimatorContext, SignalContext
-from mia_core.engine.population import ModelPopulation, accuracy
+from mia_core.engine.population import ModelPopulation, accuracy, mse
 from mia_core.engine.progress import Reporter
-from mia_core.engine.signals import Signals
+from mia_core.engine.signals import Signals, SignalUnavailable
 from mia_core.engine.trainer import TrainingRecipe, select_references
 from mia_core.params import ParamError, instantiate, parse_spec, split_spec
 from mia_core.results import SCHEMA_VERSION, RunDir, plain_json, write_run
@@ -349,6 +349,8 @@ def _guarded(owner: str, fn: Callable, *args):
     """Run plugin code; anything but a usage error becomes a PluginRuntimeError naming the plugin."""
     try:
         return fn(*args)
+    except SignalUnavailable as exc:  # e.g. an attack reading probs on a regression dataset: one line, exit 2
+        raise SignalUnavailable(f"{owner}: {exc}") from None
     except (PluginRuntimeError, KeyboardInterrupt) + USAGE_ERRORS:
         raise
     except Exception as exc:
@@ -373,6 +375,37 @@ def load_records(plan: Plan) -> Records:
     if records.n < 4:
         raise ParamError(f"dataset {d.name!r} has only {records.n} records; membership inference needs at least 4")
     return records
+
+
+def check_task(plan: Plan, records: Records) -> None:
+    """Refuse, before anything trains, a plan whose plugins cannot work on the dataset's task.
+
+    A regression dataset (:attr:`Records.task`) needs a model family solved in closed form (one with
+    ``fit_closed_form``, e.g. ``linreg``: SGD training minimises cross-entropy), takes no train-time
+    defense, and gives no ``correct``/``probs`` signal, so a plugin whose access is ``label`` only
+    cannot run. A closed-form (regression) family on a classification dataset is refused too.
+    Attacks that read ``probs`` under ``probs`` access fail when they read it (one line, exit 2).
+
+    Raises:
+        ParamError: naming the plugin and what to use instead.
+    """
+    fam = plan.model
+    closed = callable(getattr(fam.plugin, "fit_closed_form", None))
+    if not records.is_regression:
+        if closed:
+            raise ParamError(f"model {fam.label!r} is a regression model; dataset {plan.dataset.label!r} is a "
+                             f"classification task (use a regression dataset, e.g. diabetes)")
+        return
+    if not closed:
+        raise ParamError(f"dataset {plan.dataset.label!r} is a regression task (real-valued targets); model "
+                         f"{fam.label!r} trains by SGD on cross-entropy: use a regression model, e.g. linreg")
+    if plan.train_defenses:
+        raise ParamError(f"defense {plan.train_defenses[0].label!r} hooks into SGD training; model {fam.label!r} is "
+                         f"solved in closed form (use its regularisation, or a post-training defense)")
+    for c in list(plan.attacks) + list(plan.estimators):
+        if set(c.plugin.access) <= {"label"}:
+            raise ParamError(f"{c.owner} reads predicted labels only ({tuple(c.plugin.access)} access), which a "
+                             f"regression dataset ({plan.dataset.label!r}) does not have")
 
 
 # ============================================================================ stage 3: population
@@ -428,8 +461,10 @@ def train_population(plan: Plan, records: Records, *, cache: Optional[Population
     reporter = reporter or Reporter()
     cache = cache or PopulationCache(None)
     c, fam = plan.config, plan.model
+    check_task(plan, records)
     key = population_key(plan, records)
     build = lambda: fam.plugin.build(records.n_features, records.n_classes)  # noqa: E731
+    closed_form = getattr(fam.plugin, "fit_closed_form", None)  # e.g. linreg: no SGD
     entry = cache.load(key)
     if entry is not None:
         state, meta = entry
@@ -452,13 +487,17 @@ def train_population(plan: Plan, records: Records, *, cache: Optional[Population
     desc = f"training {c.n_models} x {fam.name}{names} on {records.name} ({records.n} records)"
     owner = fam.owner if not plan.train_defenses else \
         f"training ({fam.owner} with " + ", ".join(d.owner for d in plan.train_defenses) + ")"
-    with reporter.progress(c.recipe.epochs, desc) as update:
+    if closed_form is not None:
+        desc = f"solving {c.n_models} x {fam.name} in closed form on {records.name} ({records.n} records)"
+    with reporter.progress(1 if closed_form is not None else c.recipe.epochs, desc) as update:
         pop = _guarded(
             owner,
             lambda: ModelPopulation.train(records, build, c.recipe, n_models=c.n_models, seed=c.seed,
                                           defenses=defenses, device=plan.device, reserve=plan.reserve,
-                                          on_epoch=lambda e, loss: update(1, loss=loss)),
+                                          on_epoch=lambda e, loss: update(1, loss=loss), closed_form=closed_form),
         )
+        if closed_form is not None:
+            update(1)
     _check_finite(owner, pop, "training")
     reports = [_defense_entry(d, rep) for d, rep in zip(plan.train_defenses, pop.training.defenses)]
     training = json.loads(json.dumps({k: v for k, v in pop.training.to_dict().items() if k != "defenses"}))
@@ -548,11 +587,9 @@ def scored_view(population: ModelPopulation, signals: Signals) -> Tuple[ModelPop
     idx = population.scored_records
     r = population.records
     records = Records(x=r.x[idx], y=r.y[idx], index=r.index[idx], n_classes=r.n_classes, name=r.name,
-                      image_shape=r.image_shape)
+                      image_shape=r.image_shape, task=r.task)
     view = dataclasses.replace(population, records=records, keep=population.keep[:, idx], reserved=None)
-    sliced = Signals(logits=signals.logits[:, idx], confidence=signals.confidence[:, idx],
-                     loss=signals.loss[:, idx], correct=signals.correct[:, idx])
-    return view, sliced
+    return view, signals.take(idx)
 
 
 def run_attacks(plan: Plan, population: ModelPopulation, signals: Signals, *,
@@ -725,10 +762,12 @@ def compute_metrics(plan: Plan, *, records: Records, trained: PopulationResult, 
     membership = keep[targets][:, scored]
     attack_metrics, curves = {}, {}
     groups = np.tile(scored, len(targets))  # a record's scores against every target: one cluster
-    labels = np.tile(records.y[scored], len(targets))
-    correct = signals.correct[targets][:, scored].ravel() > 0.5
-    slices = {f"class={k}": labels == k for k in range(records.n_classes) if (labels == k).any()}
-    slices.update({"target_correct=true": correct, "target_correct=false": ~correct})
+    slices = {}
+    if not records.is_regression:  # classes and correctness do not exist on regression: no slices there
+        labels = np.tile(records.y[scored], len(targets))
+        correct = signals.correct[targets][:, scored].ravel() > 0.5
+        slices = {f"class={k}": labels == k for k in range(records.n_classes) if (labels == k).any()}
+        slices.update({"target_correct=true": correct, "target_correct=false": ~correct})
     for a in plan.attacks:
         s = scores[a.label]
         summary, curves[a.label] = metrics.summarize_with_curve(s.ravel(), membership.ravel(), fprs=tuple(c.fprs),
@@ -754,9 +793,21 @@ def compute_metrics(plan: Plan, *, records: Records, trained: PopulationResult, 
                                 f"bound ({est.advantage_bound:.3f}); the bound's assumptions may not hold here "
                                 f"(or the measured advantage is within its sampling error of it)")
         estimator_metrics[e.label] = entry
-    acc = accuracy(signals, keep)
-    before = accuracy(undefended_signals, keep)
+    regression = records.is_regression
+    # regression: accuracy is undefined; the mean squared error stands in (target["train_mse"], ...),
+    # and the accuracy fields are None
+    acc = mse(signals, keep) if regression else accuracy(signals, keep)
+    before = mse(undefended_signals, keep) if regression else accuracy(undefended_signals, keep)
     doc_warnings = population_warnings(records, float(before["train"][targets].mean()), plan.dataset.name)
+    quality = "mse" if regression else "accuracy"
+    target_doc = {f"train_{quality}": float(acc["train"][targets].mean()),
+                  f"test_{quality}": float(acc["test"][targets].mean()),
+                  f"train_{quality}_per_target": [float(a) for a in acc["train"][targets]],
+                  f"test_{quality}_per_target": [float(a) for a in acc["test"][targets]],
+                  f"undefended_train_{quality}": float(before["train"][targets].mean()),
+                  f"undefended_test_{quality}": float(before["test"][targets].mean())}
+    if regression:
+        target_doc.update({k.replace("mse", "accuracy"): None for k in list(target_doc)})
     audit = dp_audit(trained.train_reports, {a.label: scores[a.label].ravel() for a in plan.attacks},
                      membership.ravel(), confidence=c.confidence)
     if audit is not None and not audit["consistent"]:
@@ -773,12 +824,7 @@ def compute_metrics(plan: Plan, *, records: Records, trained: PopulationResult, 
         "target": {
             "targets": targets,
             "pooled_over_targets": len(targets),
-            "train_accuracy": float(acc["train"][targets].mean()),
-            "test_accuracy": float(acc["test"][targets].mean()),
-            "train_accuracy_per_target": [float(a) for a in acc["train"][targets]],
-            "test_accuracy_per_target": [float(a) for a in acc["test"][targets]],
-            "undefended_train_accuracy": float(before["train"][targets].mean()),
-            "undefended_test_accuracy": float(before["test"][targets].mean()),
+            **target_doc,
         },
         "defenses": _in_user_order(plan, trained.train_reports, defended.reports),
         "training": trained.training,
@@ -805,8 +851,19 @@ CHANCE_MARGIN = 0.05
 
 def population_warnings(records: Records, train_accuracy: float, dataset: str) -> List[str]:
     """What makes an evaluation doubtful: labels with gaps (classes without a record still get
-    an output each), and a population that did not learn (train accuracy at chance)."""
+    an output each), and a population that did not learn (train accuracy at chance).
+
+    On a regression dataset ``train_accuracy`` is the train mean squared error, and a population
+    did not learn when it explains less than ``CHANCE_MARGIN`` of the targets' variance
+    (``R^2 = 1 - MSE / var(y)``; predicting the mean scores 0)."""
     out = []
+    if records.is_regression:
+        var = float(np.var(records.y))
+        if train_accuracy >= (1 - CHANCE_MARGIN) * var:
+            out.append(f"the population did not learn: mean train MSE {train_accuracy:.4g} explains under "
+                       f"{100 * CHANCE_MARGIN:.0f}% of the targets' variance {var:.4g}, so the attacks measure "
+                       f"little; check the model's regularisation")
+        return out
     counts = np.bincount(records.y, minlength=records.n_classes)
     empty = np.flatnonzero(counts == 0)
     if empty.size:
@@ -999,6 +1056,7 @@ def evaluate(config: Union[EvalConfig, Plan], *, out: Optional[Union[str, Path]]
         cache = PopulationCache(None if cache is None else Path(cache).expanduser())
     out = None if out is None else Path(out).expanduser()
     records = load_records(plan)  # unusable data is a usage error before any run directory exists
+    check_task(plan, records)
     check_defenses(plan, records)
     check_resources(plan, records, out=out)
     if out is None:
@@ -1027,6 +1085,7 @@ __all__ = [
     "apply_defenses",
     "check_defenses",
     "check_estimate",
+    "check_task",
     "check_resources",
     "estimate_memory",
     "compute_metrics",
