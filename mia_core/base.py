@@ -103,6 +103,11 @@ class Attack(Plugin, abc.ABC):
     access: ClassVar[Tuple[str, ...]] = ("logits",)
     min_reference_models: ClassVar[int] = 0
 
+    def check_records(self, records: "Records") -> None:
+        """Refuse records the attack cannot score before anything trains: raise ``ValueError``
+        with one line naming what is missing (e.g. query augmentations on records that declare
+        no image shape). Default: any records."""
+
     def reference_budget(self) -> Tuple[Optional[int], bool]:
         """``(n_references, online)``: the attack's reference budget, as it will pass them to
         ``ctx.for_target(t, n_references=..., online=...)``, so the engine can refuse a budget the

@@ -105,3 +105,18 @@ def test_lira_averages_per_view_scores():
     expected = np.mean([lira_online(obs=obs[a], fit=fit_gaussians(ref_scores=ref[a], ref_in=view.ref_keep,
                                                                   variance="global")) for a in range(2)], axis=0)
     assert np.allclose(scores, expected)
+
+
+def test_augmenting_a_dataset_without_image_shape_is_refused_before_training(tmp_path):
+    from click.testing import CliRunner
+
+    from mia_core.cli import main
+
+    res = CliRunner().invoke(main, ["eval", "--attack", "lira:augment=mirror", "--dataset", "breast-cancer",
+                                    "--n-models", "6", "-q", "--out", str(tmp_path / "runs"),
+                                    "--cache-dir", str(tmp_path / "cache")])
+    assert res.exit_code == 2
+    assert res.stderr.strip() == ("Error: attack 'lira:augment=mirror' cannot run on dataset 'breast-cancer': "
+                                  "augment=mirror needs image-shaped records; dataset 'breast-cancer' declares no "
+                                  "image shape (use augment=none)")
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "cache").exists()

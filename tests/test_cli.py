@@ -320,5 +320,7 @@ def test_non_adaptive_defends_the_targets_only(tmp_path):
     ctx = AttackContext(defended.population, ("logits",), signals=dfd, references=refs)
     view = ctx.for_target(0)
     assert not ctx.adaptive
+    # the undefended population also holds each target's undefended twin: no public way to it
+    assert [n for n in dir(ctx) if "reference" in n and not n.startswith("_")] == ["references"]  # model ids only
     assert np.array_equal(view.ref_signal("confidence"), und.confidence[view.references])
     assert np.array_equal(view.target_signal("confidence"), dfd.confidence[0])

@@ -204,9 +204,7 @@ class TargetView:
     def ref_signal(self, name: str, *, augment: Optional[str] = None, shift: int = 1) -> np.ndarray:
         """The signal of every reference model: float ``[R, N]`` (``[R, N, C]`` for ``logits``
         and ``probs``); with ``augment`` (see :meth:`SignalContext.signal`) ``[A, R, N]``."""
-        if augment is None:
-            return self._ctx.reference_signal(name)[self.references]
-        return self._ctx.reference_signal(name, augment=augment, shift=shift)[:, self.references]
+        return self._ctx._reference_rows(name, self.references, augment=augment, shift=shift)
 
     def target_signal(self, name: str, *, augment: Optional[str] = None, shift: int = 1) -> np.ndarray:
         """The target model's signal, what the attacker observes by querying it: float ``[N]``
@@ -241,13 +239,17 @@ class AttackContext(SignalContext):
         knows the recipe) or not (``--non-adaptive``: only the target is defended)."""
         return self._references is None
 
-    def reference_signal(self, name: str, *, augment: Optional[str] = None, shift: int = 1) -> np.ndarray:
-        """The signal the reference models give, for :class:`TargetView`: the population's own
-        (adaptive) or the undefended population's (non-adaptive); shapes as :meth:`signal`."""
+    def _reference_rows(self, name: str, references: np.ndarray, *, augment: Optional[str] = None,
+                        shift: int = 1) -> np.ndarray:
+        """The signal of the reference models ``references`` only, for :class:`TargetView`: from the
+        population itself (adaptive) or from the undefended population (non-adaptive). Private and
+        restricted to the view's references on purpose: the undefended population also holds the
+        target's undefended twin, which no attack may read."""
         self._check_access(name)
-        if self._references is None:
-            return self.signal(name, augment=augment, shift=shift)
-        return self._references.signal(name, augment=augment, shift=shift)
+        source = self if self._references is None else self._references
+        if augment is None:
+            return source.signal(name)[references]
+        return source.signal(name, augment=augment, shift=shift)[:, references]
 
     @property
     def keep(self) -> np.ndarray:  # type: ignore[override]

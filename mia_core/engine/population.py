@@ -14,8 +14,9 @@ together into :class:`~mia_core.engine.signals.Signals` once.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -263,6 +264,23 @@ class ModelPopulation:
                    reserved=reserved)
 
 
+def scored_view(population: ModelPopulation, signals: Signals) -> Tuple[ModelPopulation, Signals]:
+    """The population and its signals restricted to the scored records: what attacks and
+    estimators see. Without reserved records, the arguments themselves. With them (a train-time
+    defense's non-member reference set, see
+    :meth:`~mia_core.base.TrainingDefense.reserve_fraction`), a view holding the other records
+    only, so no attack is ever shown a record that every model left out (it would have no IN
+    reference) and the complementary-pair game holds for every record it sees."""
+    if population.reserved is None or not population.reserved.any():
+        return population, signals
+    idx = population.scored_records
+    r = population.records
+    records = Records(x=r.x[idx], y=r.y[idx], index=r.index[idx], n_classes=r.n_classes, name=r.name,
+                      image_shape=r.image_shape, task=r.task)
+    view = dataclasses.replace(population, records=records, keep=population.keep[:, idx], reserved=None)
+    return view, signals.take(idx)
+
+
 def accuracy(signals: Signals, keep: np.ndarray) -> Dict[str, np.ndarray]:
     """Per-model accuracy from ``signals.correct`` ``[M, N]``: on the model's own training half
     (``train``, float ``[M]``) and on the other records (``test``)."""
@@ -280,4 +298,4 @@ def mse(signals: Signals, keep: np.ndarray) -> Dict[str, np.ndarray]:
     return {"train": (loss * keep).sum(1) / keep.sum(1), "test": (loss * ~keep).sum(1) / (~keep).sum(1)}
 
 
-__all__ = ["ModelPopulation", "accuracy", "mse"]
+__all__ = ["ModelPopulation", "accuracy", "scored_view", "mse"]

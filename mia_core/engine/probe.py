@@ -22,7 +22,7 @@ import torch
 
 from mia_core import metrics
 from mia_core.engine.contexts import AttackContext
-from mia_core.engine.population import ModelPopulation, accuracy
+from mia_core.engine.population import ModelPopulation, accuracy, scored_view
 from mia_core.engine.trainer import select_references
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -147,15 +147,16 @@ def probe_population(population: ModelPopulation, attack: "Attack", *, models: O
     sub = population if models is None else sub_population(population, idx)
     check_probe(attack, sub.n_models)
     signals = sub.signals()
-    ctx = AttackContext(sub, attack.access, owner=f"{owner} attack {type(attack).__name__}", signals=signals,
-                        strict=True)
-    records = getattr(sub, "scored_records", None)
-    records = np.arange(sub.n_records, dtype=np.int64) if records is None else np.asarray(records, dtype=np.int64)
+    # as the engine shows attacks: the scored records only (reserved ones have no IN reference)
+    view, view_signals = scored_view(sub, signals)
+    ctx = AttackContext(view, attack.access, owner=f"{owner} attack {type(attack).__name__}",
+                        signals=view_signals, strict=True)
+    records = np.asarray(sub.scored_records, dtype=np.int64)  # the view's columns, in the population's ids
     attack.fit(ctx)
     rows = []
     for t in range(sub.n_models):
         with ctx.scoring(t):
-            s = np.asarray(attack.score(t, records))
+            s = np.asarray(attack.score(t, np.arange(view.n_records, dtype=np.int64)))
         if s.shape != records.shape or not np.issubdtype(s.dtype, np.number) or not np.isfinite(s).all():
             raise ValueError(f"{owner}: attack {type(attack).__name__} returned unusable scores for target {t} "
                              f"(shape {s.shape}, expected {records.shape}, finite reals)")

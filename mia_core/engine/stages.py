@@ -44,7 +44,7 @@ from mia_core.base import PluginSpec
 from mia_core.data import DataError, Records
 from mia_core.engine.cache import PopulationCache, cache_key
 from mia_core.engine.contexts import AttackContext, DefenseContext, EstimatorContext, SignalContext
-from mia_core.engine.population import ModelPopulation, accuracy, mse
+from mia_core.engine.population import ModelPopulation, accuracy, mse, scored_view
 from mia_core.engine.progress import Reporter
 from mia_core.engine.signals import Signals, SignalUnavailable
 from mia_core.engine.trainer import TrainingRecipe, select_references
@@ -575,23 +575,6 @@ def _check_scores(owner: str, scores, n: int) -> np.ndarray:
     return arr
 
 
-def scored_view(population: ModelPopulation, signals: Signals) -> Tuple[ModelPopulation, Signals]:
-    """The population and its signals restricted to the scored records: what attacks and
-    estimators see. Without reserved records, the arguments themselves. With them (a train-time
-    defense's non-member reference set, see
-    :meth:`~mia_core.base.TrainingDefense.reserve_fraction`), a view holding the other records
-    only, so no attack is ever shown a record that every model left out (it would have no IN
-    reference) and the complementary-pair game holds for every record it sees."""
-    if population.reserved is None or not population.reserved.any():
-        return population, signals
-    idx = population.scored_records
-    r = population.records
-    records = Records(x=r.x[idx], y=r.y[idx], index=r.index[idx], n_classes=r.n_classes, name=r.name,
-                      image_shape=r.image_shape, task=r.task)
-    view = dataclasses.replace(population, records=records, keep=population.keep[:, idx], reserved=None)
-    return view, signals.take(idx)
-
-
 def run_attacks(plan: Plan, population: ModelPopulation, signals: Signals, *,
                 reporter: Optional[Reporter] = None,
                 references: Optional[Tuple[ModelPopulation, Signals]] = None) -> Dict[str, np.ndarray]:
@@ -947,12 +930,18 @@ def estimate_memory(plan: Plan, records: Records) -> int:
 
 
 def check_defenses(plan: Plan, records: Records) -> None:
-    """Every defense's :meth:`~mia_core.base.Defense.check_model` on the model family, before
-    anything trains.
+    """Every attack's :meth:`~mia_core.base.Attack.check_records` on the records and every
+    defense's :meth:`~mia_core.base.Defense.check_model` on the model family, before anything
+    trains.
 
     Raises:
-        ParamError: naming the defense and why it cannot apply to this model.
+        ParamError: naming the attack or defense and why it cannot run here.
     """
+    for a in plan.attacks:
+        try:
+            a.plugin.check_records(records)
+        except ValueError as exc:
+            raise ParamError(f"attack {a.label!r} cannot run on dataset {plan.dataset.label!r}: {exc}") from None
     if not plan.defenses:
         return
     module = plan.model.plugin.build(records.n_features, records.n_classes).to("meta")

@@ -103,6 +103,11 @@ class LiRA(Attack):
         if isinstance(self.shift, bool) or not isinstance(self.shift, int) or self.shift < 1:
             raise ValueError(f"shift must be an integer >= 1 (pixels), got {self.shift!r}")
 
+    def check_records(self, records) -> None:
+        if self.augment != "none" and records.image_shape is None:
+            raise ValueError(f"augment={self.augment} needs image-shaped records; dataset {records.name!r} declares "
+                             f"no image shape (use augment=none)")
+
     def fit(self, ctx) -> "LiRA":
         self.validate()
         n_refs = ctx.n_models - 2  # every model but the target and its complementary partner

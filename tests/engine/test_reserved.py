@@ -97,3 +97,19 @@ def test_attacks_see_only_the_scored_records():
     assert np.array_equal(sig.loss, signals.loss[:, ~reserved]) and np.array_equal(view.keep, pop.keep[:, ~reserved])
     # every record an attack sees is IN for exactly one model of each pair
     assert (view.keep[0::2] ^ view.keep[1::2]).all()
+
+
+def test_a_defense_probe_shows_attacks_the_scored_records_only():
+    """DefenseContext.probe runs attacks as the engine does: RMIA online needs an IN reference for
+    every record it sees, which reserved records never have."""
+    from mia_core.engine.contexts import DefenseContext
+    from mia_core.testing import planted_population
+
+    pop = planted_population(0)
+    reserved = reserve_records(pop.n_records, 0.25, 1)
+    pop.keep[:, reserved] = False
+    pop.reserved = reserved
+    probe = DefenseContext(pop).probe("rmia")
+    assert np.array_equal(probe.records, np.flatnonzero(~reserved))
+    assert probe.scores.shape == (pop.n_models, (~reserved).sum())
+    assert np.array_equal(probe.membership, pop.keep[:, ~reserved])
