@@ -118,7 +118,11 @@ def _quote(value: str) -> str:
 
 def sweep_id(config, axes: Sequence[GridAxis]) -> str:
     """Content hash of the base configuration and the grid: the same command, the same sweep."""
-    doc = {"config": dataclasses.asdict(config), "axes": [dataclasses.asdict(a) for a in axes]}
+    import mia_core
+
+    # the miafw version too: a sweep resumed by another release is a new sweep, not a mix of two
+    doc = {"config": dataclasses.asdict(config), "axes": [dataclasses.asdict(a) for a in axes],
+           "miafw": mia_core.__version__}
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
@@ -148,6 +152,8 @@ def point_summary(metrics: Dict[str, Any], *, point: Dict[str, str], run_dir: st
     return {"index": index, "point": point, "run_dir": run_dir, "attacks": attacks,
             "train_accuracy": t["train_accuracy"], "test_accuracy": t["test_accuracy"],
             "undefended_test_accuracy": t["undefended_test_accuracy"],
+            # regression populations report mean squared errors instead of accuracies
+            "train_mse": t.get("train_mse"), "test_mse": t.get("test_mse"),
             "defenses": [{"name": d["name"], "report": d["report"]} for d in metrics["defenses"]]}
 
 
@@ -211,7 +217,8 @@ def run_sweep(config, axes: Sequence[GridAxis], *, out, cache=None, reporter=Non
         shown = ", ".join(f"{k}={v}" for k, v in zip(labels, point))
         reporter.message(f"point {i + 1}/{len(points)}: {shown}")
         ev = evaluate(plan, out=directory / "runs", cache=cache, reporter=reporter)
-        row = point_summary(ev.metrics, point=dict(zip(labels, point)), run_dir=str(ev.run_dir), index=i)
+        row = point_summary(ev.metrics, point=dict(zip(labels, point)), run_dir=str(Path(ev.run_dir).resolve()),
+                            index=i)
         with open(lines, "a") as fh:
             fh.write(json.dumps(row, sort_keys=True) + "\n")
             fh.flush()
@@ -223,19 +230,23 @@ def run_sweep(config, axes: Sequence[GridAxis], *, out, cache=None, reporter=Non
     return SweepResult(directory=directory, rows=rows, resumed=resumed)
 
 
-def _pct(x: float) -> str:
-    return f"{100 * x:.2f}%"
+def _pct(x: Optional[float]) -> str:
+    return "-" if x is None else f"{100 * x:.2f}%"
 
 
 def format_table(rows: Sequence[Dict[str, Any]], labels: Sequence[str], *, fprs=("0.001", "0.01")) -> str:
     """A Markdown table, one row per point."""
     attacks = list(rows[0]["attacks"]) if rows else []
-    head = list(labels) + ["train acc", "test acc"]
+    regression = bool(rows) and rows[0]["test_accuracy"] is None
+    head = list(labels) + (["train MSE", "test MSE"] if regression else ["train acc", "test acc"])
     for a in attacks:
         head += [f"{a} AUC [95% CI]"] + [f"{a} TPR@{float(f) * 100:g}% FPR [95% CI]" for f in fprs]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["point"][lbl] for lbl in labels] + [_pct(r["train_accuracy"]), _pct(r["test_accuracy"])]
+        if regression:
+            cells = [r["point"][lbl] for lbl in labels] + [f"{r['train_mse']:.4g}", f"{r['test_mse']:.4g}"]
+        else:
+            cells = [r["point"][lbl] for lbl in labels] + [_pct(r["train_accuracy"]), _pct(r["test_accuracy"])]
         for a in attacks:
             m = r["attacks"][a]
             ci = m.get("auc_ci") or [float("nan")] * 2
@@ -253,6 +264,11 @@ def _numeric(values: Sequence[str]) -> Optional[List[float]]:
         return [float(v) for v in values]
     except ValueError:
         return None
+
+
+def _utility(row: Dict[str, Any]) -> float:
+    """A point's utility axis: test accuracy, or test MSE for a regression population."""
+    return row["test_accuracy"] if row["test_accuracy"] is not None else row["test_mse"]
 
 
 def plot_tradeoff(path: Path, rows: Sequence[Dict[str, Any]], labels: Sequence[str]) -> None:
@@ -275,7 +291,7 @@ def plot_tradeoff(path: Path, rows: Sequence[Dict[str, Any]], labels: Sequence[s
         color = f"C{a_i % 10}"
         for g_i, (gval, idx) in enumerate(groups.items()):
             tag = a + (f" ({labels[1]}={gval})" if gval else "")
-            acc = [rows[i]["test_accuracy"] for i in idx]
+            acc = [_utility(rows[i]) for i in idx]
             tpr = [rows[i]["attacks"][a]["tpr_at_fpr"].get("0.01", {}).get("tpr", float("nan")) for i in idx]
             auc = [rows[i]["attacks"][a]["auc"] for i in idx]
             xs = [x_param[i] for i in idx] if x_param is not None else list(range(len(idx)))
@@ -284,8 +300,9 @@ def plot_tradeoff(path: Path, rows: Sequence[Dict[str, Any]], labels: Sequence[s
             axs[0, 1].plot(acc, auc, ls="", **kw)
             axs[1, 0].plot(xs, tpr, **kw)
             axs[1, 1].plot(xs, auc, **kw)
+    regression = bool(rows) and rows[0]["test_accuracy"] is None
     for ax in axs[0]:
-        ax.set_xlabel("target test accuracy")
+        ax.set_xlabel("target test MSE" if regression else "target test accuracy")
     for ax in axs[1]:
         ax.set_xlabel(labels[0])
         if x_param is None:

@@ -89,3 +89,15 @@ def test_two_axes_sweep_their_product(tmp_path):
     assert [(r["point"]["prune.sparsity"], r["point"]["prune.scope"]) for r in rows] == [("0.5", "global"), ("0.5", "layer"), ("0.8", "global"),
                                                            ("0.8", "layer")]
     assert (sweep / "tradeoff.png").stat().st_size > 10_000
+
+
+def test_a_regression_population_sweeps_with_mse_as_its_utility(tmp_path):
+    res = CliRunner().invoke(main, ["sweep", "--dataset", "diabetes", "--model", "linreg", "--attack", "loss",
+                                    "--defense", "noise", "--grid", "sigma=0,0.05", "--n-models", "6", "-q",
+                                    "--out", str(tmp_path / "s"), "--cache-dir", str(tmp_path / "c")])
+    assert res.exit_code == 0, res.output
+    (sweep,) = list((tmp_path / "s").iterdir())
+    table = (sweep / "table.md").read_text()
+    assert "train MSE | test MSE" in table and (sweep / "tradeoff.png").is_file()
+    rows = [json.loads(line) for line in (sweep / "points.jsonl").read_text().splitlines()]
+    assert all(r["test_accuracy"] is None and r["test_mse"] > 0 for r in rows)

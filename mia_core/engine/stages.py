@@ -779,8 +779,10 @@ def compute_metrics(plan: Plan, *, records: Records, trained: PopulationResult, 
     regression = records.is_regression
     # regression: accuracy is undefined; the mean squared error stands in (target["train_mse"], ...),
     # and the accuracy fields are None
-    acc = mse(signals, keep) if regression else accuracy(signals, keep)
-    before = mse(undefended_signals, keep) if regression else accuracy(undefended_signals, keep)
+    # on the scored records only: reserved records are not the targets' test data
+    measure = mse if regression else accuracy
+    acc = measure(signals.take(scored), keep[:, scored])
+    before = measure(undefended_signals.take(scored), keep[:, scored])
     doc_warnings = population_warnings(records, float(before["train"][targets].mean()), plan.dataset.name)
     quality = "mse" if regression else "accuracy"
     target_doc = {f"train_{quality}": float(acc["train"][targets].mean()),

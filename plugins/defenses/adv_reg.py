@@ -222,7 +222,8 @@ class AdversarialRegularization(TrainingDefense):
         gamma: ``γ >= 0`` (the paper's ``λ``), the weight of the inference gain; 0 trains the
             classifiers as without the defense (the inference models still train, for the report).
         k: inference-model steps per classifier step, an integer >= 1.
-        reference_fraction: fraction of all records reserved as the reference set, in (0, 1).
+        reference_fraction: fraction of all records reserved as the reference set, in (0, 0.5]
+            (more would leave too few records to train on and to score).
         attack_lr: Adam learning rate of the inference models, > 0.
         attack_width: units per hidden layer of the inference model, >= 1.
         attack_batch: members and reference records per inference step (each), >= 1.
@@ -254,9 +255,9 @@ class AdversarialRegularization(TrainingDefense):
         if not (_int(self.k) and self.k >= 1):
             raise ValueError(f"k must be an integer >= 1 (inference-model steps per classifier step), got {self.k!r}")
         f = self.reference_fraction
-        if not (_number(f) and 0 < f < 1):
-            raise ValueError(f"reference_fraction must be in (0, 1) (the fraction of records reserved as the "
-                             f"reference set), got {f!r}")
+        if not (_number(f) and 0 < f <= 0.5):
+            raise ValueError(f"reference_fraction must be in (0, 0.5] (the fraction of records reserved as the "
+                             f"reference set; the rest train and are scored), got {f!r}")
         if not (_number(self.attack_lr) and self.attack_lr > 0):
             raise ValueError(f"attack_lr must be a positive number, got {self.attack_lr!r}")
         for name in ("attack_width", "attack_batch"):
