@@ -29,6 +29,7 @@ from mia_core.base import KINDS
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
+EXIT_BUDGET = 3  # a release gate (--budget) was broken
 
 
 def _fail(message: str, code: int = EXIT_USAGE):
@@ -138,11 +139,14 @@ def _evaluation_options(f):
 
 
 @main.command("eval")
+@click.option("--budget", "budgets", multiple=True, metavar="METRIC<=X",
+              help="Release gate, repeatable: auc<=X, advantage<=X or tpr@P%<=X, checked against the upper end of "
+                   "each interval for every attack; exit status 3 when one is broken (e.g. tpr@0.1%<=0.005).")
 @click.option("--out", default="runs", show_default=True, type=click.Path(file_okay=False, path_type=Path),
               help="Directory that receives the run directory.")
 @click.option("--json", "as_json", is_flag=True, help="Print metrics.json to stdout instead of the table.")
 @_evaluation_options
-def eval_cmd(out, as_json, **options):
+def eval_cmd(out, as_json, budgets, **options):
     """Evaluate membership leakage of a (defended) model population.
 
     \b
@@ -157,7 +161,9 @@ def eval_cmd(out, as_json, **options):
     from mia_core.engine.stages import evaluate
     from mia_core.results import format_summary
 
-    plan, cache = _plan_and_cache(options)
+    from mia_core.gate import violations
+
+    plan, cache = _plan_and_cache({**options, "budgets": budgets})
     with _engine_errors(out):
         ev = evaluate(plan, out=out, cache=cache, reporter=TerminalReporter(options["quiet"] or as_json))
     if as_json:  # metrics.json plus where the run was written (the file itself stays path-free)
@@ -165,6 +171,13 @@ def eval_cmd(out, as_json, **options):
     else:
         click.echo(format_summary(ev.metrics))
         click.echo(f"run directory: {ev.run_dir}")
+    gate = ev.metrics.get("budget")
+    if gate is not None:
+        if not gate["passed"]:
+            for line in violations(gate):
+                click.echo(line, err=True)
+            sys.exit(EXIT_BUDGET)
+        click.echo(f"budget: every attack within {', '.join(budgets)} (upper ends of the intervals)", err=True)
 
 
 def _config_from(options):
@@ -181,7 +194,7 @@ def _config_from(options):
                       estimators=tuple(o["estimators"]), dataset=o["dataset"], model=o["model"],
                       n_models=o["n_models"], seed=o["seed"], targets=o["targets"],
                       recipe=dataclasses.replace(TrainingRecipe(), **overrides), device=o["device"],
-                      adaptive=not o["non_adaptive"])
+                      adaptive=not o["non_adaptive"], budgets=tuple(o.get("budgets", ())))
 
 
 def _plan_and_cache(options):

@@ -57,6 +57,7 @@ __all__ = [
     "summarize_with_curve",
     "RocCurve",
     "auc_interval",
+    "advantage_interval",
     "slice_metrics",
     "AUC_INTERVAL_METHOD",
     "EPSILON_METHOD",
@@ -496,6 +497,51 @@ AUC_INTERVAL_METHOD = ("percentile bootstrap over records (a record's scores aga
                        "together, since they share the record)")
 
 
+def _bootstrap(*, scores: Any, membership: Any, groups: Any, n_boot: int, confidence: float,
+               seed: int) -> Tuple[np.ndarray, np.ndarray]:
+    """The resampled AUCs and advantages of :func:`auc_interval` / :func:`advantage_interval`
+    (the same resamples for both): float ``[B']`` each, resamples without both classes dropped."""
+    s, m = _check_inputs(scores, membership)
+    _check_confidence(confidence)
+    if isinstance(n_boot, bool) or not isinstance(n_boot, (int, np.integer)) or n_boot < 1:
+        raise ValueError(f"n_boot must be an integer >= 1, got {n_boot!r}")
+    g = np.arange(s.size) if groups is None else np.asarray(groups)
+    if g.shape != s.shape:
+        raise ValueError(f"groups must have one id per score ({s.size}), got shape {g.shape}")
+    _, cluster = np.unique(g, return_inverse=True)
+    n_clusters = int(cluster.max()) + 1
+    order = np.argsort(s, kind="stable")
+    s_sorted, m_sorted, cl_sorted = s[order], m[order], cluster[order]
+    starts = np.flatnonzero(np.r_[True, s_sorted[1:] != s_sorted[:-1]])  # tie groups, contiguous
+    rng = np.random.default_rng(seed)
+    aucs, advs = [], []
+    for lo in range(0, n_boot, 64):  # resamples in blocks: [b, n] weights stay small
+        b = min(64, n_boot - lo)
+        counts = rng.multinomial(n_clusters, np.full(n_clusters, 1.0 / n_clusters), size=b).astype(np.float64)
+        w = counts[:, cl_sorted]  # [b, n] multiplicity of each score
+        pos = np.add.reduceat(w * m_sorted, starts, axis=1)
+        neg = np.add.reduceat(w * ~m_sorted, starts, axis=1)
+        below = np.cumsum(neg, axis=1) - neg
+        n_pos, n_neg = pos.sum(axis=1), neg.sum(axis=1)
+        ok = (n_pos > 0) & (n_neg > 0)
+        val = (pos * (below + 0.5 * neg)).sum(axis=1)
+        aucs.append(val[ok] / (n_pos[ok] * n_neg[ok]))
+        # advantage: max over thresholds "score >= t" of TPR - FPR (suffix sums of the ascending order), >= 0
+        tp = np.cumsum(pos[:, ::-1], axis=1)[:, ::-1]
+        fp = np.cumsum(neg[:, ::-1], axis=1)[:, ::-1]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            gap = tp / n_pos[:, None] - fp / n_neg[:, None]
+        advs.append(np.maximum(gap[ok].max(axis=1), 0.0) if ok.any() else np.zeros(0))
+    return np.concatenate(aucs), np.concatenate(advs)
+
+
+def _percentiles(values: np.ndarray, confidence: float) -> Tuple[float, float]:
+    if values.size == 0:
+        return float("nan"), float("nan")
+    alpha = 1.0 - confidence
+    return float(np.quantile(values, alpha / 2)), float(np.quantile(values, 1 - alpha / 2))
+
+
 def auc_interval(*, scores: Any, membership: Any, groups: Any = None, n_boot: int = 200,
                  confidence: float = 0.95, seed: int = 0) -> Tuple[float, float]:
     """Percentile-bootstrap interval of the AUC (Efron & Tibshirani 1993, ch. 13).
@@ -515,36 +561,19 @@ def auc_interval(*, scores: Any, membership: Any, groups: Any = None, n_boot: in
         ``(low, high)``. A resample that happens to draw no member or no non-member is skipped;
         ``(nan, nan)`` if every resample was.
     """
-    s, m = _check_inputs(scores, membership)
-    c = _check_confidence(confidence)
-    if isinstance(n_boot, bool) or not isinstance(n_boot, (int, np.integer)) or n_boot < 1:
-        raise ValueError(f"n_boot must be an integer >= 1, got {n_boot!r}")
-    g = np.arange(s.size) if groups is None else np.asarray(groups)
-    if g.shape != s.shape:
-        raise ValueError(f"groups must have one id per score ({s.size}), got shape {g.shape}")
-    _, cluster = np.unique(g, return_inverse=True)
-    n_clusters = int(cluster.max()) + 1
-    order = np.argsort(s, kind="stable")
-    s_sorted, m_sorted, cl_sorted = s[order], m[order], cluster[order]
-    starts = np.flatnonzero(np.r_[True, s_sorted[1:] != s_sorted[:-1]])  # tie groups, contiguous
-    rng = np.random.default_rng(seed)
-    aucs = []
-    for lo in range(0, n_boot, 64):  # resamples in blocks: [b, n] weights stay small
-        b = min(64, n_boot - lo)
-        counts = rng.multinomial(n_clusters, np.full(n_clusters, 1.0 / n_clusters), size=b).astype(np.float64)
-        w = counts[:, cl_sorted]  # [b, n] multiplicity of each score
-        pos = np.add.reduceat(w * m_sorted, starts, axis=1)
-        neg = np.add.reduceat(w * ~m_sorted, starts, axis=1)
-        below = np.cumsum(neg, axis=1) - neg
-        n_pos, n_neg = pos.sum(axis=1), neg.sum(axis=1)
-        ok = (n_pos > 0) & (n_neg > 0)
-        val = (pos * (below + 0.5 * neg)).sum(axis=1)
-        aucs.append(val[ok] / (n_pos[ok] * n_neg[ok]))
-    aucs = np.concatenate(aucs)
-    if aucs.size == 0:
-        return float("nan"), float("nan")
-    alpha = 1.0 - c
-    return float(np.quantile(aucs, alpha / 2)), float(np.quantile(aucs, 1 - alpha / 2))
+    aucs, _ = _bootstrap(scores=scores, membership=membership, groups=groups, n_boot=n_boot,
+                         confidence=confidence, seed=seed)
+    return _percentiles(aucs, float(confidence))
+
+
+def advantage_interval(*, scores: Any, membership: Any, groups: Any = None, n_boot: int = 200,
+                       confidence: float = 0.95, seed: int = 0) -> Tuple[float, float]:
+    """Percentile-bootstrap interval of the membership advantage ``max_t TPR - FPR``, from the
+    same resamples as :func:`auc_interval` (same arguments). Each resample's advantage is the
+    best threshold *on that resample*, like :func:`advantage` on the data."""
+    _, advs = _bootstrap(scores=scores, membership=membership, groups=groups, n_boot=n_boot,
+                         confidence=confidence, seed=seed)
+    return _percentiles(advs, float(confidence))
 
 
 # --------------------------------------------------------------------------------------------
@@ -673,7 +702,8 @@ def summarize_with_curve(
     for msg in messages:
         warnings.warn(msg, MetricsWarning, stacklevel=2)
     area = _auc(r)
-    lo, hi = auc_interval(scores=s, membership=m, groups=groups, n_boot=n_boot, confidence=c, seed=seed)
+    aucs, advs = _bootstrap(scores=s, membership=m, groups=groups, n_boot=n_boot, confidence=c, seed=seed)
+    lo, hi = _percentiles(aucs, c)
     eps = _epsilon_lower_bound(r, c, float(delta))
     summary = {
         "auc": area,
@@ -681,6 +711,7 @@ def summarize_with_curve(
         "auc_ci_method": AUC_INTERVAL_METHOD + f", {n_boot} resamples",
         "balanced_accuracy": (1.0 + adv) / 2.0,
         "advantage": adv,
+        "advantage_ci": list(_percentiles(advs, c)),
         "epsilon_lower_bound": eps,
         "epsilon": {"value": eps, "delta": float(delta), "confidence": c, "method": EPSILON_METHOD},
         "n_members": r.n_pos,

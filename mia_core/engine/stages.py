@@ -48,6 +48,7 @@ from mia_core.engine.population import ModelPopulation, accuracy, mse, scored_vi
 from mia_core.engine.progress import Reporter
 from mia_core.engine.signals import Signals, SignalUnavailable
 from mia_core.engine.trainer import TrainingRecipe, select_references
+from mia_core.gate import check_budgets, parse_budgets
 from mia_core.params import ParamError, instantiate, parse_spec, split_spec
 from mia_core.results import SCHEMA_VERSION, RunDir, plain_json, write_run
 from mia_core.runindex import RunIndex
@@ -86,6 +87,8 @@ class EvalConfig:
         adaptive: ``True`` (default): every model carries the defenses, so the attacker's
             reference models are defended like the target (it knows the recipe); ``False``: only
             the target is defended, the references are the same models without any defense.
+        budgets: release-gate limits such as ``"tpr@0.1%<=0.005"`` (:mod:`mia_core.gate`); the
+            result is in ``metrics.json``'s ``budget`` and the CLI exits 3 when one is broken.
     """
 
     attacks: Sequence[str] = ("lira",)
@@ -101,6 +104,7 @@ class EvalConfig:
     confidence: float = 0.95
     device: str = "cpu"
     adaptive: bool = True
+    budgets: Sequence[str] = ()
 
 
 @dataclass(frozen=True)
@@ -178,6 +182,7 @@ class Plan:
             "device": str(self.device),
             "adaptive": bool(c.adaptive),
             **({"reserved_fraction": self.reserve} if self.reserve else {}),
+            **({"budgets": list(c.budgets)} if c.budgets else {}),
             "versions": self.versions,
             "argv": list(sys.argv),
         }
@@ -293,6 +298,10 @@ def resolve(config: EvalConfig) -> Plan:
         raise ParamError(f"confidence must be in (0, 1), got {config.confidence}")
     if not config.attacks:
         raise ParamError("no attack given; use --attack NAME (see `miafw list`)")
+    budgets = parse_budgets(config.budgets)
+    extra = [b.fpr for b in budgets if b.fpr is not None and b.fpr not in tuple(config.fprs)]
+    if extra:  # a TPR budget at an FPR the table does not report: report it too
+        config = dataclasses.replace(config, fprs=tuple(sorted(set(config.fprs) | set(extra))))
     device = resolve_device(config.device)
     targets = tuple(parse_targets(config.targets, config.n_models))
     dataset = _resolve_one("dataset", config.dataset)
@@ -805,6 +814,7 @@ def compute_metrics(plan: Plan, *, records: Records, trained: PopulationResult, 
         "best_attack": best,
         "adaptive": bool(c.adaptive),
         **({"dp_audit": audit} if audit is not None else {}),
+        **({"budget": check_budgets(attack_metrics, parse_budgets(c.budgets))} if c.budgets else {}),
         "estimators": estimator_metrics,
         "target": {
             "targets": targets,
