@@ -18,6 +18,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence
 
+from mia_core.metrics import _fpr_key  # the key summarize() files each TPR under
 from mia_core.params import ParamError
 
 _PATTERN = re.compile(r"^\s*(auc|advantage|tpr@([0-9]*\.?[0-9]+)%)\s*(<=|<)\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*$")
@@ -62,10 +63,6 @@ def parse_budget(text: str) -> Budget:
 
 def parse_budgets(texts: Sequence[str]) -> List[Budget]:
     return [parse_budget(t) for t in texts]
-
-
-def _fpr_key(fpr: float) -> str:
-    return format(float(fpr), ".12g")
 
 
 def check_budgets(attacks: Dict[str, Dict[str, Any]], budgets: Sequence[Budget]) -> Dict[str, Any]:
