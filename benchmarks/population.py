@@ -37,6 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mia_core.kernels.bench.common import min_times_interleaved
 from mia_core.engine import ModelPopulation, TrainingRecipe
 from mia_core.engine.trainer import make_optimizer, model_seeds
 from mia_plugins.datasets.sklearn_data import Digits
@@ -51,18 +52,6 @@ def _best(fn, repeat: int, warmup: bool = True) -> float:
         t0 = time.perf_counter()
         fn()
         best = min(best, time.perf_counter() - t0)
-    return best
-
-
-def _interleaved(fns: Dict[str, object], repeat: int) -> Dict[str, float]:
-    """The minimum time of each function over ``repeat`` rounds, the functions alternating within
-    a round so that every one sees the same machine state."""
-    best = {k: math.inf for k in fns}
-    for _ in range(repeat):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            best[k] = min(best[k], time.perf_counter() - t0)
     return best
 
 
@@ -147,10 +136,10 @@ def run(models: List[int], epochs: int, repeat: int, loop_models: int, seed: int
         k = min(m, loop_models)
         seeds = model_seeds(seed, m)
         keep = ModelPopulation.train(records, build, TrainingRecipe(epochs=0), n_models=m, seed=seed).keep
-        times = _interleaved({
+        times = min_times_interleaved({
             "vectorized": lambda: pops.append(ModelPopulation.train(records, build, recipe, n_models=m, seed=seed)),
             "loop": lambda: trained.append(loop_train(records, keep[:k], recipe, build, seeds)),
-        }, repeat)
+        }, repeat=repeat)
         vec_t, loop_t = times["vectorized"], times["loop"]
         pop = pops[-1]
         loop_t_scaled = loop_t * m / k

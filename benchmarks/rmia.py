@@ -26,15 +26,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
-import time
 import tracemalloc
 from typing import Callable, Dict
 
 import numpy as np
 
+from mia_core.kernels.bench.common import min_times_interleaved
 from mia_plugins.attacks.rmia import dominance_fraction, dominance_fraction_dense
 
 
@@ -43,20 +42,6 @@ def _size(text: str) -> int:
     if not (value >= 1 and value == int(value)):
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1 (e.g. 1e5)")
     return int(value)
-
-
-def _interleaved(fns: Dict[str, Callable[[], object]], repeat: int) -> Dict[str, float]:
-    """The minimum time of each function over ``repeat`` rounds (after one warm-up round), the
-    functions alternating within a round so that every one sees the same machine state."""
-    for fn in fns.values():
-        fn()
-    best = {k: math.inf for k in fns}
-    for _ in range(repeat):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            best[k] = min(best[k], time.perf_counter() - t0)
-    return best
 
 
 def _peak_bytes(fn: Callable[[], object]) -> int:
@@ -82,8 +67,8 @@ def _case(n: int, seed: int):
 def run(n: int, dense_n: int, repeat: int, seed: int = 0) -> Dict:
     big = _case(n, seed)
     z = big["log_ratio_z"]
-    t = _interleaved({"fast": lambda: dominance_fraction(**big),
-                      "sort probe": lambda: np.sort(z)}, repeat)
+    t = min_times_interleaved({"fast": lambda: dominance_fraction(**big),
+                                "sort probe": lambda: np.sort(z)}, repeat=repeat, warmup=True)
     large = {"n": n, "z": n, "fast_s": t["fast"], "sort_probe_s": t["sort probe"],
              "fast_peak_bytes": _peak_bytes(lambda: dominance_fraction(**big)),
              "dense_would_need_bytes": n * n}  # one bool byte per pair
@@ -92,8 +77,8 @@ def run(n: int, dense_n: int, repeat: int, seed: int = 0) -> Dict:
     fast_out, dense_out = dominance_fraction(**small), dominance_fraction_dense(**small)
     if not np.array_equal(fast_out, dense_out):
         raise AssertionError("fast and dense dominance fractions differ")
-    t = _interleaved({"fast": lambda: dominance_fraction(**small),
-                      "dense": lambda: dominance_fraction_dense(**small)}, repeat)
+    t = min_times_interleaved({"fast": lambda: dominance_fraction(**small),
+                                "dense": lambda: dominance_fraction_dense(**small)}, repeat=repeat, warmup=True)
     same = {"n": dense_n, "z": dense_n, "fast_s": t["fast"], "dense_s": t["dense"],
             "fast_peak_bytes": _peak_bytes(lambda: dominance_fraction(**small)),
             "dense_peak_bytes": _peak_bytes(lambda: dominance_fraction_dense(**small)),

@@ -95,6 +95,24 @@ def median_times_interleaved(fns: Sequence[Callable[[], object]], *, repeat: int
     return [statistics.median(v) for v in samples]
 
 
+def min_times_interleaved(fns: Dict[str, Callable[[], object]], *, repeat: int,
+                          warmup: bool = False) -> Dict[str, float]:
+    """The minimum wall time of one call of each of ``fns`` over ``repeat`` rounds, the functions
+    alternating within a round so that every one sees the same machine state (for long calls,
+    where :func:`median_times_interleaved`'s batching does not apply). ``warmup`` calls each once
+    first, untimed."""
+    if warmup:
+        for fn in fns.values():
+            fn()
+    best = {k: float("inf") for k in fns}
+    for _ in range(repeat):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            best[k] = min(best[k], time.perf_counter() - t0)
+    return best
+
+
 _COPY_CACHE: Dict[int, float] = {}
 
 
