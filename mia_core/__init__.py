@@ -13,7 +13,8 @@ API_VERSION = "1.0"
 #: The public Python API, imported on first use so that ``import mia_core`` (which every plugin
 #: does) stays light.
 _LAZY = {"evaluate": "mia_core.engine.stages", "EvalConfig": "mia_core.engine.stages",
-         "Evaluation": "mia_core.engine.stages", "TrainingRecipe": "mia_core.engine.trainer"}
+         "Evaluation": "mia_core.engine.stages", "TrainingRecipe": "mia_core.engine.trainer",
+         "audit": "mia_core.engine.audit", "AuditConfig": "mia_core.engine.audit"}
 
 
 def __getattr__(name):
@@ -24,4 +25,4 @@ def __getattr__(name):
     raise AttributeError(f"module 'mia_core' has no attribute {name!r}")
 
 
-__all__ = ["__version__", "API_VERSION", "EvalConfig", "Evaluation", "TrainingRecipe", "evaluate"]
+__all__ = ["__version__", "API_VERSION", "AuditConfig", "EvalConfig", "Evaluation", "TrainingRecipe", "audit", "evaluate"]

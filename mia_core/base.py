@@ -108,6 +108,13 @@ class Attack(Plugin, abc.ABC):
         with one line naming what is missing (e.g. query augmentations on records that declare
         no image shape). Default: any records."""
 
+    def queries_target(self) -> bool:
+        """Whether the attack queries the target on inputs other than the records themselves
+        (e.g. augmented views). A target known only by its predictions on the records (``miafw
+        audit --predictions``) cannot answer such queries, so the audit refuses the attack before
+        anything trains. Default: ``False``."""
+        return False
+
     def reference_budget(self) -> Tuple[Optional[int], bool]:
         """``(n_references, online)``: the attack's reference budget, as it will pass them to
         ``ctx.for_target(t, n_references=..., online=...)``, so the engine can refuse a budget the
@@ -290,6 +297,19 @@ class DatasetSource(Plugin, abc.ABC):
         ``[0, C)``, and stable record indices. Any preprocessing must be fixed (not fitted on a
         subset), so that members and non-members are treated alike.
         """
+
+    def column(self, name: str) -> "np.ndarray":
+        """A column of the source data that is *not* a feature, one value per record in the order
+        of :meth:`load`'s records (``miafw audit --members column=NAME`` reads the target's
+        membership from it). Default: the dataset has no such columns.
+
+        Raises:
+            DataError: no such column (naming the ones there are).
+        """
+        from mia_core.data import DataError
+
+        raise DataError(f"dataset {type(self).__name__} has no columns besides its features and labels; give "
+                        f"the members as a file of record ids (--members FILE)")
 
 
 class ModelFamily(Plugin, abc.ABC):

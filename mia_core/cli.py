@@ -1,6 +1,7 @@
 """The ``miafw`` command line (click).
 
 ``miafw eval``   train a population, apply defenses, run attacks, write a run directory.
+``miafw audit``  the same attacks against the user's own trained model (a release gate with --budget).
 ``miafw list``   every registered plugin, with broken and incompatible ones flagged.
 ``miafw info``   one plugin's parameters, defaults, threat model and reference.
 ``miafw runs``   the runs recorded in an output directory's index.
@@ -96,8 +97,9 @@ def main() -> None:
     """
 
 
-def _evaluation_options(f):
-    """The options that define an evaluation, shared by `eval` and `sweep`."""
+def _population_options(f):
+    """The options that define how a population is trained, defended and attacked: shared by
+    `eval`, `sweep` and `audit`."""
     f = click.option("-q", "--quiet", is_flag=True, help="No progress output.")(f)
     f = click.option("--no-cache", is_flag=True, help="Neither read nor write the population cache.")(f)
     f = click.option("--cache-dir", default=None, type=click.Path(file_okay=False, path_type=Path),
@@ -118,30 +120,52 @@ def _evaluation_options(f):
     f = click.option("--lr", default=None, type=float, help="Learning rate [default: 0.002].")(f)
     f = click.option("--batch-size", default=None, type=int, help="Mini-batch size [default: 64].")(f)
     f = click.option("--epochs", default=None, type=int, help="Training epochs per model [default: 60].")(f)
+    f = click.option("--seed", default=0, show_default=True, type=int, help="Seed for membership, initialisation and batches.")(f)
+    f = click.option("--dataset", default="digits", show_default=True, metavar="NAME[:k=v,...]",
+                     help=f"Dataset. Available: {_names_help('datasets')}.")(f)
+    f = click.option("--defense", "defenses", multiple=True, metavar="NAME[:k=v,...]",
+                     help="Defense; repeatable, applied in order (train-time ones while training, post-training ones "
+                       f"after it). Available: {_names_help('defenses')}.")(f)
+    return f
+
+
+def _evaluation_options(f):
+    """The options that define an evaluation, shared by `eval` and `sweep`."""
+    f = _population_options(f)
     f = click.option("--targets", default="all", show_default=True,
                      help="Target models whose scores are pooled: 'all', 'first:K', or indices like 0,3.")(f)
-    f = click.option("--seed", default=0, show_default=True, type=int, help="Seed for membership, initialisation and batches.")(f)
     f = click.option("--n-models", default=16, show_default=True, type=int,
                      help="Models in the population (even); each trains on a random half of the records.")(f)
     f = click.option("--model", default="mlp", show_default=True, metavar="NAME[:k=v,...]",
                      help=f"Model family. Available: {_names_help('models')}.")(f)
-    f = click.option("--dataset", default="digits", show_default=True, metavar="NAME[:k=v,...]",
-                     help=f"Dataset. Available: {_names_help('datasets')}.")(f)
     f = click.option("--estimator", "estimators", multiple=True, metavar="NAME[:k=v,...]",
                      help="Leakage estimator, shown beside the attacks with the advantage bound it implies; repeatable. "
                        f"Available: {_names_help('estimators')}.")(f)
-    f = click.option("--defense", "defenses", multiple=True, metavar="NAME[:k=v,...]",
-                     help="Defense; repeatable, applied in order (train-time ones while training, post-training ones "
-                       f"after it). Available: {_names_help('defenses')}.")(f)
     f = click.option("--attack", "attacks", multiple=True, metavar="NAME[:k=v,...]",
                      help=f"Attack to run; repeatable. Default: lira. Available: {_names_help('attacks')}.")(f)
     return f
 
 
+_BUDGET_HELP = ("Release gate, repeatable: auc<=X, advantage<=X or tpr@P%<=X, checked against the upper end of "
+                "each interval for every attack; exit status 3 when one is broken (e.g. tpr@0.1%<=0.005).")
+
+
+def _report_gate(metrics_doc, budgets) -> None:
+    """Print the release gate's verdict; exit 3 when a budget is broken."""
+    from mia_core.gate import violations
+
+    gate = metrics_doc.get("budget")
+    if gate is None:
+        return
+    if not gate["passed"]:
+        for line in violations(gate):
+            click.echo(line, err=True)
+        sys.exit(EXIT_BUDGET)
+    click.echo(f"budget: every attack within {', '.join(budgets)} (upper ends of the intervals)", err=True)
+
+
 @main.command("eval")
-@click.option("--budget", "budgets", multiple=True, metavar="METRIC<=X",
-              help="Release gate, repeatable: auc<=X, advantage<=X or tpr@P%<=X, checked against the upper end of "
-                   "each interval for every attack; exit status 3 when one is broken (e.g. tpr@0.1%<=0.005).")
+@click.option("--budget", "budgets", multiple=True, metavar="METRIC<=X", help=_BUDGET_HELP)
 @click.option("--out", default="runs", show_default=True, type=click.Path(file_okay=False, path_type=Path),
               help="Directory that receives the run directory.")
 @click.option("--json", "as_json", is_flag=True, help="Print metrics.json to stdout instead of the table.")
@@ -161,8 +185,6 @@ def eval_cmd(out, as_json, budgets, **options):
     from mia_core.engine.stages import evaluate
     from mia_core.results import format_summary
 
-    from mia_core.gate import violations
-
     plan, cache = _plan_and_cache({**options, "budgets": budgets})
     with _engine_errors(out):
         ev = evaluate(plan, out=out, cache=cache, reporter=TerminalReporter(options["quiet"] or as_json))
@@ -171,13 +193,7 @@ def eval_cmd(out, as_json, budgets, **options):
     else:
         click.echo(format_summary(ev.metrics))
         click.echo(f"run directory: {ev.run_dir}")
-    gate = ev.metrics.get("budget")
-    if gate is not None:
-        if not gate["passed"]:
-            for line in violations(gate):
-                click.echo(line, err=True)
-            sys.exit(EXIT_BUDGET)
-        click.echo(f"budget: every attack within {', '.join(budgets)} (upper ends of the intervals)", err=True)
+    _report_gate(ev.metrics, budgets)
 
 
 def _config_from(options):
@@ -191,8 +207,8 @@ def _config_from(options):
     overrides = {k: o[k] for k in ("epochs", "batch_size", "lr", "weight_decay", "optimizer", "sampler",
                                    "sampling_rate") if o[k] is not None}
     return EvalConfig(attacks=tuple(o["attacks"]) or ("lira",), defenses=tuple(o["defenses"]),
-                      estimators=tuple(o["estimators"]), dataset=o["dataset"], model=o["model"],
-                      n_models=o["n_models"], seed=o["seed"], targets=o["targets"],
+                      estimators=tuple(o.get("estimators", ())), dataset=o["dataset"], model=o["model"] or "mlp",
+                      n_models=o["n_models"], seed=o["seed"], targets=o.get("targets", "all"),
                       recipe=dataclasses.replace(TrainingRecipe(), **overrides), device=o["device"],
                       adaptive=not o["non_adaptive"], budgets=tuple(o.get("budgets", ())))
 
@@ -275,6 +291,108 @@ def sweep_cmd(grids, out, **options):
         click.echo(f"resumed: {res.resumed} of {len(res.rows)} points were already done", err=True)
     click.echo(format_table(res.rows, [a.label(config.defenses) for a in axes]))
     click.echo(f"sweep directory: {res.directory} (table.md, tradeoff.png, points.jsonl, runs/)")
+
+
+def _module_args(items):
+    """``--module-arg k=v`` values: JSON scalars (``64``, ``0.5``, ``true``) or else strings."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key.isidentifier():
+            _fail(f"--module-arg {item!r}: expected NAME=VALUE, e.g. --module-arg hidden=64")
+        if key in out:
+            _fail(f"--module-arg {key} given twice")
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            parsed = value
+        out[key] = parsed if isinstance(parsed, (int, float, bool, str)) or parsed is None else value
+    return out
+
+
+@main.command("audit")
+@click.option("--weights", default=None, type=click.Path(dir_okay=False, path_type=str), metavar="FILE",
+              help="The target's state_dict (torch.save(model.state_dict(), FILE)), loaded with weights_only=True into "
+                   "--model or --module; the model before any post-training defense you name.")
+@click.option("--predictions", default=None, type=click.Path(dir_okay=False, path_type=str), metavar="FILE",
+              help="The target's outputs on every record instead of its weights: .npz with an array logits, probs or "
+                   "prediction ([N, C]; optional index of record ids), or .csv with columns logit_0.. / prob_0.. / "
+                   "prediction (optional index). For models that are not torch.")
+@click.option("--members", required=True, metavar="FILE|column=NAME",
+              help="The target's training records: a file with one record id per line (row numbers, or the file "
+                   "dataset's id= column), or column=NAME, a 0/1 column of the dataset file.")
+@click.option("--model", default=None, metavar="NAME[:k=v,...]",
+              help=f"The target's architecture as a model family [default: mlp]. Available: {_names_help('models')}.")
+@click.option("--module", default=None, metavar="PKG.MODULE:CLASS",
+              help="The target's architecture as an importable torch.nn.Module (the current directory is searched "
+                   "first); the references are trained as this class too.")
+@click.option("--module-arg", "module_args", multiple=True, metavar="NAME=VALUE",
+              help="A keyword argument of --module's class; repeatable.")
+@click.option("--n-models", default=16, show_default=True, type=int,
+              help="Population size counted as in eval: the target, a stand-in partner and N-2 reference models that "
+                   "miafw trains (each on a random half of the records) with the recipe you state.")
+@click.option("--attack", "attacks", multiple=True, metavar="NAME[:k=v,...]",
+              help="Attack to run; repeatable. Default: every registered attack the target can answer. "
+                   f"Available: {_names_help('attacks')}.")
+@click.option("--budget", "budgets", multiple=True, metavar="METRIC<=X", help=_BUDGET_HELP)
+@click.option("--out", default="runs", show_default=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Directory that receives the run directory.")
+@click.option("--json", "as_json", is_flag=True, help="Print metrics.json to stdout instead of the table.")
+@_population_options
+def audit_cmd(weights, predictions, members, model, module, module_args, out, as_json, budgets, **options):
+    """Audit your own trained model before release: how well can an attacker tell its members?
+
+    The target is your model (--weights or --predictions) with its training records (--members);
+    miafw trains the reference models the attacks need with the recipe you state (--model or
+    --module, --epochs, --lr, --batch-size, --defense ...), on random halves of the same data. The
+    closer that recipe is to the target's, the more the numbers mean (see the README). With
+    --budget the command is a release gate: exit status 3 when an attack breaks a limit.
+
+    \b
+    Examples:
+      miafw audit --weights target.pt --members members.txt --budget tpr@1%<=0.05
+      miafw audit --predictions preds.npz --members members.txt --attack lira --attack rmia
+      miafw audit --dataset file:path=data.csv --members column=in_train --weights net.pt \\
+          --module my_pkg.nets:Net --module-arg hidden=64 --defense prune:sparsity=0.9
+    """
+    import dataclasses
+
+    from mia_core.engine.audit import AuditConfig, audit, resolve_audit
+    from mia_core.engine.cache import PopulationCache, default_cache_dir
+    from mia_core.engine.progress import TerminalReporter
+    from mia_core.engine.stages import USAGE_ERRORS
+    from mia_core.results import format_summary
+
+    if model is not None and module is not None:
+        _fail("give the architecture as --model or as --module, not both")
+    evaluation = _config_from({**options, "model": model, "budgets": budgets})
+    # no --attack: every registered attack the target can answer (not eval's default of lira alone)
+    evaluation = dataclasses.replace(evaluation, attacks=tuple(options["attacks"]))
+    config = AuditConfig(evaluation=evaluation, members=members, weights=weights, predictions=predictions,
+                         module=module, module_args=_module_args(module_args))
+    try:
+        plan = resolve_audit(config)
+    except USAGE_ERRORS as exc:
+        _fail(str(exc))
+    cache = PopulationCache(None if options["no_cache"] else (options["cache_dir"] or default_cache_dir()))
+    quiet = options["quiet"] or as_json
+    for name, why in plan.skipped:
+        if not quiet:
+            click.echo(f"skipping attack {name}: {why}", err=True)
+    with _engine_errors(out):
+        ev = audit(plan, out=out, cache=cache, reporter=TerminalReporter(quiet))
+    if as_json:
+        click.echo(json.dumps({**ev.metrics, "run_dir": str(ev.run_dir)}, indent=2, sort_keys=True))
+    else:
+        a = ev.metrics["audit"]
+        src = a["source"]
+        click.echo(f"target: {src['kind']} {Path(src['path']).name} (sha256 {src['sha256'][:12]}), "
+                   f"{plan.model.label}; {a['members']} members, {a['non_members']} non-members; "
+                   f"{plan.config.n_models - 2} reference models")
+        click.echo(format_summary(ev.metrics))
+        click.echo(f"run directory: {ev.run_dir}")
+    _report_gate(ev.metrics, budgets)
 
 
 @main.group("cache")

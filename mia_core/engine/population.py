@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from mia_core.data import DataError, Records
-from mia_core.engine.signals import Signals, compute_signals
+from mia_core.engine.signals import SignalUnavailable, Signals, compute_signals
 from mia_core.engine.trainer import (
     Params,
     TrainingRecipe,
@@ -64,6 +64,12 @@ class ModelPopulation:
     #: bool ``[N]``: the reserved records (no model trains on them, no target is scored on them;
     #: see :meth:`mia_core.base.TrainingDefense.reserve_fraction`); ``None``: none.
     reserved: Optional[np.ndarray] = None
+    #: int ``[K]``: models known only by their outputs on the records (a target audited from a
+    #: predictions file, :mod:`mia_core.engine.audit`): their rows of ``params`` are NaN
+    #: placeholders, their logits on the records are ``external_logits`` (float64 ``[K, N, C]``),
+    #: and they cannot be queried on other inputs (augmented views) nor exported. ``None``: none.
+    external: Optional[np.ndarray] = None
+    external_logits: Optional[torch.Tensor] = None
 
     @property
     def scored_records(self) -> np.ndarray:
@@ -186,6 +192,8 @@ class ModelPopulation:
             training=self.training,
             train_defenses=self.train_defenses,
             reserved=None if self.reserved is None else self.reserved.copy(),
+            external=None if self.external is None else self.external.copy(),
+            external_logits=None if self.external_logits is None else self.external_logits.clone(),
         )
 
     # ----------------------------------------------------------------- views
@@ -201,6 +209,8 @@ class ModelPopulation:
         """Model ``m`` as an ordinary ``nn.Module`` (a copy; for white-box use and export)."""
         if not 0 <= m < self.n_models:
             raise IndexError(f"model index {m} out of range [0, {self.n_models})")
+        if self.external is not None and m in self.external:
+            raise ValueError(f"model {m} is known only by its predictions on the records; it has no weights")
         mod = copy.deepcopy(self.base).to_empty(device="cpu")
         state = {k: v[m].detach().clone() for k, v in {**self.params, **self.buffers}.items()}
         mod.load_state_dict(state)
@@ -214,9 +224,17 @@ class ModelPopulation:
     def logits(self, x: Optional[np.ndarray] = None) -> torch.Tensor:
         """float32 ``[M, N, C]`` on the records (or on ``x``, float ``[N, D]``: e.g. augmented
         views of them), on the population's device."""
+        if self.external is not None and x is not None:
+            raise SignalUnavailable(
+                f"model(s) {self.external.tolist()} are given as predictions on the records only and cannot be "
+                f"queried on other inputs (e.g. augmented views); audit the model's weights instead (--weights)")
+        on_records = x is None
         x = torch.from_numpy(np.ascontiguousarray(self.records.x if x is None else x, dtype=np.float32))
         x = x.to(self.device)
-        return ensemble_logits(self.base, self.params, self.buffers, x)
+        out = ensemble_logits(self.base, self.params, self.buffers, x)
+        if self.external is not None and on_records:
+            out[torch.as_tensor(self.external, device=out.device)] = self.external_logits.to(out)
+        return out
 
     def signals(self) -> Signals:
         """Every model's signals on every record, computed from the current weights.
@@ -235,6 +253,8 @@ class ModelPopulation:
     # ----------------------------------------------------------------- persistence
     def state(self) -> Dict[str, Any]:
         """Tensors-only state for ``torch.save`` (loaded back with ``weights_only=True``)."""
+        if self.external is not None:
+            raise ValueError("a population holding models known only by their predictions is never stored")
         state = {
             "keep": torch.from_numpy(self.keep.copy()),
             "params": {k: v.detach().to("cpu", copy=True) for k, v in self.params.items()},
@@ -277,7 +297,9 @@ def scored_view(population: ModelPopulation, signals: Signals) -> Tuple[ModelPop
     r = population.records
     records = Records(x=r.x[idx], y=r.y[idx], index=r.index[idx], n_classes=r.n_classes, name=r.name,
                       image_shape=r.image_shape, task=r.task)
-    view = dataclasses.replace(population, records=records, keep=population.keep[:, idx], reserved=None)
+    ext = population.external_logits
+    view = dataclasses.replace(population, records=records, keep=population.keep[:, idx], reserved=None,
+                               external_logits=None if ext is None else ext[:, torch.as_tensor(idx)])
     return view, signals.take(idx)
 
 

@@ -66,7 +66,7 @@ class LiRA(Attack):
 
     api_version = "1.0"
 
-    access = ("logits",)
+    access = ("probs",)  # the logit-scaled confidence is a function of the probabilities
     min_reference_models = 4  # a variance needs 2 IN and 2 OUT references per record: (M-2)/2 >= 2
     reference = (
         "N. Carlini, S. Chien, M. Nasr, S. Song, A. Terzis, F. Tramèr. Membership Inference Attacks "
@@ -102,6 +102,9 @@ class LiRA(Attack):
             raise ValueError(f"augment must be one of {', '.join(AUGMENTATIONS)}; got {self.augment!r}")
         if isinstance(self.shift, bool) or not isinstance(self.shift, int) or self.shift < 1:
             raise ValueError(f"shift must be an integer >= 1 (pixels), got {self.shift!r}")
+
+    def queries_target(self) -> bool:
+        return self.augment != "none"  # augmented views are queries beyond the records
 
     def check_records(self, records) -> None:
         if self.augment != "none" and records.image_shape is None:
