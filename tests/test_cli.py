@@ -115,7 +115,7 @@ def test_list_and_info():
         assert name in res.output
     res = CliRunner().invoke(main, ["info", "lira"])
     assert res.exit_code == 0
-    assert "online: bool = True" in res.output and "access: ('logits',)" in res.output and "Carlini" in res.output
+    assert "online: bool = True" in res.output and "access: ('probs',)" in res.output and "Carlini" in res.output
     res = CliRunner().invoke(main, ["info", "prunee"])
     assert res.exit_code == 2 and "Did you mean 'prune'?" in res.stderr
 
