@@ -317,3 +317,39 @@ def test_usage_errors_of_the_audit_itself(small_target, tmp_path):
         resolve_audit(_config(t, weights=str(t["weights"]), evaluation={"n_models": 2}))
     with pytest.raises(ParamError, match="estimators measure a population"):
         resolve_audit(_config(t, weights=str(t["weights"]), evaluation={"estimators": ("info",)}))
+
+
+def test_scikit_learn_models_are_audited_from_their_predictions(tmp_path):
+    """Models that are not torch: a logistic regression's predict_proba on breast-cancer (references:
+    the logreg family) and a ridge regression's predictions on diabetes (references: linreg)."""
+    from sklearn.linear_model import LogisticRegression, Ridge
+
+    from mia_core import registry
+
+    records = registry.load("datasets", "breast-cancer")().load()
+    members = half(records.n, seed=4)
+    clf = LogisticRegression(C=100.0, max_iter=5000).fit(records.x[members], records.y[members])
+    np.savez(tmp_path / "clf.npz", probs=clf.predict_proba(records.x))
+    np.savetxt(tmp_path / "clf_members.txt", records.index[members], fmt="%d")
+    cfg = AuditConfig(mia_core.EvalConfig(attacks=("lira", "loss"), dataset="breast-cancer", model="logreg",
+                                          n_models=8, recipe=mia_core.TrainingRecipe(epochs=30)),
+                      members=str(tmp_path / "clf_members.txt"), predictions=str(tmp_path / "clf.npz"))
+    ev = audit(cfg, cache=tmp_path / "c")
+    assert ev.metrics["target"]["train_accuracy"] == pytest.approx(clf.score(records.x[members], records.y[members]))
+    assert all(np.isfinite(s).all() for s in ev.scores.values())
+
+    reg = registry.load("datasets", "diabetes")().load()
+    members = half(reg.n, seed=5)
+    ridge = Ridge(alpha=0.01).fit(reg.x[members], reg.y[members])
+    np.savez(tmp_path / "ridge.npz", prediction=ridge.predict(reg.x))
+    np.savetxt(tmp_path / "ridge_members.txt", reg.index[members], fmt="%d")
+    cfg = AuditConfig(mia_core.EvalConfig(attacks=("lira", "loss"), dataset="diabetes", model="linreg", n_models=8),
+                      members=str(tmp_path / "ridge_members.txt"), predictions=str(tmp_path / "ridge.npz"))
+    ev = audit(cfg, cache=tmp_path / "c")
+    mse = float(np.mean((ridge.predict(reg.x[members]) - reg.y[members]) ** 2))
+    assert ev.metrics["target"]["train_mse"] == pytest.approx(mse, rel=1e-5)
+    assert ev.metrics["attacks"]["loss"]["auc"] > 0.5  # ridge on 221 records overfits a little
+    np.savez(tmp_path / "probs_for_regression.npz", probs=np.full((reg.n, 1), 1.0))
+    bad = dataclasses.replace(cfg, predictions=str(tmp_path / "probs_for_regression.npz"))
+    with pytest.raises(DataError, match="holds probs, but dataset 'diabetes' is a regression task"):
+        audit(bad, cache=tmp_path / "c")
