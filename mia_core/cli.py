@@ -2,6 +2,7 @@
 
 ``miafw eval``   train a population, apply defenses, run attacks, write a run directory.
 ``miafw audit``  the same attacks against the user's own trained model (a release gate with --budget).
+``miafw report`` regenerate a run directory's self-contained report.html.
 ``miafw list``   every registered plugin, with broken and incompatible ones flagged.
 ``miafw info``   one plugin's parameters, defaults, threat model and reference.
 ``miafw runs``   the runs recorded in an output directory's index.
@@ -393,6 +394,29 @@ def audit_cmd(weights, predictions, members, model, module, module_args, out, as
         click.echo(format_summary(ev.metrics))
         click.echo(f"run directory: {ev.run_dir}")
     _report_gate(ev.metrics, budgets)
+
+
+@main.command("report")
+@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--out", default=None, type=click.Path(dir_okay=False, path_type=Path),
+              help="Where to write the page [default: RUN_DIR/report.html].")
+def report_cmd(run_dir, out):
+    """Regenerate a run's report.html from its own files (config.json, metrics.json, scores.npz).
+
+    The page is self-contained (figures embedded, no network): the question and its answer, every
+    attack's ROC, TPRs with intervals, AUC, advantage and ε bound, score histograms, estimator
+    bounds, per-class slices, the most exposed records, the defenses and their accuracy cost,
+    warnings, the configuration and versions.
+    """
+    from mia_core.report import ReportError, write_report
+
+    try:
+        path = write_report(run_dir, out=out)
+    except ReportError as exc:
+        _fail(str(exc))
+    except OSError as exc:
+        _fail(f"could not write the report: {exc}", EXIT_FAILURE)
+    click.echo(f"report: {path}")
 
 
 @main.group("cache")

@@ -174,10 +174,21 @@ def write_run(run: RunDir, evaluation) -> None:
         targets=np.asarray(evaluation.targets, dtype=np.int64),
         record_index=evaluation.record_index,
         attack_labels=np.asarray(labels, dtype=np.str_),
+        record_label=_record_labels(evaluation),
         **arrays,
     )
     n_nonmembers = int((~evaluation.membership).sum())
     plot_roc(d / "roc.png", evaluation.curves, n_nonmembers=n_nonmembers, title=_title(evaluation.config))
+    from mia_core.report import write_report  # the page is rendered from the files just written
+
+    write_report(d)
+
+
+def _record_labels(evaluation) -> np.ndarray:
+    """The scored records' labels (classification) or targets (regression), aligned with
+    ``record_index``."""
+    pop = evaluation.population
+    return np.asarray(pop.records.y)[pop.scored_records]
 
 
 def _title(config: Dict) -> str:
