@@ -166,12 +166,16 @@ def _report_gate(metrics_doc, budgets) -> None:
 
 
 @main.command("eval")
+@click.option("--config", "config_file", default=None, type=click.Path(dir_okay=False, path_type=Path),
+              metavar="FILE.toml",
+              help="Read the evaluation from a TOML file (every run writes one: runs/<id>/config.toml); flags given "
+                   "on the command line override it.")
 @click.option("--budget", "budgets", multiple=True, metavar="METRIC<=X", help=_BUDGET_HELP)
 @click.option("--out", default="runs", show_default=True, type=click.Path(file_okay=False, path_type=Path),
               help="Directory that receives the run directory.")
 @click.option("--json", "as_json", is_flag=True, help="Print metrics.json to stdout instead of the table.")
 @_evaluation_options
-def eval_cmd(out, as_json, budgets, **options):
+def eval_cmd(out, as_json, budgets, config_file, **options):
     """Evaluate membership leakage of a (defended) model population.
 
     \b
@@ -186,7 +190,16 @@ def eval_cmd(out, as_json, budgets, **options):
     from mia_core.engine.stages import evaluate
     from mia_core.results import format_summary
 
-    plan, cache = _plan_and_cache({**options, "budgets": budgets})
+    base = None
+    if config_file is not None:
+        from mia_core import configfile
+        from mia_core.params import ParamError
+
+        try:
+            base = configfile.load(config_file)
+        except ParamError as exc:
+            _fail(str(exc))
+    plan, cache = _plan_and_cache({**options, "budgets": budgets}, base=base)
     with _engine_errors(out):
         ev = evaluate(plan, out=out, cache=cache, reporter=TerminalReporter(options["quiet"] or as_json))
     if as_json:  # metrics.json plus where the run was written (the file itself stays path-free)
@@ -195,6 +208,38 @@ def eval_cmd(out, as_json, budgets, **options):
         click.echo(format_summary(ev.metrics))
         click.echo(f"run directory: {ev.run_dir}")
     _report_gate(ev.metrics, budgets)
+
+
+#: Command-line options and the :class:`EvalConfig` field (or ``recipe.`` field) each sets.
+_OPTION_FIELDS = {"attacks": "attacks", "defenses": "defenses", "estimators": "estimators", "dataset": "dataset",
+                  "model": "model", "n_models": "n_models", "seed": "seed", "targets": "targets", "device": "device",
+                  "non_adaptive": "adaptive", "budgets": "budgets", "epochs": "recipe.epochs",
+                  "batch_size": "recipe.batch_size", "lr": "recipe.lr", "weight_decay": "recipe.weight_decay",
+                  "optimizer": "recipe.optimizer", "sampler": "recipe.sampler", "sampling_rate": "recipe.sampling_rate"}
+
+
+def _overlay(base, cli, given):
+    """``base`` (a config file's :class:`EvalConfig`) with the fields of the options the user
+    typed (``given``) taken from ``cli``."""
+    import dataclasses
+
+    top, recipe = {}, {}
+    for option, fld in _OPTION_FIELDS.items():
+        if option not in given:
+            continue
+        if fld.startswith("recipe."):
+            recipe[fld[7:]] = getattr(cli.recipe, fld[7:])
+        else:
+            top[fld] = getattr(cli, fld)
+    return dataclasses.replace(base, **top, recipe=dataclasses.replace(base.recipe, **recipe))
+
+
+def _given_options() -> set:
+    """The options the user typed on the command line (not defaults)."""
+    from click.core import ParameterSource
+
+    ctx = click.get_current_context()
+    return {name for name in ctx.params if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE}
 
 
 def _config_from(options):
@@ -214,13 +259,17 @@ def _config_from(options):
                       adaptive=not o["non_adaptive"], budgets=tuple(o.get("budgets", ())))
 
 
-def _plan_and_cache(options):
-    """The resolved plan (a usage error exits 2 here, before anything runs) and the cache."""
+def _plan_and_cache(options, base=None):
+    """The resolved plan (a usage error exits 2 here, before anything runs) and the cache;
+    ``base``: a config file's :class:`EvalConfig`, which the typed options override."""
     from mia_core.engine.cache import PopulationCache, default_cache_dir
     from mia_core.engine.stages import USAGE_ERRORS, resolve
 
+    config = _config_from(options)
+    if base is not None:
+        config = _overlay(base, config, _given_options())
     try:
-        plan = resolve(_config_from(options))
+        plan = resolve(config)
     except USAGE_ERRORS as exc:
         _fail(str(exc))
     cache = PopulationCache(None if options["no_cache"] else (options["cache_dir"] or default_cache_dir()))

@@ -1064,6 +1064,9 @@ def evaluate(config: Union[EvalConfig, Plan], *, out: Optional[Union[str, Path]]
         return run_stages(plan, cache=cache, reporter=reporter, records=records)
     run = RunDir(out, plan.document, index=RunIndex(out), discard_on=USAGE_ERRORS)
     with run:
+        from mia_core import configfile
+
+        (run.path / "config.toml").write_text(configfile.dump(plan.config))  # `eval --config` repeats the run
         ev = run_stages(plan, cache=cache, reporter=reporter, records=records)
         write_run(run, ev)
     ev.run_dir = run.final
