@@ -3,6 +3,7 @@
 ``miafw eval``   train a population, apply defenses, run attacks, write a run directory.
 ``miafw audit``  the same attacks against the user's own trained model (a release gate with --budget).
 ``miafw report`` regenerate a run directory's self-contained report.html.
+``miafw compare`` several runs side by side, differences with intervals, overlaid ROC curves.
 ``miafw list``   every registered plugin, with broken and incompatible ones flagged.
 ``miafw info``   one plugin's parameters, defaults, threat model and reference.
 ``miafw runs``   the runs recorded in an output directory's index.
@@ -466,6 +467,45 @@ def report_cmd(run_dir, out):
     except OSError as exc:
         _fail(f"could not write the report: {exc}", EXIT_FAILURE)
     click.echo(f"report: {path}")
+
+
+@main.command("compare")
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--html", "html_out", default="compare.html", show_default=True,
+              type=click.Path(dir_okay=False, path_type=Path), help="Where to write the page with overlaid ROC curves.")
+@click.option("--no-html", is_flag=True, help="Do not write the page.")
+@click.option("--format", "fmt", default="table", show_default=True, type=click.Choice(["table", "json"]),
+              help="The terminal output: a table, or JSON for scripts.")
+@click.option("--n-boot", default=200, show_default=True, type=click.IntRange(min=10),
+              help="Bootstrap resamples for the differences' intervals.")
+def compare_cmd(run_dirs, html_out, no_html, fmt, n_boot):
+    """Compare runs: each attack's AUC and TPR at 1% and 0.1% FPR per run, and each run's
+    difference from the first (the baseline) with a 95% bootstrap interval, paired over the
+    records when the runs scored the same ones; compare.html overlays their ROC curves.
+
+    \b
+    Example:
+      miafw compare runs/20261130-120000-aaaa runs/20261130-121500-bbbb
+    """
+    from mia_core.compare import compare_runs, format_table, to_json, write_html
+    from mia_core.report import ReportError
+
+    try:
+        result = compare_runs(list(run_dirs), n_boot=n_boot)
+    except ReportError as exc:
+        _fail(str(exc))
+    page = None
+    if not no_html:
+        try:
+            page = write_html(result, html_out)
+        except OSError as exc:
+            _fail(f"could not write {html_out}: {exc}", EXIT_FAILURE)
+    if fmt == "json":
+        click.echo(json.dumps({**to_json(result), "html": None if page is None else str(page)}, indent=2))
+    else:
+        click.echo(format_table(result))
+        if page is not None:
+            click.echo(f"page: {page}")
 
 
 @main.group("cache")

@@ -38,7 +38,7 @@ import math
 import operator
 import warnings
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, Mapping, NamedTuple, Sequence, Tuple
+from typing import Any, Dict, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 from scipy import special
@@ -497,6 +497,48 @@ AUC_INTERVAL_METHOD = ("percentile bootstrap over records (a record's scores aga
                        "together, since they share the record)")
 
 
+class _Prepared(NamedTuple):
+    """Scores sorted once for weighted resampling: ties contiguous, each score's cluster."""
+
+    m: np.ndarray  # bool [n], in ascending score order
+    cluster: np.ndarray  # int [n] cluster index of each sorted score, in [0, n_clusters)
+    starts: np.ndarray  # int [T] first position of each tie group
+    n_clusters: int
+
+
+def _prepare(s: np.ndarray, m: np.ndarray, groups: Any) -> _Prepared:
+    g = np.arange(s.size) if groups is None else np.asarray(groups)
+    if g.shape != s.shape:
+        raise ValueError(f"groups must have one id per score ({s.size}), got shape {g.shape}")
+    _, cluster = np.unique(g, return_inverse=True)
+    order = np.argsort(s, kind="stable")
+    s_sorted = s[order]
+    starts = np.flatnonzero(np.r_[True, s_sorted[1:] != s_sorted[:-1]])  # tie groups, contiguous
+    return _Prepared(m[order], cluster.reshape(-1)[order], starts, int(cluster.max()) + 1)
+
+
+def _weighted_stats(p: _Prepared, w: np.ndarray, fprs: Sequence[float] = ()) -> Tuple[np.ndarray, ...]:
+    """AUC (ties 1/2), advantage (max over thresholds ``score >= t`` of TPR - FPR, >= 0) and TPR
+    at each of ``fprs`` (the largest TPR over thresholds whose FPR is ``<= fpr``, ties entering
+    together, as :func:`tpr_at_fpr`) of the scores weighted by ``w`` (float ``[b, n]``, in
+    :class:`_Prepared` order): ``(auc [b'], advantage [b'], tpr [b', len(fprs)], ok [b])`` for the
+    ``b'`` rows with both classes (``ok``)."""
+    pos = np.add.reduceat(w * p.m, p.starts, axis=1)
+    neg = np.add.reduceat(w * ~p.m, p.starts, axis=1)
+    below = np.cumsum(neg, axis=1) - neg
+    n_pos, n_neg = pos.sum(axis=1), neg.sum(axis=1)
+    ok = (n_pos > 0) & (n_neg > 0)
+    aucs = (pos * (below + 0.5 * neg)).sum(axis=1)[ok] / (n_pos[ok] * n_neg[ok])
+    tp = np.cumsum(pos[:, ::-1], axis=1)[:, ::-1][ok]  # threshold at tie group k: scores >= its value
+    fp = np.cumsum(neg[:, ::-1], axis=1)[:, ::-1][ok]
+    tpr, fpr = tp / n_pos[ok, None], fp / n_neg[ok, None]
+    advs = np.maximum((tpr - fpr).max(axis=1), 0.0) if ok.any() else np.zeros(0)
+    at = np.zeros((int(ok.sum()), len(fprs)))
+    for i, f in enumerate(fprs):
+        at[:, i] = np.where(fpr <= f, tpr, 0.0).max(axis=1, initial=0.0)
+    return aucs, advs, at, ok
+
+
 def _bootstrap(*, scores: Any, membership: Any, groups: Any, n_boot: int, confidence: float,
                seed: int) -> Tuple[np.ndarray, np.ndarray]:
     """The resampled AUCs and advantages of :func:`auc_interval` / :func:`advantage_interval`
@@ -505,34 +547,95 @@ def _bootstrap(*, scores: Any, membership: Any, groups: Any, n_boot: int, confid
     _check_confidence(confidence)
     if isinstance(n_boot, bool) or not isinstance(n_boot, (int, np.integer)) or n_boot < 1:
         raise ValueError(f"n_boot must be an integer >= 1, got {n_boot!r}")
-    g = np.arange(s.size) if groups is None else np.asarray(groups)
-    if g.shape != s.shape:
-        raise ValueError(f"groups must have one id per score ({s.size}), got shape {g.shape}")
-    _, cluster = np.unique(g, return_inverse=True)
-    n_clusters = int(cluster.max()) + 1
-    order = np.argsort(s, kind="stable")
-    s_sorted, m_sorted, cl_sorted = s[order], m[order], cluster[order]
-    starts = np.flatnonzero(np.r_[True, s_sorted[1:] != s_sorted[:-1]])  # tie groups, contiguous
+    p = _prepare(s, m, groups)
     rng = np.random.default_rng(seed)
     aucs, advs = [], []
     for lo in range(0, n_boot, 64):  # resamples in blocks: [b, n] weights stay small
         b = min(64, n_boot - lo)
-        counts = rng.multinomial(n_clusters, np.full(n_clusters, 1.0 / n_clusters), size=b).astype(np.float64)
-        w = counts[:, cl_sorted]  # [b, n] multiplicity of each score
-        pos = np.add.reduceat(w * m_sorted, starts, axis=1)
-        neg = np.add.reduceat(w * ~m_sorted, starts, axis=1)
-        below = np.cumsum(neg, axis=1) - neg
-        n_pos, n_neg = pos.sum(axis=1), neg.sum(axis=1)
-        ok = (n_pos > 0) & (n_neg > 0)
-        val = (pos * (below + 0.5 * neg)).sum(axis=1)
-        aucs.append(val[ok] / (n_pos[ok] * n_neg[ok]))
-        # advantage: max over thresholds "score >= t" of TPR - FPR (suffix sums of the ascending order), >= 0
-        tp = np.cumsum(pos[:, ::-1], axis=1)[:, ::-1]
-        fp = np.cumsum(neg[:, ::-1], axis=1)[:, ::-1]
-        with np.errstate(invalid="ignore", divide="ignore"):
-            gap = tp / n_pos[:, None] - fp / n_neg[:, None]
-        advs.append(np.maximum(gap[ok].max(axis=1), 0.0) if ok.any() else np.zeros(0))
+        counts = rng.multinomial(p.n_clusters, np.full(p.n_clusters, 1.0 / p.n_clusters), size=b).astype(np.float64)
+        a, v, _, _ = _weighted_stats(p, counts[:, p.cluster])
+        aucs.append(a)
+        advs.append(v)
     return np.concatenate(aucs), np.concatenate(advs)
+
+
+def _metric_spec(metric: str) -> Tuple[str, Optional[float]]:
+    text = str(metric).strip().lower()
+    if text in ("auc", "advantage"):
+        return text, None
+    if text.startswith("tpr@"):
+        try:
+            return "tpr", _check_fpr(float(text[4:]), "the FPR of tpr@F")
+        except ValueError:
+            pass
+    raise ValueError(f"metric must be 'auc', 'advantage' or 'tpr@F' with F in (0, 1) (e.g. tpr@0.01), got {metric!r}")
+
+
+def _pick(stats: Tuple[np.ndarray, ...], kind: str) -> np.ndarray:
+    if kind == "tpr":
+        return stats[2][:, 0]
+    return stats[0] if kind == "auc" else stats[1]
+
+
+def difference_interval(*, scores_a: Any, membership_a: Any, scores_b: Any, membership_b: Any, groups_a: Any = None,
+                        groups_b: Any = None, metric: str = "auc", paired: bool = False, n_boot: int = 200,
+                        confidence: float = 0.95, seed: int = 0) -> Tuple[float, float, float]:
+    """The difference ``metric(b) - metric(a)`` between two attacks' (or two runs') scores, with
+    a percentile-bootstrap interval (Efron & Tibshirani 1993, ch. 13 and 16).
+
+    Clusters (``groups``: e.g. record ids, one record's scores against several targets) are
+    resampled with replacement. ``paired=True``: the two score sets come from the same records
+    (cluster ids shared between ``groups_a`` and ``groups_b``), so each resample draws the clusters
+    once and weights both sides with the same multiplicities, which cancels the records' own
+    variability from the difference; ``paired=False``: the two sides are resampled independently.
+
+    Args:
+        scores_a, membership_a, scores_b, membership_b: float ``[n_a]``, bool ``[n_a]``, and the
+            same for ``b``.
+        groups_a, groups_b: cluster ids (``None``: every score its own cluster; ``paired`` needs
+            both).
+        metric: ``"auc"``, ``"advantage"`` or ``"tpr@F"`` (TPR at FPR ``F``, as :func:`tpr_at_fpr`).
+        n_boot, confidence, seed: as :func:`auc_interval`.
+
+    Returns:
+        ``(difference, low, high)``; ``low``/``high`` are NaN if every resample lacked a class.
+    """
+    kind, f = _metric_spec(metric)
+    sa, ma = _check_inputs(scores_a, membership_a)
+    sb, mb = _check_inputs(scores_b, membership_b)
+    c = _check_confidence(confidence)
+    if isinstance(n_boot, bool) or not isinstance(n_boot, (int, np.integer)) or n_boot < 1:
+        raise ValueError(f"n_boot must be an integer >= 1, got {n_boot!r}")
+    fprs = () if f is None else (f,)
+    if paired:
+        if groups_a is None or groups_b is None:
+            raise ValueError("paired=True needs groups_a and groups_b (the shared cluster ids)")
+        ids, inverse = np.unique(np.concatenate([np.asarray(groups_a).ravel(), np.asarray(groups_b).ravel()]),
+                                 return_inverse=True)
+        ga, gb = inverse[:sa.size], inverse[sa.size:]
+    else:
+        ga, gb = groups_a, groups_b
+    pa, pb = _prepare(sa, ma, ga), _prepare(sb, mb, gb)
+    if paired:  # one cluster numbering for both: the shared ids
+        order_a, order_b = np.argsort(sa, kind="stable"), np.argsort(sb, kind="stable")
+        pa = pa._replace(cluster=np.asarray(ga)[order_a], n_clusters=int(ids.size))
+        pb = pb._replace(cluster=np.asarray(gb)[order_b], n_clusters=int(ids.size))
+    point = (_pick(_weighted_stats(pb, np.ones((1, sb.size)), fprs), kind)[0]
+             - _pick(_weighted_stats(pa, np.ones((1, sa.size)), fprs), kind)[0])
+    rng = np.random.default_rng(seed)
+    diffs = []
+    for lo in range(0, n_boot, 64):
+        b = min(64, n_boot - lo)
+        ca = rng.multinomial(pa.n_clusters, np.full(pa.n_clusters, 1.0 / pa.n_clusters), size=b).astype(np.float64)
+        cb = ca if paired else \
+            rng.multinomial(pb.n_clusters, np.full(pb.n_clusters, 1.0 / pb.n_clusters), size=b).astype(np.float64)
+        xa, xb = _weighted_stats(pa, ca[:, pa.cluster], fprs), _weighted_stats(pb, cb[:, pb.cluster], fprs)
+        both = xa[3] & xb[3]
+        va = _pick(xa, kind)[both[xa[3]]]
+        vb = _pick(xb, kind)[both[xb[3]]]
+        diffs.append(vb - va)
+    low, high = _percentiles(np.concatenate(diffs), c)
+    return float(point), low, high
 
 
 def _percentiles(values: np.ndarray, confidence: float) -> Tuple[float, float]:
