@@ -15,6 +15,8 @@ same command finds the same directory) holds
 ``runs/``         each point's run directory and ``index.sqlite``;
 ``table.md``      one row per point: parameters, accuracy, per attack AUC [CI] and TPR at the FPRs;
 ``tradeoff.png``  TPR at 1% FPR and AUC against test accuracy and against the swept parameter.
+``report.html``   the trade-off figure (95% intervals as bars and bands), the table and a link to
+                  every point's own report, self-contained.
 
 Running the same sweep again resumes it: points whose line is in ``points.jsonl`` and whose run
 directory still holds a ``metrics.json`` are not run again.
@@ -30,6 +32,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
 
 from mia_core.params import ParamError, split_spec
 
@@ -227,6 +231,7 @@ def run_sweep(config, axes: Sequence[GridAxis], *, out, cache=None, reporter=Non
     rows = [done[i] for i in range(len(points))]
     (directory / "table.md").write_text(format_table(rows, labels) + "\n")
     plot_tradeoff(directory / "tradeoff.png", rows, labels)
+    write_sweep_report(directory, rows, labels)
     return SweepResult(directory=directory, rows=rows, resumed=resumed)
 
 
@@ -271,9 +276,10 @@ def _utility(row: Dict[str, Any]) -> float:
     return row["test_accuracy"] if row["test_accuracy"] is not None else row["test_mse"]
 
 
-def plot_tradeoff(path: Path, rows: Sequence[Dict[str, Any]], labels: Sequence[str]) -> None:
-    """Four panels: TPR at 1% FPR and AUC, each against test accuracy and against the first swept
-    parameter (one line per value of the second axis, if any), one colour per attack."""
+def tradeoff_figure(rows: Sequence[Dict[str, Any]], labels: Sequence[str]):
+    """Four panels: TPR at 1% FPR and AUC, each against test accuracy (error bars: the 95%
+    intervals) and against the first swept parameter (bands: the 95% intervals; one line per value
+    of the second axis, if any), one colour per attack. Returns the matplotlib figure."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -287,19 +293,27 @@ def plot_tradeoff(path: Path, rows: Sequence[Dict[str, Any]], labels: Sequence[s
     for i, r in enumerate(rows):
         groups.setdefault(r["point"][labels[1]] if len(labels) > 1 else "", []).append(i)
     markers = "osd^v<>p*h"
+    nan = float("nan")
     for a_i, a in enumerate(attacks):
         color = f"C{a_i % 10}"
         for g_i, (gval, idx) in enumerate(groups.items()):
             tag = a + (f" ({labels[1]}={gval})" if gval else "")
-            acc = [_utility(rows[i]) for i in idx]
-            tpr = [rows[i]["attacks"][a]["tpr_at_fpr"].get("0.01", {}).get("tpr", float("nan")) for i in idx]
-            auc = [rows[i]["attacks"][a]["auc"] for i in idx]
-            xs = [x_param[i] for i in idx] if x_param is not None else list(range(len(idx)))
+            acc = np.array([_utility(rows[i]) for i in idx], dtype=float)
+            t01 = [rows[i]["attacks"][a]["tpr_at_fpr"].get("0.01", {}) for i in idx]
+            tpr = np.array([t.get("tpr", nan) for t in t01], dtype=float)
+            tlo = np.array([t.get("ci_low", nan) for t in t01], dtype=float)
+            thi = np.array([t.get("ci_high", nan) for t in t01], dtype=float)
+            auc = np.array([rows[i]["attacks"][a]["auc"] for i in idx], dtype=float)
+            ci = [rows[i]["attacks"][a].get("auc_ci") or [nan, nan] for i in idx]
+            alo, ahi = np.array([c[0] for c in ci], dtype=float), np.array([c[1] for c in ci], dtype=float)
+            xs = np.array([x_param[i] for i in idx] if x_param is not None else list(range(len(idx))), dtype=float)
             kw = dict(color=color, marker=markers[g_i % len(markers)], label=tag)
-            axs[0, 0].plot(acc, tpr, ls="", **kw)
-            axs[0, 1].plot(acc, auc, ls="", **kw)
+            axs[0, 0].errorbar(acc, tpr, yerr=[tpr - tlo, thi - tpr], ls="", capsize=2, **kw)
+            axs[0, 1].errorbar(acc, auc, yerr=[auc - alo, ahi - auc], ls="", capsize=2, **kw)
             axs[1, 0].plot(xs, tpr, **kw)
+            axs[1, 0].fill_between(xs, tlo, thi, color=color, alpha=0.15, lw=0)
             axs[1, 1].plot(xs, auc, **kw)
+            axs[1, 1].fill_between(xs, alo, ahi, color=color, alpha=0.15, lw=0)
     regression = bool(rows) and rows[0]["test_accuracy"] is None
     for ax in axs[0]:
         ax.set_xlabel("target test MSE" if regression else "target test accuracy")
@@ -317,11 +331,48 @@ def plot_tradeoff(path: Path, rows: Sequence[Dict[str, Any]], labels: Sequence[s
     for ax in axs.ravel():
         ax.grid(True, alpha=0.3)
     axs[0, 0].legend(fontsize=7, loc="best")
-    fig.suptitle("privacy-utility trade-off (dashed: chance)", fontsize=10)
+    fig.suptitle("privacy-utility trade-off (95% intervals as bars and bands; dashed: chance)", fontsize=10)
     fig.tight_layout()
+    return fig
+
+
+def plot_tradeoff(path: Path, rows: Sequence[Dict[str, Any]], labels: Sequence[str]) -> None:
+    """:func:`tradeoff_figure` saved to ``path``."""
+    import matplotlib.pyplot as plt
+
+    fig = tradeoff_figure(rows, labels)
     fig.savefig(path)
     plt.close(fig)
 
 
+def write_sweep_report(directory: Path, rows: Sequence[Dict[str, Any]], labels: Sequence[str]) -> Path:
+    """``report.html`` of a sweep: the trade-off figure embedded, the table, and a link to every
+    point's own report."""
+    import jinja2
+
+    from mia_core.report import _png
+
+    env = jinja2.Environment(loader=jinja2.PackageLoader("mia_core", "templates"),
+                             autoescape=jinja2.select_autoescape(["html", "j2"]), undefined=jinja2.StrictUndefined)
+    table = format_table(rows, labels).splitlines()
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in (table[0], *table[2:])]
+    links = []
+    for r in rows:
+        rel = Path(r["run_dir"])
+        try:
+            rel = rel.relative_to(Path(directory).resolve())
+        except ValueError:
+            pass
+        links.append(str(rel / "report.html"))
+    page = env.get_template("sweep.html.j2").render(
+        title=f"miafw sweep over {', '.join(labels)}", head=cells[0], rows=cells[1:], links=links,
+        figure=_png(tradeoff_figure(rows, labels)))
+    out = Path(directory) / "report.html"
+    tmp = out.with_name(".report.html.tmp")
+    tmp.write_text(page, encoding="utf-8")
+    tmp.replace(out)
+    return out
+
+
 __all__ = ["GridAxis", "SweepResult", "format_table", "grid_points", "parse_grid", "plot_tradeoff",
-           "point_defenses", "point_summary", "run_sweep", "sweep_id"]
+           "point_defenses", "point_summary", "run_sweep", "sweep_id", "tradeoff_figure", "write_sweep_report"]

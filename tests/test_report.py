@@ -120,3 +120,21 @@ def test_the_report_renders_in_headless_chromium(run_dir, tmp_path):
     assert all(rows >= 2 and height > 20 for _, rows, height in tables), tables
     assert log == [], log  # no console error (nor any message)
     assert (tmp_path / "report.png").stat().st_size > 50_000
+
+
+@pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
+                    reason="headless Chromium is not installed (Debian: apt-get install chromium chromium-driver)")
+def test_the_sweep_page_and_the_compare_page_render_in_headless_chromium(tmp_path):
+    res = CliRunner().invoke(main, ["sweep", *SMALL, "--defense", "prune:finetune_epochs=0", "--grid",
+                                    "sparsity=0.3,0.9", "--out", str(tmp_path / "s"), "--cache-dir", str(tmp_path / "c")])
+    assert res.exit_code == 0, res.output
+    (sweep,) = list((tmp_path / "s").iterdir())
+    images, tables, log = open_in_chromium(sweep / "report.html", tmp_path / "sweep.png")
+    assert [i[0] for i in images] == ["tradeoff"] and images[0][1] and images[0][2] > 500
+    assert tables == [["points", 3, pytest.approx(tables[0][2])]] and tables[0][2] > 50 and log == []
+    runs = sorted(p for p in (sweep / "runs").iterdir() if p.is_dir())
+    res = CliRunner().invoke(main, ["compare", *map(str, runs), "--html", str(tmp_path / "compare.html")])
+    assert res.exit_code == 0, res.output
+    images, tables, log = open_in_chromium(tmp_path / "compare.html", tmp_path / "compare.png")
+    assert [i[0] for i in images] == ["roc"] and images[0][1] and images[0][2] > 300
+    assert {t[0] for t in tables} == {"runs", "compare"} and all(t[1] >= 3 for t in tables) and log == []

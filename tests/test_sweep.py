@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from click.testing import CliRunner
@@ -49,7 +50,13 @@ def test_sweep_end_to_end_trains_once_writes_table_plot_and_resumes(tmp_path):
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output
     (sweep,) = list(out.iterdir())
-    assert {p.name for p in sweep.iterdir()} == {"sweep.json", "points.jsonl", "runs", "table.md", "tradeoff.png"}
+    assert {p.name for p in sweep.iterdir()} == {"sweep.json", "points.jsonl", "runs", "table.md", "tradeoff.png",
+                                                 "report.html"}
+    page = (sweep / "report.html").read_text()
+    assert 'id="tradeoff" alt="trade-off curves" src="data:image/png;base64,' in page and 'id="points"' in page
+    for href in re.findall(r'<a href="([^"]+)"', page):  # every point's own report, relative to the sweep
+        assert (sweep / href).is_file()
+    assert len(re.findall(r'<a href="runs/', page)) == 2
     rows = [json.loads(line) for line in (sweep / "points.jsonl").read_text().splitlines()]
     assert [r["point"] for r in rows] == [{"prune.sparsity": "0.3"}, {"prune.sparsity": "0.9"}]
     sparsity = [r["defenses"][0]["report"]["achieved_sparsity"] for r in rows]
