@@ -175,8 +175,10 @@ def _report_gate(metrics_doc, budgets) -> None:
 @click.option("--out", default="runs", show_default=True, type=click.Path(file_okay=False, path_type=Path),
               help="Directory that receives the run directory.")
 @click.option("--json", "as_json", is_flag=True, help="Print metrics.json to stdout instead of the table.")
+@click.option("--format", "fmt", default="table", show_default=True, type=click.Choice(["table", "json"]),
+              help="json: the same as --json.")
 @_evaluation_options
-def eval_cmd(out, as_json, budgets, config_file, **options):
+def eval_cmd(out, as_json, fmt, budgets, config_file, **options):
     """Evaluate membership leakage of a (defended) model population.
 
     \b
@@ -191,6 +193,7 @@ def eval_cmd(out, as_json, budgets, config_file, **options):
     from mia_core.engine.stages import evaluate
     from mia_core.results import format_summary
 
+    as_json = as_json or fmt == "json"
     base = None
     if config_file is not None:
         from mia_core import configfile
@@ -603,24 +606,47 @@ def cache_clear(cache_dir, yes):
 @click.option("--out", default="runs", show_default=True, type=click.Path(file_okay=False, path_type=Path),
               help="The directory whose runs to list.")
 @click.option("-n", "--limit", default=20, show_default=True, type=click.IntRange(min=1), help="Newest runs shown.")
-@click.option("--json", "as_json", is_flag=True, help="Print the index rows as JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Print the index rows as JSON (the same as --format json).")
+@click.option("--format", "fmt", default="table", show_default=True, type=click.Choice(["table", "json"]))
+@click.option("--dataset", default=None, help="Only runs on this dataset (its name, e.g. digits).")
+@click.option("--attack", default=None, help="Only runs with this attack (its name or its full label).")
+@click.option("--defense", default=None, help="Only runs with this defense (its name).")
+@click.option("--status", default=None, type=click.Choice(["running", "complete", "failed", "interrupted"]),
+              help="Only runs with this status.")
+@click.option("--since", default=None, metavar="YYYY-MM-DD", help="Only runs started on or after this date.")
+@click.option("--until", default=None, metavar="YYYY-MM-DD", help="Only runs started on or before this date.")
+@click.option("--rebuild", is_flag=True, help="Rebuild the index from the run directories first.")
 @click.option("--prune", is_flag=True,
               help="Remove the runs whose process died without finishing them (their row and .partial directory).")
-def runs_cmd(out, limit, as_json, prune):
+def runs_cmd(out, limit, as_json, fmt, dataset, attack, defense, status, since, until, rebuild, prune):
     """List recorded runs (newest first) with their status and headline numbers.
 
     A run whose process is gone without recording its end (kill -9, a crash) shows as interrupted.
+    The run directories are the record: a missing or corrupt index is rebuilt from them (a corrupt
+    file is kept aside as index.sqlite.corrupt-<time>).
     """
-    from mia_core.runindex import RunIndex
+    import re as _re
 
+    from mia_core.runindex import RunIndex, filter_runs
+
+    for name, value in (("--since", since), ("--until", until)):
+        if value is not None and not _re.fullmatch(r"\d{4}-\d{2}-\d{2}(T\d{2}(:\d{2}(:\d{2})?)?)?", value):
+            _fail(f"{name} {value!r}: expected a date YYYY-MM-DD (or YYYY-MM-DDTHH:MM:SS)")
     try:
+        index = RunIndex(out)
+        if rebuild:
+            click.echo(f"rebuilt the index of {out}: {index.rebuild()} run(s)", err=True)
         if prune:
-            removed = RunIndex(out).prune()
+            removed = index.prune()
             click.echo(f"removed {len(removed)} interrupted run(s)" + "".join(f"\n  {r['id']}" for r in removed))
             return
-        rows = RunIndex(out).list(limit=limit)
-    except Exception as exc:  # a foreign or damaged index file
+        filtered = any(v is not None for v in (dataset, attack, defense, status, since, until))
+        rows = index.list(limit=None if filtered else limit)
+        rows = filter_runs(rows, dataset=dataset, attack=attack, defense=defense, status=status, since=since,
+                           until=until)[:limit]
+    except Exception as exc:  # a foreign index file
         _fail(f"cannot read the run index in {out}: {exc}")
+    as_json = as_json or fmt == "json"
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return

@@ -5,6 +5,8 @@ moved to ``complete``, ``failed`` or ``interrupted`` (Ctrl-C, SIGTERM) when it e
 transaction each, so the index never names a half-written run as complete. A ``running`` run
 whose process is gone (``kill -9``, a crash) is listed as ``interrupted``; :meth:`RunIndex.prune`
 removes such runs. Rows of runs rejected as usage errors (before any result exists) are removed.
+The run directories are the record: an index that is missing or corrupt is rebuilt from them
+(:meth:`RunIndex.rebuild`), the corrupt file kept aside.
 """
 
 from __future__ import annotations
@@ -78,9 +80,27 @@ class RunIndex:
         self.path = Path(out) / "index.sqlite"
 
     def _connect(self) -> sqlite3.Connection:
+        """An open index; a missing index beside existing run directories, or a corrupt one (moved
+        aside as ``index.sqlite.corrupt-<time>``), is first rebuilt from the run directories."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self.path.is_file() and _run_dirs(self.path.parent):
+            self.rebuild()
+        try:
+            return self._open()
+        except sqlite3.DatabaseError:
+            aside = self.path.with_name(f"{self.path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
+            os.replace(self.path, aside)
+            self.rebuild()
+            return self._open()
+
+    def _open(self) -> sqlite3.Connection:
         con = sqlite3.connect(self.path, timeout=30)
-        version = con.execute("PRAGMA user_version").fetchone()[0]
+        try:
+            version = con.execute("PRAGMA user_version").fetchone()[0]
+            con.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+        except sqlite3.DatabaseError:
+            con.close()
+            raise
         if version not in (0, 1, SCHEMA_VERSION):
             con.close()
             raise RuntimeError(f"{self.path} has index schema {version}; this miafw reads schema {SCHEMA_VERSION}")
@@ -147,8 +167,8 @@ class RunIndex:
             Path(str(self.path) + suffix).unlink(missing_ok=True)
 
     def list(self, *, limit: Optional[int] = None) -> List[Dict[str, Any]]:
-        """Runs, newest first."""
-        if not self.path.is_file():
+        """Runs, newest first (rebuilt from the run directories when the index is missing)."""
+        if not self.path.is_file() and not _run_dirs(self.path.parent):
             return []
         con = self._connect()
         try:
@@ -167,6 +187,29 @@ class RunIndex:
             out.append(d)
         return out
 
+    def rebuild(self) -> int:
+        """Write the index anew from the run directories under its folder (a finished run from its
+        ``config.json`` and ``metrics.json``, a ``.failed`` one with the first line of its
+        ``FAILED.txt``, a ``.partial`` one as interrupted); returns the number of runs indexed.
+        Written to a temporary file and renamed, so a crash leaves the old index or the new one."""
+        rows = [_row_from_dir(d) for d in _run_dirs(self.path.parent)]
+        rows = sorted((r for r in rows if r is not None), key=lambda r: (r["created"], r["id"]))
+        tmp = self.path.with_name(f".{self.path.name}.rebuild")
+        tmp.unlink(missing_ok=True)
+        con = sqlite3.connect(tmp)
+        try:
+            with con:
+                con.execute(_SCHEMA)
+                con.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                con.executemany(
+                    "INSERT INTO runs (id, status, created, finished, path, dataset, model, attacks, defenses, "
+                    "n_models, seed, summary, error) VALUES (:id, :status, :created, :finished, :path, :dataset, "
+                    ":model, :attacks, :defenses, :n_models, :seed, :summary, :error)", rows)
+        finally:
+            con.close()
+        os.replace(tmp, self.path)
+        return len(rows)
+
     def prune(self) -> List[Dict[str, Any]]:
         """Remove the runs whose process died without finishing them (their row and their
         ``.partial`` directory); returns the rows removed."""
@@ -179,6 +222,79 @@ class RunIndex:
         return dead
 
 
+def _run_dirs(out: Path) -> List[Path]:
+    """Directories under ``out`` that hold a run's ``config.json`` (finished, ``.failed`` or
+    ``.partial``)."""
+    if not out.is_dir():
+        return []
+    return sorted(d for d in out.iterdir() if d.is_dir() and (d / "config.json").is_file())
+
+
+def _row_from_dir(d: Path) -> Optional[Dict[str, Any]]:
+    """An index row for the run directory ``d`` (``None`` when its config cannot be read)."""
+    try:
+        config = json.loads((d / "config.json").read_text())
+        dataset, model = config["dataset"]["name"], config["model"]["name"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    name = d.name
+    summary, error, finished = None, None, None
+    if name.endswith(".failed"):
+        status, run_id = "failed", name[: -len(".failed")]
+        try:
+            lines = [line for line in (d / "FAILED.txt").read_text().splitlines() if line.strip()]
+            error = lines[-1] if lines else None
+            status = "interrupted" if error and error.startswith(("KeyboardInterrupt", "Terminated")) else status
+        except OSError:
+            pass
+    elif name.startswith(".") and name.endswith(".partial"):
+        status, run_id = "interrupted", name[1: -len(".partial")]
+        error = "the run's process ended without finishing it (found as a .partial directory)"
+    else:
+        run_id = name
+        try:
+            summary = summary_of(json.loads((d / "metrics.json").read_text()))
+            status = "complete"
+            finished = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime((d / "metrics.json").stat().st_mtime))
+        except (OSError, ValueError):
+            status, error = "failed", "no readable metrics.json"
+    created = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime((d / "config.json").stat().st_mtime))
+    return {"id": run_id, "status": status, "created": created, "finished": finished, "path": str(d),
+            "dataset": dataset, "model": model,
+            "attacks": ",".join(a.get("label", a.get("name", "")) for a in config.get("attacks", [])),
+            "defenses": ",".join(x.get("name", "") for x in config.get("defenses", [])),
+            "n_models": config.get("n_models"), "seed": config.get("seed"),
+            "summary": None if summary is None else json.dumps(summary), "error": error}
+
+
+def filter_runs(rows: List[Dict[str, Any]], *, dataset: Optional[str] = None, attack: Optional[str] = None,
+                defense: Optional[str] = None, status: Optional[str] = None, since: Optional[str] = None,
+                until: Optional[str] = None) -> List[Dict[str, Any]]:
+    """Rows of :meth:`RunIndex.list` that match every given filter: the dataset name, an attack
+    (its name or full label), a defense name, the status, and the creation date within
+    ``[since, until]`` (``YYYY-MM-DD``, inclusive; a full ``YYYY-MM-DDTHH:MM:SS`` works too)."""
+    def attacks(r):
+        labels = [a for a in (r["attacks"] or "").split(",") if a]
+        return set(labels) | {a.split(":")[0] for a in labels}
+
+    out = []
+    for r in rows:
+        if dataset is not None and r["dataset"] != dataset:
+            continue
+        if attack is not None and attack not in attacks(r):
+            continue
+        if defense is not None and defense not in (r["defenses"] or "").split(","):
+            continue
+        if status is not None and r["status"] != status:
+            continue
+        if since is not None and r["created"][: len(since)] < since:
+            continue
+        if until is not None and r["created"][: len(until)] > until:
+            continue
+        out.append(r)
+    return out
+
+
 def summary_of(metrics_doc: Dict[str, Any]) -> Dict[str, Any]:
     """The few numbers the index keeps per run: AUC and TPR at 0.1% FPR per attack."""
     return {
@@ -187,4 +303,4 @@ def summary_of(metrics_doc: Dict[str, Any]) -> Dict[str, Any]:
     }
 
 
-__all__ = ["RunIndex", "SCHEMA_VERSION", "summary_of"]
+__all__ = ["RunIndex", "SCHEMA_VERSION", "filter_runs", "summary_of"]

@@ -35,7 +35,8 @@ def test_eval_end_to_end_writes_run_directory(tmp_path):
     assert res.exit_code == 0, res.output
     assert "AUC" in res.output and "TPR@0.1% FPR" in res.output and "defense prune" in res.output
     run = _run_dir(tmp_path)
-    assert {p.name for p in run.iterdir()} == {"config.json", "metrics.json", "scores.npz", "roc.png", "report.html"}
+    assert {p.name for p in run.iterdir()} == {"config.json", "metrics.json", "scores.npz", "roc.png", "report.html",
+                                                "config.toml"}
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["defenses"][0]["params"]["sparsity"] == 0.5
     assert cfg["defenses"][0]["params"]["scope"] == "global"  # defaults resolved
