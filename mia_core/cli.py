@@ -373,7 +373,7 @@ def _module_args(items):
               help="The target's outputs on every record instead of its weights: .npz with an array logits, probs or "
                    "prediction ([N, C]; optional index of record ids), or .csv with columns logit_0.. / prob_0.. / "
                    "prediction (optional index). For models that are not torch.")
-@click.option("--members", required=True, metavar="FILE|column=NAME",
+@click.option("--members", default=None, metavar="FILE|column=NAME",
               help="The target's training records: a file with one record id per line (row numbers, or the file "
                    "dataset's id= column), or column=NAME, a 0/1 column of the dataset file.")
 @click.option("--model", default=None, metavar="NAME[:k=v,...]",
@@ -393,8 +393,15 @@ def _module_args(items):
 @click.option("--out", default="runs", show_default=True, type=click.Path(file_okay=False, path_type=Path),
               help="Directory that receives the run directory.")
 @click.option("--json", "as_json", is_flag=True, help="Print metrics.json to stdout instead of the table.")
+@click.option("--format", "fmt", default="table", show_default=True, type=click.Choice(["table", "json"]),
+              help="json: the same as --json.")
+@click.option("--config", "config_file", default=None, type=click.Path(dir_okay=False, path_type=Path),
+              metavar="FILE.toml",
+              help="Read the audit from a TOML file (every audit run writes one: runs/<id>/config.toml); flags given "
+                   "on the command line override it.")
 @_population_options
-def audit_cmd(weights, predictions, members, model, module, module_args, out, as_json, budgets, **options):
+def audit_cmd(weights, predictions, members, model, module, module_args, out, as_json, fmt, config_file, budgets,
+              **options):
     """Audit your own trained model before release: how well can an attacker tell its members?
 
     The target is your model (--weights or --predictions) with its training records (--members);
@@ -420,11 +427,27 @@ def audit_cmd(weights, predictions, members, model, module, module_args, out, as
 
     if model is not None and module is not None:
         _fail("give the architecture as --model or as --module, not both")
+    as_json = as_json or fmt == "json"
     evaluation = _config_from({**options, "model": model, "budgets": budgets})
     # no --attack: every registered attack the target can answer (not eval's default of lira alone)
     evaluation = dataclasses.replace(evaluation, attacks=tuple(options["attacks"]))
     config = AuditConfig(evaluation=evaluation, members=members, weights=weights, predictions=predictions,
                          module=module, module_args=_module_args(module_args))
+    if config_file is not None:
+        from mia_core import configfile
+        from mia_core.params import ParamError
+
+        try:
+            base = configfile.load_audit(config_file)
+        except ParamError as exc:
+            _fail(str(exc))
+        given = _given_options()
+        target = {k: getattr(config, k) for k in ("weights", "predictions") if k in given}
+        if target:  # a target on the command line replaces the file's, whichever kind it is
+            base = dataclasses.replace(base, weights=None, predictions=None, **target)
+        config = dataclasses.replace(
+            base, evaluation=_overlay(base.evaluation, evaluation, given),
+            **{k: getattr(config, k) for k in ("members", "module", "module_args") if k in given})
     try:
         plan = resolve_audit(config)
     except USAGE_ERRORS as exc:

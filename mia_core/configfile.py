@@ -39,7 +39,7 @@ import dataclasses
 import math
 import sys
 from pathlib import Path
-from typing import Any, Dict, Union
+from typing import Any, Dict, Tuple, Union
 
 from mia_core.params import ParamError
 
@@ -81,6 +81,11 @@ def _check(where: str, key: str, value: Any, kind: str) -> Any:
     return value
 
 
+#: The ``[audit]`` table of ``miafw audit`` config files (:class:`~mia_core.engine.audit.AuditConfig`).
+AUDIT_KEYS = {"members": "string", "weights": "string", "predictions": "string", "module": "string",
+              "module_args": "table"}
+
+
 def from_dict(doc: Dict[str, Any], *, where: str = "config"):
     """An :class:`EvalConfig` from a parsed document.
 
@@ -104,20 +109,44 @@ def from_dict(doc: Dict[str, Any], *, where: str = "config"):
     return EvalConfig(**values, recipe=recipe)
 
 
+def _read(path: Union[str, Path]) -> Tuple[Dict[str, Any], str]:
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ParamError(f"--config {path}: no such file")
+    try:
+        return tomllib.loads(p.read_text()), f"--config {p.name}"
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ParamError(f"--config {p.name}: not valid TOML ({exc})") from None
+
+
 def load(path: Union[str, Path]):
     """Read a config file into an :class:`EvalConfig`.
 
     Raises:
         ParamError: a missing or malformed file, an unknown key, a value of the wrong type.
     """
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise ParamError(f"--config {path}: no such file")
-    try:
-        doc = tomllib.loads(p.read_text())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ParamError(f"--config {p.name}: not valid TOML ({exc})") from None
-    return from_dict(doc, where=f"--config {p.name}")
+    doc, where = _read(path)
+    if "audit" in doc:
+        raise ParamError(f"{where} holds an [audit] table: it is a `miafw audit` config (use miafw audit --config)")
+    return from_dict(doc, where=where)
+
+
+def load_audit(path: Union[str, Path]):
+    """Read a ``miafw audit`` config file (an evaluation plus an ``[audit]`` table of
+    :data:`AUDIT_KEYS`) into an :class:`~mia_core.engine.audit.AuditConfig`.
+
+    Raises:
+        ParamError: as :func:`load`.
+    """
+    from mia_core.engine.audit import AuditConfig
+
+    doc, where = _read(path)
+    audit = _check(where, "audit", doc.pop("audit", {}), "table")
+    unknown = sorted(set(audit) - set(AUDIT_KEYS))
+    if unknown:
+        raise ParamError(f"{where}: unknown key 'audit.{unknown[0]}'; valid audit keys: {', '.join(AUDIT_KEYS)}")
+    values = {k: _check(where, f"audit.{k}", v, AUDIT_KEYS[k]) for k, v in audit.items()}
+    return AuditConfig(evaluation=from_dict(doc, where=where), **values)
 
 
 _ESCAPES = {"\\": "\\\\", '"': '\\"'}
@@ -139,6 +168,8 @@ def _toml(value: Any) -> str:
         return '"' + "".join(_ESCAPES.get(ch, ch) if ch not in _CONTROL else f"\\u{ord(ch):04X}" for ch in value) + '"'
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k if k.isidentifier() else _toml(k)} = {_toml(v)}" for k, v in value.items()) + "}"
     raise TypeError(f"cannot write {type(value).__name__} to a config file")
 
 
@@ -160,4 +191,17 @@ def dump(config) -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["RECIPE_KEYS", "TOP_KEYS", "dump", "from_dict", "load"]
+def dump_audit(config) -> str:
+    """The TOML text of an :class:`~mia_core.engine.audit.AuditConfig`: :func:`dump` of its
+    evaluation plus an ``[audit]`` table (``miafw audit --config THIS_FILE`` repeats the audit)."""
+    text = dump(config.evaluation).replace("miafw eval --config", "miafw audit --config", 1)
+    audit = {"members": config.members}
+    for key in ("weights", "predictions", "module"):
+        if getattr(config, key) is not None:
+            audit[key] = str(getattr(config, key))
+    if config.module_args:
+        audit["module_args"] = dict(config.module_args)
+    return text + "\n[audit]\n" + "".join(f"{k} = {_toml(v)}\n" for k, v in audit.items())
+
+
+__all__ = ["AUDIT_KEYS", "RECIPE_KEYS", "TOP_KEYS", "dump", "dump_audit", "from_dict", "load", "load_audit"]

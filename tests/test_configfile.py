@@ -77,3 +77,29 @@ def test_a_bad_config_file_is_one_line_and_exit_2(tmp_path, text, match):
     res = CliRunner().invoke(main, ["eval", "--config", str(path), "--out", str(tmp_path / "r")])
     assert res.exit_code == 2 and len(res.stderr.strip().splitlines()) == 1 and match.split(";")[0] in res.stderr
     assert not (tmp_path / "r").exists()
+
+
+def test_an_audit_runs_config_toml_repeats_the_audit_from_anywhere(tmp_path, monkeypatch):
+    from audit_helpers import digits, half, mlp, save_target, train_plain
+
+    x, y = digits(300)
+    members = half(300)
+    files = save_target(tmp_path / "t", train_plain(mlp(64, 10, 32), x, y, members, epochs=10), x, members)
+    monkeypatch.chdir(tmp_path / "t")  # relative paths on the command line
+    res = CliRunner().invoke(main, ["audit", "--weights", "target.pt", "--members", "members.txt", "--dataset",
+                                    "digits:n_records=300", "--model", "mlp:width=32", "--n-models", "6",
+                                    "--epochs", "10", "--attack", "lira", "--attack", "loss", "--no-cache", "-q",
+                                    "--out", str(tmp_path / "a")])
+    assert res.exit_code == 0, res.output
+    first = next(p for p in (tmp_path / "a").iterdir() if p.is_dir())
+    cfg = configfile.load_audit(first / "config.toml")
+    assert cfg.weights == str(files["weights"].resolve()) and cfg.members == str(files["members"].resolve())
+    assert cfg.evaluation.attacks == ("lira", "loss")
+    monkeypatch.chdir(tmp_path)
+    res = CliRunner().invoke(main, ["audit", "--config", str(first / "config.toml"), "--no-cache", "-q",
+                                    "--out", str(tmp_path / "b")])
+    assert res.exit_code == 0, res.output
+    again = next(p for p in (tmp_path / "b").iterdir() if p.is_dir())
+    assert (again / "metrics.json").read_bytes() == (first / "metrics.json").read_bytes()
+    with pytest.raises(ParamError, match=r"holds an \[audit\] table"):
+        configfile.load(first / "config.toml")

@@ -330,6 +330,8 @@ def resolve_audit(config: AuditConfig) -> AuditPlan:
     members = str(config.members).strip()
     if members.startswith("column="):
         fields["dataset"] = _without_feature(plan.dataset, members[len("column="):].strip())
+    else:  # recorded absolute, so the run's config.toml works from any directory
+        members = str(Path(members).expanduser().resolve())
     return AuditPlan(**fields, source=source, members=members, skipped=tuple(skipped))
 
 
@@ -748,10 +750,26 @@ def audit(config: Union[AuditConfig, AuditPlan], *, out: Optional[Union[str, Pat
         return run_audit_stages(plan, records, members, target, cache=cache, reporter=reporter)
     run = RunDir(out, plan.document, index=RunIndex(out), discard_on=USAGE_ERRORS)
     with run:
+        from mia_core import configfile
+
+        (run.path / "config.toml").write_text(configfile.dump_audit(config_of(plan)))  # `audit --config` repeats it
         ev = run_audit_stages(plan, records, members, target, cache=cache, reporter=reporter)
         write_run(run, ev)
     ev.run_dir = run.final
     return ev
+
+
+def config_of(plan: AuditPlan) -> AuditConfig:
+    """The :class:`AuditConfig` that resolves to ``plan`` (the attacks as resolved, the target file
+    by its absolute path), as written to the run's ``config.toml``."""
+    c = dataclasses.replace(plan.config, targets="all", estimators=())
+    module, module_args = None, {}
+    if isinstance(plan.model.plugin, ImportedModel):
+        module, module_args = plan.model.plugin.path, dict(plan.model.plugin.kwargs)
+        c = dataclasses.replace(c, model="mlp")  # not used: the module is the architecture
+    kind = plan.source.kind
+    return AuditConfig(evaluation=c, members=plan.members, module=module, module_args=module_args,
+                       **{kind: plan.source.path})
 
 
 def _check_hash(plan: AuditPlan) -> None:
@@ -768,6 +786,7 @@ __all__ = [
     "ImportedModel",
     "TargetSource",
     "audit",
+    "config_of",
     "import_module_class",
     "load_predictions",
     "load_target",
