@@ -109,6 +109,11 @@ def _population_options(f):
     f = click.option("--non-adaptive", is_flag=True,
                      help="Defend the target models only; the attacker's reference models stay undefended (by default "
                           "the attacker knows the recipe and defends its references the same way).")(f)
+    f = click.option("--shards", default=1, show_default=True, type=int,
+                     help="Train the population in this many shards; each finished shard is cached, so re-running a "
+                          "killed command resumes. The models do not depend on it.")(f)
+    f = click.option("--executor", default="local", show_default=True, metavar="local|local:N|dask://HOST:PORT",
+                     help="Where the shards train: this process, N local worker processes, or a Dask cluster.")(f)
     f = click.option("--device", default="cpu", show_default=True, metavar="cpu|cuda[:N]|auto",
                      help="Where training, signals and defenses run; auto picks CUDA when available.")(f)
     f = click.option("--sampling-rate", default=None, type=float,
@@ -219,7 +224,8 @@ _OPTION_FIELDS = {"attacks": "attacks", "defenses": "defenses", "estimators": "e
                   "model": "model", "n_models": "n_models", "seed": "seed", "targets": "targets", "device": "device",
                   "non_adaptive": "adaptive", "budgets": "budgets", "epochs": "recipe.epochs",
                   "batch_size": "recipe.batch_size", "lr": "recipe.lr", "weight_decay": "recipe.weight_decay",
-                  "optimizer": "recipe.optimizer", "sampler": "recipe.sampler", "sampling_rate": "recipe.sampling_rate"}
+                  "optimizer": "recipe.optimizer", "sampler": "recipe.sampler", "sampling_rate": "recipe.sampling_rate",
+                  "shards": "shards", "executor": "executor"}
 
 
 def _overlay(base, cli, given):
@@ -260,7 +266,8 @@ def _config_from(options):
                       estimators=tuple(o.get("estimators", ())), dataset=o["dataset"], model=o["model"] or "mlp",
                       n_models=o["n_models"], seed=o["seed"], targets=o.get("targets", "all"),
                       recipe=dataclasses.replace(TrainingRecipe(), **overrides), device=o["device"],
-                      adaptive=not o["non_adaptive"], budgets=tuple(o.get("budgets", ())))
+                      adaptive=not o["non_adaptive"], budgets=tuple(o.get("budgets", ())),
+                      shards=o.get("shards", 1), executor=o.get("executor", "local"))
 
 
 def _plan_and_cache(options, base=None):

@@ -16,6 +16,8 @@ library's ``tomllib`` (``tomli`` on Python < 3.11)::
     budgets = ["tpr@1%<=0.05"]
     fprs = [0.001, 0.01, 0.1]
     confidence = 0.95
+    shards = 1                # models and metrics do not depend on it; finished shards are cached
+    executor = "local"        # or "local:N", "dask://HOST:PORT"
 
     [recipe]
     epochs = 60
@@ -52,7 +54,7 @@ else:  # pragma: no cover - Python < 3.11
 TOP_KEYS = {"attacks": "strings", "defenses": "strings", "estimators": "strings", "dataset": "string",
             "model": "string", "n_models": "integer", "seed": "integer", "targets": "string", "device": "string",
             "adaptive": "boolean", "budgets": "strings", "fprs": "numbers", "confidence": "number",
-            "recipe": "table"}
+            "shards": "integer", "executor": "string", "recipe": "table"}
 RECIPE_KEYS = {"epochs": "integer", "batch_size": "integer", "lr": "number", "weight_decay": "number",
                "optimizer": "string", "momentum": "number", "sampler": "string", "sampling_rate": "number"}
 
@@ -179,7 +181,8 @@ def dump(config) -> str:
     top = {"attacks": list(c.attacks), "defenses": list(c.defenses), "estimators": list(c.estimators),
            "dataset": c.dataset, "model": c.model, "n_models": c.n_models, "seed": c.seed, "targets": c.targets,
            "device": c.device, "adaptive": bool(c.adaptive), "budgets": list(c.budgets),
-           "fprs": [float(f) for f in c.fprs], "confidence": float(c.confidence)}
+           "fprs": [float(f) for f in c.fprs], "confidence": float(c.confidence), "shards": c.shards,
+           "executor": c.executor}
     r = c.recipe
     recipe = {"epochs": r.epochs, "batch_size": r.batch_size, "lr": float(r.lr), "weight_decay": float(r.weight_decay),
               "optimizer": r.optimizer, "momentum": float(r.momentum), "sampler": r.sampler}

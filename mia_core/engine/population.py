@@ -93,6 +93,7 @@ class ModelPopulation:
         defenses: Sequence[Any] = (),
         reserve: float = 0.0,
         closed_form: Optional[Callable[..., Params]] = None,
+        model_ids: Optional[Sequence[int]] = None,
     ) -> "ModelPopulation":
         """Draw the keep matrix, initialise ``n_models`` models and train them as one ensemble.
 
@@ -113,22 +114,25 @@ class ModelPopulation:
                 every model's parameters ``{name: Tensor[M, ...]}`` (the names and shapes ``build``'s
                 module has), which replace the initialisation; no SGD runs, so ``recipe`` (epochs,
                 lr, ...) and ``on_epoch`` are unused and train-time ``defenses`` are refused.
+            model_ids: train only these models of the ``n_models`` (a shard: increasing indices),
+                exactly as the whole population would train them (:mod:`mia_core.engine.shards`);
+                the result holds those models only, with their rows of the keep matrix.
 
         Returns:
             the population; ``pop.training`` holds the :class:`~mia_core.engine.trainer.TrainingResult`.
         """
         recipe.validate()
-        rng = np.random.default_rng(np.random.SeedSequence([seed, 0x6B656570]))  # "keep"
-        keep = make_keep_matrix(n_models, records.n, rng)
-        reserved = reserve_records(records.n, reserve, seed) if reserve else None
-        if reserved is not None:
-            keep[:, reserved] = False
-        empty = np.flatnonzero(~keep.any(axis=1))
-        if empty.size:
-            raise DataError(f"with {records.n} records and {n_models} models, model {int(empty[0])} draws no "
-                            f"training record (each record trains half of the models); use more records or "
-                            f"fewer models")
-        base, params, buffers = init_ensemble(build, n_models, seed)
+        keep, reserved = draw_membership(n_records=records.n, n_models=n_models, seed=seed, reserve=reserve)
+        epoch_size = int(keep.sum(axis=1).max())  # the whole population's, so a shard walks the same epochs
+        ids = None if model_ids is None else np.asarray(model_ids, dtype=np.int64)
+        if ids is not None:
+            if ids.ndim != 1 or not ids.size or (np.diff(ids) <= 0).any() or ids[0] < 0 or ids[-1] >= n_models:
+                raise ValueError(f"model_ids must be increasing indices in [0, {n_models}), got {ids.tolist()}")
+            if closed_form is not None:
+                raise ValueError("a population solved in closed form is not trained in shards")
+            keep = keep[ids]
+        base, params, buffers = init_ensemble(build, n_models if ids is None else len(ids), seed,
+                                              model_ids=None if ids is None else ids.tolist())
         if device is not None:
             params = {k: v.detach().to(device).requires_grad_(v.requires_grad) for k, v in params.items()}
             buffers = {k: v.to(device) for k, v in buffers.items()}
@@ -138,8 +142,27 @@ class ModelPopulation:
         if closed_form is not None:
             pop.training = pop._solve(closed_form)
         else:
-            pop.training = pop._train(recipe.epochs, seed, on_epoch=on_epoch, defenses=defenses)
+            pop.training = pop._train(recipe.epochs, seed, on_epoch=on_epoch, defenses=defenses, model_ids=ids,
+                                      epoch_size=epoch_size)
         return pop
+
+    @classmethod
+    def concat(cls, shards: Sequence["ModelPopulation"], *, training: Optional[TrainingResult] = None
+               ) -> "ModelPopulation":
+        """The population made of ``shards`` (same records, recipe, seed and architecture) in the
+        order given: their models stacked, their keep rows concatenated."""
+        first = shards[0]
+        for s in shards[1:]:
+            if s.records is not first.records and s.records.fingerprint() != first.records.fingerprint():
+                raise ValueError("shards of one population must share their records")
+            if set(s.params) != set(first.params):
+                raise ValueError("shards of one population must share their architecture")
+        cat = lambda part: {k: torch.cat([getattr(s, part)[k].detach() for s in shards]) for k in getattr(first, part)}  # noqa: E731
+        reserved = first.reserved
+        return cls(records=first.records, keep=np.concatenate([s.keep for s in shards]), base=first.base,
+                   params=cat("params"), buffers=cat("buffers"), recipe=first.recipe, seed=first.seed,
+                   training=training, train_defenses=first.train_defenses,
+                   reserved=None if reserved is None else reserved.copy())
 
     def _solve(self, closed_form: Callable[..., Params]) -> TrainingResult:
         """Set every model's parameters from the family's closed-form solver (one call)."""
@@ -161,7 +184,8 @@ class ModelPopulation:
         return TrainingResult(losses=[], steps=0, epochs=0, steps_per_epoch=0, sampling_rate=0.0, sampler="none",
                               forward="closed-form", backward="none", per_sample_gradients=False)
 
-    def _train(self, epochs, rng, *, lr=None, post_step=None, on_epoch=None, defenses=()) -> TrainingResult:
+    def _train(self, epochs, rng, *, lr=None, post_step=None, on_epoch=None, defenses=(), model_ids=None,
+               epoch_size=None) -> TrainingResult:
         """Train every model further on its own half and return what training did.
 
         ``rng`` (an int seed, a SeedSequence, or a Generator to draw one from) roots the
@@ -174,8 +198,8 @@ class ModelPopulation:
         y = torch.from_numpy(self.records.y).to(self.device)
         return train_ensemble(
             self.base, self.params, self.buffers, x, y, self.keep, self.recipe, rng,
-            epochs=epochs, lr=lr, post_step=post_step, on_epoch=on_epoch, defenses=defenses,
-            epoch_size=int(self.keep.sum(axis=1).max()),
+            epochs=epochs, lr=lr, post_step=post_step, on_epoch=on_epoch, defenses=defenses, model_ids=model_ids,
+            epoch_size=int(self.keep.sum(axis=1).max()) if epoch_size is None else int(epoch_size),
             reserved=None if self.reserved is None else np.flatnonzero(self.reserved),
         )
 
@@ -284,6 +308,28 @@ class ModelPopulation:
                    reserved=reserved)
 
 
+def draw_membership(*, n_records: int, n_models: int, seed: int, reserve: float = 0.0
+                    ) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    """The keep matrix (bool ``[M, N]``, complementary pairs) and the reserved records (bool
+    ``[N]`` or ``None``) a population of ``n_models`` draws from ``seed``: a function of these
+    arguments only, so every shard draws the same.
+
+    Raises:
+        DataError: a model would draw no training record.
+    """
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 0x6B656570]))  # "keep"
+    keep = make_keep_matrix(n_models, n_records, rng)
+    reserved = reserve_records(n_records, reserve, seed) if reserve else None
+    if reserved is not None:
+        keep[:, reserved] = False
+    empty = np.flatnonzero(~keep.any(axis=1))
+    if empty.size:
+        raise DataError(f"with {n_records} records and {n_models} models, model {int(empty[0])} draws no "
+                        f"training record (each record trains half of the models); use more records or "
+                        f"fewer models")
+    return keep, reserved
+
+
 def scored_view(population: ModelPopulation, signals: Signals) -> Tuple[ModelPopulation, Signals]:
     """The population and its signals restricted to the scored records: what attacks and
     estimators see. Without reserved records, the arguments themselves. With them (a train-time
@@ -320,4 +366,4 @@ def mse(signals: Signals, keep: np.ndarray) -> Dict[str, np.ndarray]:
     return {"train": (loss * keep).sum(1) / keep.sum(1), "test": (loss * ~keep).sum(1) / (~keep).sum(1)}
 
 
-__all__ = ["ModelPopulation", "accuracy", "scored_view", "mse"]
+__all__ = ["ModelPopulation", "accuracy", "draw_membership", "scored_view", "mse"]

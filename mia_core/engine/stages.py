@@ -43,8 +43,10 @@ from mia_core import metrics, registry
 from mia_core.base import PluginSpec
 from mia_core.data import DataError, Records
 from mia_core.engine.cache import PopulationCache, cache_key
+from mia_core.engine.executors import make_executor, parse_executor
 from mia_core.engine.contexts import AttackContext, DefenseContext, EstimatorContext, SignalContext
 from mia_core.engine.population import ModelPopulation, accuracy, mse, scored_view
+from mia_core.engine.shards import forget_shards, train_sharded
 from mia_core.engine.progress import Reporter
 from mia_core.engine.signals import Signals, SignalUnavailable
 from mia_core.engine.trainer import TrainingRecipe, select_references
@@ -89,6 +91,11 @@ class EvalConfig:
             the target is defended, the references are the same models without any defense.
         budgets: release-gate limits such as ``"tpr@0.1%<=0.005"`` (:mod:`mia_core.gate`); the
             result is in ``metrics.json``'s ``budget`` and the CLI exits 3 when one is broken.
+        shards: train the population in this many shards (contiguous groups of models); each
+            finished shard is cached, so a killed run resumes from it. The models, and so the
+            metrics, do not depend on it (:mod:`mia_core.engine.shards`).
+        executor: where the shards train: ``local``, ``local:N`` or ``dask://HOST:PORT``
+            (:mod:`mia_core.engine.executors`).
     """
 
     attacks: Sequence[str] = ("lira",)
@@ -105,6 +112,8 @@ class EvalConfig:
     device: str = "cpu"
     adaptive: bool = True
     budgets: Sequence[str] = ()
+    shards: int = 1
+    executor: str = "local"
 
 
 @dataclass(frozen=True)
@@ -183,6 +192,8 @@ class Plan:
             "adaptive": bool(c.adaptive),
             **({"reserved_fraction": self.reserve} if self.reserve else {}),
             **({"budgets": list(c.budgets)} if c.budgets else {}),
+            **({"shards": c.shards} if c.shards != 1 else {}),
+            **({"executor": c.executor} if c.executor != "local" else {}),
             "versions": self.versions,
             "argv": list(sys.argv),
         }
@@ -298,6 +309,9 @@ def resolve(config: EvalConfig) -> Plan:
         raise ParamError(f"confidence must be in (0, 1), got {config.confidence}")
     if not config.attacks:
         raise ParamError("no attack given; use --attack NAME (see `miafw list`)")
+    if isinstance(config.shards, bool) or not isinstance(config.shards, int) or not 1 <= config.shards <= config.n_models:
+        raise ParamError(f"--shards must be an integer between 1 and --n-models ({config.n_models}), got {config.shards!r}")
+    parse_executor(config.executor)
     budgets = parse_budgets(config.budgets)
     extra = [b.fpr for b in budgets if b.fpr is not None and b.fpr not in tuple(config.fprs)]
     if extra:  # a TPR budget at an FPR the table does not report: report it too
@@ -493,6 +507,14 @@ def train_population(plan: Plan, records: Records, *, cache: Optional[Population
             reporter.message(f"ignoring a cache entry that does not fit ({exc}); retraining")
     defenses = [d.plugin for d in plan.train_defenses]
     names = "".join(f" + {d.label}" for d in plan.train_defenses)
+    if closed_form is None and (c.shards > 1 or c.executor != "local"):
+        pop = _train_in_shards(plan, records, key=key, cache=cache, reporter=reporter, build=build)
+        _check_finite(fam.owner, pop, "training")
+        reports = [_defense_entry(d, rep) for d, rep in zip(plan.train_defenses, pop.training.defenses)]
+        training = json.loads(json.dumps({k: v for k, v in pop.training.to_dict().items() if k != "defenses"}))
+        _store_population(plan, cache, key, pop, reports, training)
+        forget_shards(cache, key, c.n_models, c.shards)
+        return PopulationResult(pop, key, False, reports, training)
     desc = f"training {c.n_models} x {fam.name}{names} on {records.name} ({records.n} records)"
     owner = fam.owner if not plan.train_defenses else \
         f"training ({fam.owner} with " + ", ".join(d.owner for d in plan.train_defenses) + ")"
@@ -510,12 +532,40 @@ def train_population(plan: Plan, records: Records, *, cache: Optional[Population
     _check_finite(owner, pop, "training")
     reports = [_defense_entry(d, rep) for d, rep in zip(plan.train_defenses, pop.training.defenses)]
     training = json.loads(json.dumps({k: v for k, v in pop.training.to_dict().items() if k != "defenses"}))
+    _store_population(plan, cache, key, pop, reports, training)
+    return PopulationResult(pop, key, False, reports, training)
+
+
+def _store_population(plan: Plan, cache: PopulationCache, key: str, pop: ModelPopulation, reports, training) -> None:
+    c = plan.config
     cache.store(key, pop.state(), {"key": key, "dataset": plan.dataset.spec.to_dict(),
-                                   "model": fam.spec.to_dict(), "recipe": c.recipe.to_dict(),
+                                   "model": plan.model.spec.to_dict(), "recipe": c.recipe.to_dict(),
                                    "train_defense_reports": [r["report"] for r in reports], "training": training,
                                    "n_models": c.n_models, "seed": c.seed, "device": plan.device.type,
                                    "versions": plan.versions})
-    return PopulationResult(pop, key, False, reports, training)
+
+
+def _train_in_shards(plan: Plan, records: Records, *, key: str, cache: PopulationCache, reporter: Reporter,
+                     build) -> ModelPopulation:
+    """The population trained as ``plan.config.shards`` shards on ``plan.config.executor``, each
+    finished shard cached under its own key (a killed run resumes from them)."""
+    c, fam = plan.config, plan.model
+    executor = make_executor(c.executor)
+    desc = (f"training {c.n_models} x {fam.name} on {records.name} in {c.shards} shard(s) on {executor.spec}")
+    owner = f"training ({fam.owner}" + "".join(f", {d.owner}" for d in plan.train_defenses) + ")"
+    try:
+        with reporter.progress(c.shards, desc) as update:
+            return _guarded(owner, lambda: train_sharded(
+                records=records, model=(fam.spec.name, dict(fam.spec.params)), build=build,
+                defenses=[(d.spec.name, dict(d.spec.params)) for d in plan.train_defenses],
+                defense_plugins=[d.plugin for d in plan.train_defenses], recipe=c.recipe, n_models=c.n_models,
+                seed=c.seed, reserve=plan.reserve, device=plan.device, shards=c.shards, executor=executor,
+                cache=cache, population_key=key,
+                on_shard=lambda i, cached: update(1),
+                on_plan=lambda cached, total: cached and reporter.message(
+                    f"resuming: {cached} of {total} shards are already trained (population cache)")))
+    finally:
+        executor.close()
 
 
 def _check_finite(owner: str, population: ModelPopulation, what: str) -> None:
