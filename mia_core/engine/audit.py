@@ -643,7 +643,7 @@ def _reference_plan(plan: AuditPlan, *, defended: bool = True) -> AuditPlan:
     ``miafw eval`` with that many models would use), without the train-time defenses when
     ``defended`` is false."""
     c = plan.config
-    config = dataclasses.replace(c, n_models=c.n_models - 2, targets="all")
+    config = dataclasses.replace(c, n_models=c.n_models - 2, targets="all", shards=min(c.shards, c.n_models - 2))
     out = dataclasses.replace(plan, config=config, targets=tuple(range(c.n_models - 2)))
     return out if defended else dataclasses.replace(out, train_defenses=())
 
