@@ -982,10 +982,22 @@ def _available_memory(device: torch.device) -> Optional[int]:
 def estimate_memory(plan: Plan, records: Records) -> int:
     """Bytes training needs, roughly: every model's parameters with their gradients, Adam's two
     moments and the trainer's workspace (6 copies), plus one step's activations and their
-    gradients for ``M x batch`` rows through every layer's output (float32)."""
+    gradients for ``M x batch`` rows through every linear and convolutional layer's output
+    (float32)."""
     model = plan.model.plugin.build(records.n_features, records.n_classes)
     n_params = sum(p.numel() for p in model.parameters())
-    widths = [m.out_features for m in model.modules() if isinstance(m, torch.nn.Linear)] or [records.n_classes]
+    widths = []  # per record, the outputs of every linear and convolutional layer (one meta-device pass)
+    hooks = [m.register_forward_hook(lambda mod, inp, out: widths.append(out[0].numel()))
+             for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    try:
+        with torch.no_grad():
+            model.to("meta")(torch.empty(1, records.n_features, device="meta"))
+    except Exception:  # a module the meta pass cannot run: count its linear layers' widths
+        widths = [m.out_features for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    finally:
+        for h in hooks:
+            h.remove()
+    widths = widths or [records.n_classes]
     c = plan.config
     rows = c.n_models * c.recipe.batch_size  # a fixed-size batch larger than a half repeats records
     return 4 * (6 * c.n_models * n_params + 3 * rows * (records.n_features + sum(widths)))
