@@ -19,7 +19,8 @@ Mean train/test accuracy of both populations checks that the speed does not chan
 behaviour. Nothing here asserts on time. Numbers taken while other processes run are noisy on a
 small machine: run it on an idle one. Run::
 
-    python benchmarks/population.py                       # M = 4, 16, 64, 256; 60 epochs
+    python benchmarks/population.py                       # M = 1, 4, 16, 64, 256; 60 epochs
+    python benchmarks/population.py --family cnn          # the cnn family on digits as 1x8x8 images
     python benchmarks/population.py --models 64 --epochs 10 --json
 """
 
@@ -118,12 +119,25 @@ def loop_accuracy(models, records, keep) -> Dict[str, float]:
     return {"train": float(np.mean(train)), "test": float(np.mean(test))}
 
 
-def run(models: List[int], epochs: int, repeat: int, loop_models: int, seed: int = 0) -> Dict:
-    records = Digits().load()
+def _train(records, build, recipe, m: int, seed: int) -> ModelPopulation:
+    """M models as one vectorized ensemble; M = 1 is model 0 of a 2-model population trained alone
+    (a one-model shard: populations come in complementary pairs)."""
+    if m == 1:
+        return ModelPopulation.train(records, build, recipe, n_models=2, seed=seed, model_ids=[0])
+    return ModelPopulation.train(records, build, recipe, n_models=m, seed=seed)
+
+
+def run(models: List[int], epochs: int, repeat: int, loop_models: int, seed: int = 0, family_name: str = "mlp") -> Dict:
+    if family_name == "cnn":
+        from mia_plugins.models.cnn import CNN
+
+        records, family = Digits(image=True).load(), CNN()
+    else:
+        records, family = Digits().load(), MLP()
     recipe = TrainingRecipe(epochs=epochs)
-    family = MLP()
     build = lambda: family.build(records.n_features, records.n_classes)  # noqa: E731
-    widths = [records.n_features] + [family.width] * family.depth + [records.n_classes]
+    mlp = family_name == "mlp"
+    widths = [records.n_features] + [family.width] * family.depth + [records.n_classes] if mlp else []
     n_params = sum(p.numel() for p in build().parameters())
     sgemm = sgemm_probe(max(3, repeat))
     # warm-up: first-call costs (imports, allocator growth) are paid before any timing
@@ -135,9 +149,9 @@ def run(models: List[int], epochs: int, repeat: int, loop_models: int, seed: int
         trained: list = []
         k = min(m, loop_models)
         seeds = model_seeds(seed, m)
-        keep = ModelPopulation.train(records, build, TrainingRecipe(epochs=0), n_models=m, seed=seed).keep
+        keep = _train(records, build, TrainingRecipe(epochs=0), m, seed).keep
         times = min_times_interleaved({
-            "vectorized": lambda: pops.append(ModelPopulation.train(records, build, recipe, n_models=m, seed=seed)),
+            "vectorized": lambda: pops.append(_train(records, build, recipe, m, seed)),
             "loop": lambda: trained.append(loop_train(records, keep[:k], recipe, build, seeds)),
         }, repeat=repeat)
         vec_t, loop_t = times["vectorized"], times["loop"]
@@ -145,7 +159,7 @@ def run(models: List[int], epochs: int, repeat: int, loop_models: int, seed: int
         loop_t_scaled = loop_t * m / k
         acc = pop.accuracy()
         res = pop.training
-        step_flops = mlp_step_flops(widths, recipe.batch_size) * m
+        step_flops = mlp_step_flops(widths, recipe.batch_size) * m if mlp else 0  # the FLOP model is the MLP's
         flops = step_flops * res.steps
         adam_bytes = 7 * 4 * n_params * m  # per step
         copy_bw = copy_probe(adam_bytes, max(5, repeat))
@@ -162,20 +176,21 @@ def run(models: List[int], epochs: int, repeat: int, loop_models: int, seed: int
             "loop_over_vectorized": loop_t_scaled / vec_t,
             "steps": res.steps,
             "forward": res.forward,
-            "matmul_gflop": flops / 1e9,
-            "matmul_gflops_achieved": flops / vec_t / 1e9,
-            "matmul_fraction_of_sgemm": t_flop / vec_t,
+            "matmul_gflop": flops / 1e9 if mlp else None,
+            "matmul_gflops_achieved": flops / vec_t / 1e9 if mlp else None,
+            "matmul_fraction_of_sgemm": t_flop / vec_t if mlp else None,
             "adam_gb": adam_bytes * res.steps / 1e9,
             "copy_gbs": copy_bw,
             "adam_fraction_of_copy": t_mem / vec_t,
             "adam_step_ms": adam_step * 1e3,
             "adam_step_gbs": adam_bytes / adam_step / 1e9,
             "bound_s": max(t_flop, t_mem),
-            "binds": "matmul" if t_flop >= t_mem else "optimizer memory",
+            "binds": ("matmul" if t_flop >= t_mem else "optimizer memory") if mlp else "-",
             "accuracy_vectorized": {"train": float(acc["train"].mean()), "test": float(acc["test"].mean())},
             "accuracy_loop": loop_accuracy(trained[-1], records, pop.keep[:k]),
         })
-    return {"sgemm_gflops": sgemm, "params_per_model": n_params, "epochs": epochs, "rows": rows}
+    return {"sgemm_gflops": sgemm, "params_per_model": n_params, "epochs": epochs, "family": family_name,
+            "rows": rows}
 
 
 def main(argv=None):
@@ -187,11 +202,13 @@ def main(argv=None):
                     help="time the per-model loop on at most this many models and scale per model")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
+    ap.add_argument("--family", choices=["mlp", "cnn"], default="mlp",
+                    help="mlp (digits, 64-256-10) or cnn (digits as 1x8x8 images, the cnn family's defaults)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     load_start = os.getloadavg()
-    out = run(args.models or [4, 16, 64, 256], args.epochs, args.repeat, args.loop_models)
+    out = run(args.models or [1, 4, 16, 64, 256], args.epochs, args.repeat, args.loop_models, family_name=args.family)
     out["machine"] = {"python": platform.python_version(), "torch": torch.__version__, "cpu_count": os.cpu_count(),
                       "torch_threads": torch.get_num_threads(), "loadavg_at_start": load_start,
                       "loadavg_at_end": os.getloadavg(), "date": time.strftime("%Y-%m-%d %H:%M")}
@@ -201,7 +218,8 @@ def main(argv=None):
     mach = out["machine"]
     print(f"python {mach['python']}, torch {mach['torch']}, {mach['cpu_count']} CPUs, torch threads "
           f"{mach['torch_threads']}, load average {mach['loadavg_at_start'][0]:.2f} -> {mach['loadavg_at_end'][0]:.2f}")
-    print(f"digits, MLP 64-256-10 ({out['params_per_model']:,} parameters), Adam, batch 64, {out['epochs']} epochs; "
+    what = "MLP 64-256-10" if out["family"] == "mlp" else "CNN (cnn defaults) on 1x8x8 images"
+    print(f"digits, {what} ({out['params_per_model']:,} parameters), Adam, batch 64, {out['epochs']} epochs; "
           f"sgemm probe {out['sgemm_gflops']:.0f} GFLOP/s; min of {args.repeat} runs")
     print("  GFLOP/s and %sgemm: matmul FLOPs of the whole run per second, and that against the sgemm probe;"
           " Adam GB and %copy: optimizer bytes moved, and their rate against a same-size copy;"
@@ -212,9 +230,11 @@ def main(argv=None):
     for r in out["rows"]:
         scaled = "" if r["loop_models_timed"] == r["models"] else f" (timed on {r['loop_models_timed']}, scaled)"
         av, al = r["accuracy_vectorized"], r["accuracy_loop"]
+        gf = "-" if r["matmul_gflops_achieved"] is None else f"{r['matmul_gflops_achieved']:.0f}"
+        fr = "-" if r["matmul_fraction_of_sgemm"] is None else f"{r['matmul_fraction_of_sgemm']:.0%}"
         print(f"{r['models']:>4} {r['vectorized_s']:>9.2f}s {r['vectorized_ms_per_model']:>9.1f} {r['loop_s']:>8.2f}s "
-              f"{r['loop_ms_per_model']:>9.1f} {r['loop_over_vectorized']:>7.1f}x   {r['matmul_gflops_achieved']:>7.0f} "
-              f"{r['matmul_fraction_of_sgemm']:>7.0%} {r['adam_gb']:>8.1f} {r['adam_fraction_of_copy']:>7.1%} "
+              f"{r['loop_ms_per_model']:>9.1f} {r['loop_over_vectorized']:>7.1f}x   {gf:>7} "
+              f"{fr:>8} {r['adam_gb']:>8.1f} {r['adam_fraction_of_copy']:>7.1%} "
               f"{r['adam_step_ms']:>7.2f} {r['adam_step_gbs'] / r['copy_gbs']:>7.0%}  "
               f"{r['binds']:<16}  {av['train']:.3f}/{av['test']:.3f} | {al['train']:.3f}/{al['test']:.3f}{scaled}")
     return out
