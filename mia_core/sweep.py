@@ -215,24 +215,68 @@ def run_sweep(config, axes: Sequence[GridAxis], *, out, cache=None, reporter=Non
     resumed = len(done)
     if resumed:
         reporter.message(f"resuming {directory}: {resumed} of {len(points)} points already done")
-    for i, (point, plan) in enumerate(zip(points, plans)):
-        if i in done:
-            continue
-        shown = ", ".join(f"{k}={v}" for k, v in zip(labels, point))
-        reporter.message(f"point {i + 1}/{len(points)}: {shown}")
-        ev = evaluate(plan, out=directory / "runs", cache=cache, reporter=reporter)
-        row = point_summary(ev.metrics, point=dict(zip(labels, point)), run_dir=str(Path(ev.run_dir).resolve()),
+    def record(i: int, ev) -> None:
+        row = point_summary(ev.metrics, point=dict(zip(labels, points[i])), run_dir=str(Path(ev.run_dir).resolve()),
                             index=i)
         with open(lines, "a") as fh:
             fh.write(json.dumps(row, sort_keys=True) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
         done[i] = row
+
+    pending = [i for i in range(len(points)) if i not in done]
+    if config.executor != "local" and len(pending) > 1:
+        _run_points_on_executor(config.executor, [plans[i] for i in pending], pending, directory=directory,
+                                cache=cache, reporter=reporter, record=record)
+    for i in pending:
+        if i in done:
+            continue
+        plan = plans[i]
+        shown = ", ".join(f"{k}={v}" for k, v in zip(labels, points[i]))
+        reporter.message(f"point {i + 1}/{len(points)}: {shown}")
+        ev = evaluate(plan, out=directory / "runs", cache=cache, reporter=reporter)
+        record(i, ev)
     rows = [done[i] for i in range(len(points))]
     (directory / "table.md").write_text(format_table(rows, labels) + "\n")
     plot_tradeoff(directory / "tradeoff.png", rows, labels)
     write_sweep_report(directory, rows, labels)
     return SweepResult(directory=directory, rows=rows, resumed=resumed)
+
+
+def _run_points_on_executor(spec: str, plans, indices, *, directory: Path, cache, reporter, record) -> None:
+    """The points as jobs on the executor ``spec``: every point's population is trained (in shards,
+    on the executor too) and cached here first, then each point's defenses, signals, attacks and
+    metrics run as one job; its run directory is written here as it returns, so an interrupted
+    sweep keeps every finished point."""
+    from mia_core.engine.cache import PopulationCache
+    from mia_core.engine.executors import make_executor
+    from mia_core.engine.stages import (check_defenses, check_resources, check_task, load_records, run_point,
+                                        train_point_populations, write_evaluation)
+
+    if not isinstance(cache, PopulationCache):
+        cache = PopulationCache(None if cache is None else Path(cache).expanduser())
+    records_by_dataset: Dict[str, Any] = {}
+    jobs = []
+    for plan in plans:
+        label = json.dumps(plan.dataset.spec.to_dict(), sort_keys=True, default=str)
+        if label not in records_by_dataset:
+            records_by_dataset[label] = load_records(plan)
+        records = records_by_dataset[label]
+        check_task(plan, records)
+        check_defenses(plan, records)
+        check_resources(plan, records, out=directory / "runs")
+        jobs.append(train_point_populations(plan, records, cache=cache, reporter=reporter))
+    executor = make_executor(spec)
+    reporter.message(f"running {len(jobs)} points on {executor.spec}")
+    try:
+        with reporter.progress(len(jobs), f"sweep points on {executor.spec}") as update:
+            def finished(j: int, ev) -> None:
+                record(indices[j], write_evaluation(plans[j], directory / "runs", lambda: ev))
+                update(1)
+
+            executor.map(run_point, jobs, on_done=finished)
+    finally:
+        executor.close()
 
 
 def _pct(x: Optional[float]) -> str:

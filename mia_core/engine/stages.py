@@ -1057,17 +1057,22 @@ def check_resources(plan: Plan, records: Records, *, out: Optional[Path] = None)
 
 
 def run_stages(plan: Plan, *, cache: Optional[PopulationCache] = None,
-               reporter: Optional[Reporter] = None, records: Optional[Records] = None) -> Evaluation:
-    """Stages 2 to 8 for a resolved plan (nothing written); ``records`` when already loaded."""
+               reporter: Optional[Reporter] = None, records: Optional[Records] = None,
+               trained: Optional[PopulationResult] = None, baseline: Optional[PopulationResult] = None) -> Evaluation:
+    """Stages 2 to 8 for a resolved plan (nothing written); ``records`` when already loaded;
+    ``trained`` (and, with train-time defenses, ``baseline``: the population without them) when
+    already trained (:func:`train_point_populations`: a sweep point run on a worker)."""
     reporter = reporter or Reporter()
     records = load_records(plan) if records is None else records
-    trained = train_population(plan, records, cache=cache, reporter=reporter)
+    if trained is None:
+        trained = train_population(plan, records, cache=cache, reporter=reporter)
     trained_signals = compute_signals(trained.population)
     undefended, undefended_signals = trained.population, trained_signals
     if plan.train_defenses:  # the accuracy cost of a train-time defense needs the population without it
-        reporter.message("the same population without train-time defenses, for their accuracy cost:")
-        baseline = train_population(dataclasses.replace(plan, train_defenses=()), records, cache=cache,
-                                    reporter=reporter)
+        if baseline is None:
+            reporter.message("the same population without train-time defenses, for their accuracy cost:")
+            baseline = train_population(dataclasses.replace(plan, train_defenses=()), records, cache=cache,
+                                        reporter=reporter)
         undefended, undefended_signals = baseline.population, compute_signals(baseline.population)
     defended = apply_defenses(plan, trained.population, reporter=reporter)
     signals = compute_signals(defended.population) if plan.post_defenses else trained_signals
@@ -1124,15 +1129,52 @@ def evaluate(config: Union[EvalConfig, Plan], *, out: Optional[Union[str, Path]]
     check_resources(plan, records, out=out)
     if out is None:
         return run_stages(plan, cache=cache, reporter=reporter, records=records)
-    run = RunDir(out, plan.document, index=RunIndex(out), discard_on=USAGE_ERRORS)
+    return write_evaluation(plan, out, lambda: run_stages(plan, cache=cache, reporter=reporter, records=records))
+
+
+def write_evaluation(plan: Plan, out: Path, produce: Callable[[], Evaluation]) -> Evaluation:
+    """Open the run directory (``config.json``, ``config.toml``, the index row), call ``produce``
+    for the :class:`Evaluation` and write it; a failure marks the run failed (a usage error
+    discards it)."""
+    run = RunDir(Path(out), plan.document, index=RunIndex(Path(out)), discard_on=USAGE_ERRORS)
     with run:
         from mia_core import configfile
 
         (run.path / "config.toml").write_text(configfile.dump(plan.config))  # `eval --config` repeats the run
-        ev = run_stages(plan, cache=cache, reporter=reporter, records=records)
+        ev = produce()
         write_run(run, ev)
     ev.run_dir = run.final
     return ev
+
+
+@dataclass(frozen=True)
+class PointJob:
+    """One evaluation whose populations are already trained, to run anywhere (a sweep point on an
+    executor): the plan, the records, the trained population and, with train-time defenses, the
+    same population without them."""
+
+    plan: Plan
+    records: Records
+    trained: PopulationResult
+    baseline: Optional[PopulationResult] = None
+
+
+def train_point_populations(plan: Plan, records: Records, *, cache: PopulationCache,
+                            reporter: Optional[Reporter] = None) -> PointJob:
+    """Train (or load) what :func:`run_point` needs, here: the population (in shards on the plan's
+    executor) and, with train-time defenses, the one without them."""
+    trained = train_population(plan, records, cache=cache, reporter=reporter)
+    baseline = None
+    if plan.train_defenses:
+        baseline = train_population(dataclasses.replace(plan, train_defenses=()), records, cache=cache,
+                                    reporter=reporter)
+    return PointJob(plan=plan, records=records, trained=trained, baseline=baseline)
+
+
+def run_point(job: PointJob) -> Evaluation:
+    """Stages 4 to 8 of a :class:`PointJob` (defenses, signals, attacks, estimators, metrics),
+    wherever the executor runs it."""
+    return run_stages(job.plan, records=job.records, trained=job.trained, baseline=job.baseline)
 
 
 __all__ = [
@@ -1146,6 +1188,7 @@ __all__ = [
     "MetricsResult",
     "Plan",
     "PluginRuntimeError",
+    "PointJob",
     "PopulationResult",
     "USAGE_ERRORS",
     "apply_defenses",
@@ -1165,8 +1208,11 @@ __all__ = [
     "resolve_device",
     "run_attacks",
     "run_estimators",
+    "run_point",
     "run_stages",
     "scored_view",
+    "train_point_populations",
     "train_population",
     "versions",
+    "write_evaluation",
 ]

@@ -3,6 +3,7 @@ runs and sweeps resume from what they finished."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -179,3 +180,29 @@ def test_a_killed_sweep_resumes_from_its_finished_points(tmp_path):
     rows = lambda d: [{k: v for k, v in json.loads(line).items() if k != "run_dir"}  # noqa: E731
                       for line in next(d.glob("sweep-*/points.jsonl")).read_text().splitlines()]
     assert sorted(rows(out), key=lambda r: r["index"]) == sorted(rows(tmp_path / "full"), key=lambda r: r["index"])
+
+
+@pytest.mark.parametrize("executor", ["local:2", "dask"])
+def test_sweep_points_run_as_jobs_on_an_executor(tmp_path, executor):
+    """Each point's population is trained (and cached) first; then each point runs as one job; the
+    points' numbers equal the same sweep run in this process."""
+    from mia_core.sweep import parse_grid, run_sweep
+
+    base = mia_core.EvalConfig(**{**SMALL, "n_models": 6, "attacks": ("lira",)},
+                               defenses=("prune:finetune_epochs=0",))
+    axes = parse_grid(["sparsity=0.3,0.9"], base.defenses)
+    here = run_sweep(base, axes, out=tmp_path / "here", cache=tmp_path / "c1")
+    if executor == "dask":
+        distributed = pytest.importorskip("distributed")
+        with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                                      dashboard_address=None) as cluster:
+            spec = "dask://" + cluster.scheduler_address.split("://", 1)[1]
+            there = run_sweep(dataclasses.replace(base, executor=spec), axes, out=tmp_path / "there",
+                              cache=tmp_path / "c2")
+    else:
+        there = run_sweep(dataclasses.replace(base, executor=executor), axes, out=tmp_path / "there",
+                          cache=tmp_path / "c2")
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "run_dir"} for r in rows]  # noqa: E731
+    assert strip(there.rows) == strip(here.rows)
+    assert all((Path(r["run_dir"]) / "report.html").is_file() for r in there.rows)
+    assert (there.directory / "report.html").is_file()
