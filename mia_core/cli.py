@@ -157,6 +157,22 @@ _BUDGET_HELP = ("Release gate, repeatable: auc<=X, advantage<=X or tpr@P%<=X, ch
                 "each interval for every attack; exit status 3 when one is broken (e.g. tpr@0.1%<=0.005).")
 
 
+def _run_options(what: str):
+    """The options of a command that writes one run: --config, --budget, --out, --json/--format."""
+    def deco(f):
+        f = click.option("--format", "fmt", default="table", show_default=True, type=click.Choice(["table", "json"]),
+                         help="json: the same as --json.")(f)
+        f = click.option("--json", "as_json", is_flag=True, help="Print metrics.json to stdout instead of the table.")(f)
+        f = click.option("--out", default="runs", show_default=True, type=click.Path(file_okay=False, path_type=Path),
+                         help="Directory that receives the run directory.")(f)
+        f = click.option("--budget", "budgets", multiple=True, metavar="METRIC<=X", help=_BUDGET_HELP)(f)
+        return click.option("--config", "config_file", default=None, metavar="FILE.toml",
+                            type=click.Path(dir_okay=False, path_type=Path),
+                            help=f"Read the {what} from a TOML file (every {what} run writes one: runs/<id>/config.toml); "
+                                 f"flags given on the command line override it.")(f)
+    return deco
+
+
 def _report_gate(metrics_doc, budgets) -> None:
     """Print the release gate's verdict; exit 3 when a budget is broken."""
     from mia_core.gate import violations
@@ -172,16 +188,7 @@ def _report_gate(metrics_doc, budgets) -> None:
 
 
 @main.command("eval")
-@click.option("--config", "config_file", default=None, type=click.Path(dir_okay=False, path_type=Path),
-              metavar="FILE.toml",
-              help="Read the evaluation from a TOML file (every run writes one: runs/<id>/config.toml); flags given "
-                   "on the command line override it.")
-@click.option("--budget", "budgets", multiple=True, metavar="METRIC<=X", help=_BUDGET_HELP)
-@click.option("--out", default="runs", show_default=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Directory that receives the run directory.")
-@click.option("--json", "as_json", is_flag=True, help="Print metrics.json to stdout instead of the table.")
-@click.option("--format", "fmt", default="table", show_default=True, type=click.Choice(["table", "json"]),
-              help="json: the same as --json.")
+@_run_options("evaluation")
 @_evaluation_options
 def eval_cmd(out, as_json, fmt, budgets, config_file, **options):
     """Evaluate membership leakage of a (defended) model population.
@@ -396,16 +403,7 @@ def _module_args(items):
 @click.option("--attack", "attacks", multiple=True, metavar="NAME[:k=v,...]",
               help="Attack to run; repeatable. Default: every registered attack the target can answer. "
                    f"Available: {_names_help('attacks')}.")
-@click.option("--budget", "budgets", multiple=True, metavar="METRIC<=X", help=_BUDGET_HELP)
-@click.option("--out", default="runs", show_default=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Directory that receives the run directory.")
-@click.option("--json", "as_json", is_flag=True, help="Print metrics.json to stdout instead of the table.")
-@click.option("--format", "fmt", default="table", show_default=True, type=click.Choice(["table", "json"]),
-              help="json: the same as --json.")
-@click.option("--config", "config_file", default=None, type=click.Path(dir_okay=False, path_type=Path),
-              metavar="FILE.toml",
-              help="Read the audit from a TOML file (every audit run writes one: runs/<id>/config.toml); flags given "
-                   "on the command line override it.")
+@_run_options("audit")
 @_population_options
 def audit_cmd(weights, predictions, members, model, module, module_args, out, as_json, fmt, config_file, budgets,
               **options):

@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Sequence
 import numpy as np
 
 from mia_core import metrics
-from mia_core.report import ReportError, _plt, _png, load_run
+from mia_core.report import ReportError, _plt, _png, finish_roc_axes, load_run
 
 #: Metrics compared, by default: AUC and TPR at 1% FPR (the table also shows TPR at 0.1%).
 DEFAULT_METRICS = ("auc", "tpr@0.01", "tpr@0.001")
@@ -154,12 +154,7 @@ def overlay_figure(result: Dict[str, Any]) -> str:
             fpr, tpr, _ = metrics.roc_curve(s.ravel(), m)
             ax.plot(np.maximum(fpr, 1e-7), np.maximum(tpr, 1e-7), ls=styles[k % len(styles)],
                     label=f"{r['id']} · {label} (AUC {metrics.auc(s.ravel(), m):.3f})")
-    grid = np.logspace(np.log10(floor / 10), 0, 50)
-    ax.plot(grid, grid, color="grey", lw=1, ls="--", label="chance")
-    ax.set(xscale="log", yscale="log", xlim=(floor / 2, 1), ylim=(floor / 2, 1),
-           xlabel="false positive rate (non-members flagged)", ylabel="true positive rate (members found)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="lower right", fontsize=7)
+    finish_roc_axes(ax, floor=floor, legend_size=7)
     fig.tight_layout()
     return _png(fig)
 

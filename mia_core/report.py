@@ -103,14 +103,20 @@ def roc_figure(scores: Dict[str, np.ndarray], membership: np.ndarray) -> str:
         fpr, tpr, _ = metrics.roc_curve(s.ravel(), m)
         ax.plot(np.maximum(fpr, floor / 10), np.maximum(tpr, floor / 10),
                 label=f"{label} (AUC {metrics.auc(s.ravel(), m):.3f})")
+    finish_roc_axes(ax, floor=floor, legend_size=8)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def finish_roc_axes(ax, *, floor: float, legend_size: int = 8) -> None:
+    """The chance diagonal, log-log axes down to half the smallest resolvable FPR ``floor``, labels,
+    grid and legend of a ROC plot."""
     grid = np.logspace(np.log10(floor / 10), 0, 50)
     ax.plot(grid, grid, ls="--", color="grey", lw=1, label="chance")
     ax.set(xscale="log", yscale="log", xlim=(floor / 2, 1), ylim=(floor / 2, 1),
            xlabel="false positive rate (non-members flagged)", ylabel="true positive rate (members found)")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    return _png(fig)
+    ax.legend(loc="lower right", fontsize=legend_size)
 
 
 def histogram_figure(scores: Dict[str, np.ndarray], membership: np.ndarray) -> str:
@@ -299,5 +305,5 @@ def write_report(run_dir: Path, *, out: Optional[Path] = None) -> Path:
     return out
 
 
-__all__ = ["ReportError", "context", "exposed_records", "histogram_figure", "load_run", "render", "roc_figure",
+__all__ = ["ReportError", "context", "exposed_records", "finish_roc_axes", "histogram_figure", "load_run", "render", "roc_figure",
            "write_report"]
