@@ -65,7 +65,8 @@ def test_compare_two_runs_writes_the_overlay_and_json(tmp_path):
         res = CliRunner().invoke(main, ["eval", *SMALL, *extra, "--out", str(tmp_path / "runs"),
                                         "--cache-dir", str(tmp_path / "c")])
         assert res.exit_code == 0, res.output
-    runs = sorted(p for p in (tmp_path / "runs").iterdir() if p.is_dir())
+    runs = sorted((p for p in (tmp_path / "runs").iterdir() if p.is_dir()),  # the undefended run first
+                  key=lambda p: bool(json.loads((p / "config.json").read_text())["defenses"]))
     res = CliRunner().invoke(main, ["compare", *map(str, runs), "--html", str(tmp_path / "cmp.html")])
     assert res.exit_code == 0, res.output
     assert "(baseline)" in res.stdout and "paired over the shared records" in res.stdout
