@@ -24,11 +24,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from audit_helpers import digits, half, mlp, save_target, train_plain  # noqa: E402
+import mia_core
+from mia_core.engine.audit import AuditConfig, audit
 
-import mia_core  # noqa: E402
-from mia_core.engine.audit import AuditConfig, audit  # noqa: E402
+
+def _textbook():
+    """The user's side, as the tests write it (``tests/audit_helpers.py``: a plain torch loop, no
+    miafw), loaded from its file so the benchmark trains its targets exactly as the tests do."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "tests" / "audit_helpers.py"
+    spec = importlib.util.spec_from_file_location("audit_helpers", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _row(m):
@@ -45,6 +54,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--out", default="benchmarks/results/audit_agreement.json")
     args = ap.parse_args()
+    t = _textbook()
+    digits, half, mlp, save_target, train_plain = t.digits, t.half, t.mlp, t.save_target, t.train_plain
     x, y = digits()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

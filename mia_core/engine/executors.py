@@ -18,6 +18,7 @@ shard's weights as CPU tensors and what training did). Nothing else is shared.
 
 from __future__ import annotations
 
+import abc
 import os
 import re
 from typing import Any, Callable, List, Optional, Sequence
@@ -30,15 +31,17 @@ _LOCAL_N = re.compile(r"^local:(\d+)$")
 CONNECT_TIMEOUT = 10
 
 
-class Executor:
+class Executor(abc.ABC):
     """Runs ``fn`` over jobs; subclasses say where."""
 
     #: The specification it was made from, as recorded in ``config.json``.
     spec: str = "local"
 
+    @abc.abstractmethod
     def map(self, fn: Callable[[Any], Any], jobs: Sequence[Any], *,
             on_done: Optional[Callable[[int, Any], None]] = None) -> List[Any]:
-        raise NotImplementedError
+        """``[fn(job) for job in jobs]``, computed where this executor runs them, calling
+        ``on_done(index, result)`` as each job finishes."""
 
     def close(self) -> None:
         """Release workers or connections (idempotent)."""
