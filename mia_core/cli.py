@@ -588,6 +588,9 @@ def cache_ls(cache_dir, as_json):
         m = e.meta
         what = (f"{m.get('dataset', {}).get('name', '?')}/{m.get('model', {}).get('name', '?')} "
                 f"x{m.get('n_models', '?')} seed {m.get('seed', '?')}")
+        if m.get("kind") == "shard":  # a finished shard of a population still being trained (or interrupted)
+            ids = m.get("model_ids") or ["?"]
+            what = f"shard: models {ids[0]}-{ids[-1]} of population {str(m.get('population', '?'))[:12]}"
         state = "ok" if e.problem is None else f"DAMAGED: {e.problem}"
         stamp = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.modified))
         click.echo(f"{e.key[:12]}  {stamp}  {_size(e.size):>9}  {what}  {state}")
