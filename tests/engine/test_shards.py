@@ -118,7 +118,14 @@ def _shard_entries(cache: Path):
     root = cache / "populations"
     if not root.is_dir():
         return [], []
-    metas = [json.loads((p / "meta.json").read_text()) for p in root.iterdir() if (p / "meta.json").is_file()]
+    metas = []
+    for p in root.iterdir():
+        if p.name.startswith("."):  # an entry being written (renamed into place when complete)
+            continue
+        try:
+            metas.append(json.loads((p / "meta.json").read_text()))
+        except (OSError, ValueError):
+            continue
     return [m for m in metas if m.get("kind") == "shard"], [m for m in metas if m.get("kind") != "shard"]
 
 
