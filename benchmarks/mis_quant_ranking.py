@@ -71,14 +71,18 @@ def gaussian_mixture(path: Path, *, n: int = 4000, d: int = 128, classes: int = 
     return path
 
 
+#: The mixture's dimension and data seed (``--dim``, ``--data-seed``; the defaults are the setting above).
+GMM = {"dim": 128, "data_seed": 0}
+
+
 def config(setting: str, q: str, *, data_dir: Path, n_models: int, seed: int) -> mia_core.EvalConfig:
     common = dict(attacks=ATTACKS, defenses=(f"quantize:{q}",), estimators=(f"mis-quant:{q}",),
                   n_models=n_models, seed=seed)
     if setting == "digits":
         return mia_core.EvalConfig(**common)
-    path = data_dir / "gmm_d128.npz"
+    path = data_dir / f"gmm_d{GMM['dim']}_s{GMM['data_seed']}.npz"
     if not path.exists():
-        gaussian_mixture(path)
+        gaussian_mixture(path, d=GMM["dim"], seed=GMM["data_seed"])
     return mia_core.EvalConfig(**common, dataset=f"file:path={path}", model="logreg",
                                recipe=TrainingRecipe(epochs=100, lr=0.01, weight_decay=1e-3))
 
@@ -93,15 +97,17 @@ def run_setting(setting: str, *, data_dir: Path, cache: Path, n_models: int, see
         r = e["report"]
         adv = {a: m["attacks"][a]["advantage"] for a in ATTACKS}
         rows.append({"q": q, "n_r": r["n_r"], "n_r_interval": r["n_r_interval"], "mis": e["value"],
-                     "typical": r["n_r_median_neighbour"], "adv": adv, "measured_mis": 1 - max(adv.values()),
+                     "typical": r["n_r_median_neighbour"], "flips": r["expected_flips"], "adv": adv, "measured_mis": 1 - max(adv.values()),
                      "test_acc": m["target"]["test_accuracy"], "noise": r["noise_level"],
                      "improving": r["neighbours"]["improving_fraction"], "seconds": time.perf_counter() - t0})
     ind = [row["n_r"] if row["n_r"] is not None else math.inf for row in rows]
     meas = [row["measured_mis"] for row in rows]
     rho = spearmanr(ind, meas)
     rho_t = spearmanr([row["typical"] for row in rows], meas)
+    rho_f = spearmanr([-row["flips"] for row in rows], meas)  # fewer expected flips = more secure
     return {"setting": setting, "rows": rows, "rho": float(rho.statistic), "p": float(rho.pvalue),
-            "rho_typical": float(rho_t.statistic), "p_typical": float(rho_t.pvalue)}
+            "rho_typical": float(rho_t.statistic), "p_typical": float(rho_t.pvalue),
+            "rho_flips": float(rho_f.statistic), "p_flips": float(rho_f.pvalue)}
 
 
 def _fmt(v) -> str:
@@ -123,6 +129,9 @@ def print_setting(res: dict) -> None:
           f"{res['rho']:.3f} (p = {res['p']:.3g})")
     print(f"diagnostic, median-neighbour n r_k vs measured: rho = {res['rho_typical']:.3f} "
           f"(p = {res['p_typical']:.3g})")
+    print(f"diagnostic added after the mixture's minimum-based ranking was seen, expected one-step flips "
+          f"sum_k exp(-n r_k) vs measured: rho = {res['rho_flips']:.3f} (p = {res['p_flips']:.3g}); flips per "
+          f"quantizer: " + ", ".join(f"{r['q']}: {r['flips']:.3g}" for r in res["rows"]))
     print(f"noise level n / (2 N_out) of one neighbour's n r_k: {noise:.3g}")
 
 
@@ -131,7 +140,10 @@ def main(argv=None) -> None:
     ap.add_argument("--setting", choices=SETTINGS, action="append")
     ap.add_argument("--n-models", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dim", type=int, default=128, help="gmm: the mixture's dimension")
+    ap.add_argument("--data-seed", type=int, default=0, help="gmm: the seed that draws the mixture's data")
     args = ap.parse_args(argv)
+    GMM.update(dim=args.dim, data_seed=args.data_seed)
     with tempfile.TemporaryDirectory(prefix="mis-quant-") as tmp:
         tmp = Path(tmp)
         for setting in args.setting or SETTINGS:

@@ -432,6 +432,7 @@ class MISQuant(Estimator):
         for t in tensors:
             theta[t.name] = t.q.to(dtype)
         per_model, n_r, n_cands, improving, typical, degenerate, noise = [], [], [], [], [], 0, []
+        flips: List[float] = []
         for m in range(ctx.n_models):
             held = ~keep[m]
             n_m, n_out = int(keep[m].sum()), int(held.sum())
@@ -475,6 +476,9 @@ class MISQuant(Estimator):
                        "delta": float(delta[k]), "sigma": float(var[k].sqrt())}
                 improving.append(float((delta[finite] < 0).double().mean()))
                 typical.append(n_m * float(rate[finite].median()))
+                # the union of derivation step 3 before its min approximation: the expected number of
+                # one-step flips, sum_k exp(-n r_k) over every candidate, estimated from the sample
+                flips.append(float(torch.exp(-n_m * rate[finite]).sum()) * total / max(1, len(pick)))
             else:  # no informative neighbour: nothing moves the held-out loss, the release cannot vary
                 r_m, arg = math.inf, None
             n_r.append(n_m * r_m)
@@ -506,6 +510,10 @@ class MISQuant(Estimator):
             # a diagnostic, not the indicator: the median over models of n_m times the median rate over
             # model m's sampled neighbours (the typical neighbour rather than the weakest one)
             "n_r_median_neighbour": float(np.median(typical)) if typical else None,
+            # a diagnostic too (added after the minimum's ranking on the d=128 mixture was seen): the median
+            # over models of the expected number of one-step flips, sum over all candidates of exp(-n r_k),
+            # the union bound of derivation step 3 before its minimum approximation (smaller = more secure)
+            "expected_flips": float(np.median(flips)) if flips else None,
             "method": ("implied MIS = 1 - exp(-n r), n r = median over models of n_m min_k delta_k^2 / (2 sigma_k^2), "
                        "delta_k, sigma_k^2: mean and variance over the model's held-out records of the cross-entropy "
                        "change from the quantized point to a grid point one step away (issue-12 reconstruction of "
