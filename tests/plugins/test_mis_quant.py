@@ -215,7 +215,8 @@ def test_validate_rejects(params, match):
 
 def test_contract():
     out = check_estimator(MISQuant, params=FAST)
-    assert 0 <= out["interval"][0] <= out["value"] <= out["interval"][1] <= 1
+    assert 0 <= out["interval"][0] <= out["value"] <= out["interval"][1]  # expected one-step flips
+    assert 0 <= out["implied_mis_union"] <= 1 and out["implied_mis_union"] == max(0.0, 1 - out["value"])
     assert "advantage_bound" not in out  # an asymptotic equivalent, not a bound
     check_estimator(MISQuant, params={**FAST, "method": "ternary", "granularity": "per-channel"})
 
@@ -235,7 +236,8 @@ def test_given_grid_versus_quantized_here():
     w = pop.params[a["tensor"]][0].reshape(-1)[a["index"]].item()
     assert a["from"] == pytest.approx(w, abs=1e-7)  # the defended weight, not a re-quantized one
     assert given_["neighbours"]["sampled_per_model"] == 12 and given_["n_r"] >= 0
-    assert given_["value"] == pytest.approx(1 - math.exp(-given_["n_r"]))
+    assert given_["implied_mis"] == pytest.approx(1 - math.exp(-given_["n_r"]))
+    assert given_["value"] == given_["expected_flips"] == pytest.approx(float(np.median(given_["expected_flips_per_model"])))
 
 
 def test_cli_run(tmp_path):
@@ -245,3 +247,18 @@ def test_cli_run(tmp_path):
         "--targets", "first:2", "-q", "--out", str(tmp_path / "runs"), "--cache-dir", str(tmp_path / "cache")])
     assert res.exit_code == 0, res.output
     assert "mis-quant:bits=4,n_neighbours=16" in res.output and "advantage bound" in res.output
+
+
+def test_expected_flips_are_the_sampled_sum_scaled_to_every_candidate_and_fall_with_coarser_grids():
+    """With every candidate sampled, F_m is exactly sum_k exp(-n_m r_k) over the neighbours (checked
+    against the per-model minimum: the sum is at least its largest term exp(-n_m r_min)); a coarser
+    grid moves each weight further, so fewer flips are expected."""
+    pop = planted_population(0)
+    ctx = EstimatorContext(pop, ("params",))
+    fine = MISQuant(bits=8, n_neighbours=10_000).estimate(ctx)
+    coarse = MISQuant(bits=2, n_neighbours=10_000).estimate(ctx)
+    for out in (fine, coarse):
+        assert out["neighbours"]["sampled_per_model"] < 10_000  # every candidate of every model sampled
+        for f, nr in zip(out["expected_flips_per_model"], out["n_r_per_model"]):
+            assert f >= math.exp(-nr) * (1 - 1e-9)
+    assert coarse["value"] < fine["value"]
