@@ -341,8 +341,9 @@ class DefenseContext:
     def finetune(self, epochs: int, *, lr: Optional[float] = None, post_step=None, on_epoch=None) -> None:
         """Continue training every model on its own training half (same recipe, fresh optimiser,
         and the population's train-time defenses, so fine-tuning never escapes them)."""
-        self._population._train(epochs, self.rng(1), lr=lr, post_step=post_step, on_epoch=on_epoch,
-                                defenses=self._population.train_defenses)
+        result = self._population._train(epochs, self.rng(1), lr=lr, post_step=post_step, on_epoch=on_epoch,
+                                         defenses=self._population.train_defenses)
+        self._population.finetune_steps += int(result.steps)  # a privacy accountant must hear of them
 
     def probe(self, attack, *, models=None):
         """Run ``attack`` (an :class:`~mia_core.base.Attack` instance or a spec such as

@@ -70,6 +70,9 @@ class ModelPopulation:
     #: and they cannot be queried on other inputs (augmented views) nor exported. ``None``: none.
     external: Optional[np.ndarray] = None
     external_logits: Optional[torch.Tensor] = None
+    #: Optimizer steps post-training defenses fine-tuned every model for (with the train-time
+    #: defenses still on), which a train-time privacy accountant's ε does not count.
+    finetune_steps: int = 0
 
     @property
     def scored_records(self) -> np.ndarray:
@@ -218,6 +221,7 @@ class ModelPopulation:
             reserved=None if self.reserved is None else self.reserved.copy(),
             external=None if self.external is None else self.external.copy(),
             external_logits=None if self.external_logits is None else self.external_logits.clone(),
+            finetune_steps=self.finetune_steps,
         )
 
     # ----------------------------------------------------------------- views

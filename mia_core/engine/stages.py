@@ -1084,6 +1084,7 @@ def run_stages(plan: Plan, *, cache: Optional[PopulationCache] = None,
     estimates = run_estimators(plan, target_pop, target_signals, reporter=reporter)
     m = compute_metrics(plan, records=records, trained=trained, defended=defended,
                         undefended_signals=undefended_signals, signals=signals, scores=scores, estimates=estimates)
+    _flag_unaccounted_finetuning(plan, m.document, defended.population.finetune_steps)
     targets = list(plan.targets)
     scored = defended.population.scored_records
     return Evaluation(plan=plan, metrics=m.document, scores=scores,
@@ -1130,6 +1131,27 @@ def evaluate(config: Union[EvalConfig, Plan], *, out: Optional[Union[str, Path]]
     if out is None:
         return run_stages(plan, cache=cache, reporter=reporter, records=records)
     return write_evaluation(plan, out, lambda: run_stages(plan, cache=cache, reporter=reporter, records=records))
+
+
+def _flag_unaccounted_finetuning(plan: Plan, doc: Dict[str, Any], steps: int) -> None:
+    """A post-training defense that fine-tuned the models (prune's ``finetune_epochs``, its search)
+    ran more noisy optimizer steps under a train-time privacy defense than that defense's accountant
+    counted: its ε is then a lower bound on the released models' ε. Said in the defense's report
+    (``epsilon_excludes_finetuning_steps``), in the DP audit and as a warning; never silent."""
+    if not steps:
+        return
+    for entry in doc["defenses"]:
+        rep = entry.get("report", {})
+        if entry.get("stage") == "train" and isinstance(rep.get("epsilon"), (int, float)):
+            rep["epsilon_excludes_finetuning_steps"] = int(steps)
+            names = ", ".join(d.label for d in plan.post_defenses)
+            msg = (f"the post-training defense(s) {names} fine-tuned every model for {steps} more steps under "
+                   f"{entry['name']!r}; its accountant's epsilon = {rep['epsilon']:.3g} counts the "
+                   f"{rep.get('steps', '?')} training steps only, so the released models' epsilon is larger")
+            doc["warnings"].append(msg)
+            warnings.warn(msg, EvaluationWarning, stacklevel=3)
+            if "dp_audit" in doc:
+                doc["dp_audit"]["accountant_epsilon_excludes_finetuning_steps"] = int(steps)
 
 
 def write_evaluation(plan: Plan, out: Path, produce: Callable[[], Evaluation]) -> Evaluation:

@@ -5,6 +5,7 @@ the noise, the sampler, determinism, shards, validation, conformance and the CLI
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import types
 import warnings
@@ -472,3 +473,23 @@ def test_a_model_without_per_sample_gradients_is_refused_before_training(tmp_pat
     assert err.startswith("Error: defense 'dp-sgd' cannot apply to model 'bn-mlp': dp-sgd needs per-sample gradients")
     assert "\n" not in err and "BatchNorm" in err
     assert not (tmp_path / "runs").exists() and not (tmp_path / "cache").exists()
+
+
+def test_fine_tuning_after_dp_sgd_is_flagged_not_silently_left_out_of_epsilon():
+    """prune's fine-tuning runs more noisy steps under dp-sgd than its accountant counted: the report,
+    the DP audit and the warnings say how many, and the document still validates."""
+    import mia_core
+    from mia_core.schema import validate_metrics
+
+    cfg = mia_core.EvalConfig(dataset="digits:n_records=300", model="mlp:width=32", n_models=6, attacks=("loss",),
+                              defenses=("dp-sgd:noise_multiplier=1.0", "prune:sparsity=0.5,finetune_epochs=2"),
+                              recipe=mia_core.TrainingRecipe(epochs=3))
+    with pytest.warns(mia_core.engine.stages.EvaluationWarning, match="fine-tuned every model for 6 more steps"):
+        doc = mia_core.evaluate(cfg).metrics
+    dp = next(d for d in doc["defenses"] if d["name"] == "dp-sgd")["report"]
+    assert dp["epsilon_excludes_finetuning_steps"] == 6 and dp["steps"] == 9
+    assert doc["dp_audit"]["accountant_epsilon_excludes_finetuning_steps"] == 6
+    validate_metrics(doc)
+    plain = mia_core.evaluate(dataclasses.replace(cfg, defenses=("dp-sgd:noise_multiplier=1.0",
+                                                                 "prune:sparsity=0.5,finetune_epochs=0"))).metrics
+    assert "epsilon_excludes_finetuning_steps" not in plain["defenses"][0]["report"]
