@@ -23,7 +23,7 @@ from __future__ import annotations
 import abc
 import inspect
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Dict, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -266,6 +266,14 @@ class TrainingDefense(Plugin, abc.ABC):
     def report(self, result: "TrainingResult") -> Dict[str, Any]:
         """A JSON-serialisable report of what the defense did (e.g. ``{"lam": 1e-3}`` or the
         privacy spent), shown in the terminal and stored in ``metrics.json``."""
+
+    def compose(self, reports: List[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+        """The report of training followed by fine-tuning (a post-training defense's
+        ``finetune_epochs`` runs with the train-time defenses on), from this defense's report of
+        each segment in order (training first). Default ``None``: the defense has nothing to add
+        up; a privacy defense must compose its spending here (the engine flags a report whose
+        ``epsilon`` it cannot compose)."""
+        return None
 
 
 class Estimator(Plugin, abc.ABC):

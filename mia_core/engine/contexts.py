@@ -344,6 +344,7 @@ class DefenseContext:
         result = self._population._train(epochs, self.rng(1), lr=lr, post_step=post_step, on_epoch=on_epoch,
                                          defenses=self._population.train_defenses)
         self._population.finetune_steps += int(result.steps)  # a privacy accountant must hear of them
+        self._population.finetune_reports.append(list(result.defenses))
 
     def probe(self, attack, *, models=None):
         """Run ``attack`` (an :class:`~mia_core.base.Attack` instance or a spec such as

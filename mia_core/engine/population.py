@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -73,6 +73,9 @@ class ModelPopulation:
     #: Optimizer steps post-training defenses fine-tuned every model for (with the train-time
     #: defenses still on), which a train-time privacy accountant's ε does not count.
     finetune_steps: int = 0
+    #: Per fine-tuning run, each train-time defense's report of it (``TrainingResult.defenses``),
+    #: for :meth:`~mia_core.base.TrainingDefense.compose`.
+    finetune_reports: List[List[Dict[str, Any]]] = dataclasses.field(default_factory=list)
 
     @property
     def scored_records(self) -> np.ndarray:
@@ -222,6 +225,7 @@ class ModelPopulation:
             external=None if self.external is None else self.external.copy(),
             external_logits=None if self.external_logits is None else self.external_logits.clone(),
             finetune_steps=self.finetune_steps,
+            finetune_reports=[list(r) for r in self.finetune_reports],
         )
 
     # ----------------------------------------------------------------- views

@@ -1075,6 +1075,7 @@ def run_stages(plan: Plan, *, cache: Optional[PopulationCache] = None,
                                         reporter=reporter)
         undefended, undefended_signals = baseline.population, compute_signals(baseline.population)
     defended = apply_defenses(plan, trained.population, reporter=reporter)
+    trained = _compose_finetuning(plan, trained, defended.population)
     signals = compute_signals(defended.population) if plan.post_defenses else trained_signals
     target_pop, target_signals = scored_view(defended.population, signals)  # reserved records: never shown
     references = None
@@ -1133,16 +1134,33 @@ def evaluate(config: Union[EvalConfig, Plan], *, out: Optional[Union[str, Path]]
     return write_evaluation(plan, out, lambda: run_stages(plan, cache=cache, reporter=reporter, records=records))
 
 
+def _compose_finetuning(plan: Plan, trained: PopulationResult, population: ModelPopulation) -> PopulationResult:
+    """The train-time defenses' reports with the post-training fine-tuning composed in
+    (:meth:`~mia_core.base.TrainingDefense.compose`: dp-sgd's ε then covers every noisy step the
+    released models took); reports a defense cannot compose are left for
+    :func:`_flag_unaccounted_finetuning`."""
+    runs = population.finetune_reports
+    if not runs or not plan.train_defenses:
+        return trained
+    reports = []
+    for i, (d, entry) in enumerate(zip(plan.train_defenses, trained.train_reports)):
+        composed = _guarded(d.owner, d.plugin.compose, [entry["report"]] + [run[i] for run in runs if i < len(run)])
+        reports.append(entry if composed is None else {**entry, "report": _jsonable(d.owner, composed)})
+    return dataclasses.replace(trained, train_reports=reports)
+
+
 def _flag_unaccounted_finetuning(plan: Plan, doc: Dict[str, Any], steps: int) -> None:
     """A post-training defense that fine-tuned the models (prune's ``finetune_epochs``, its search)
-    ran more noisy optimizer steps under a train-time privacy defense than that defense's accountant
-    counted: its ε is then a lower bound on the released models' ε. Said in the defense's report
-    (``epsilon_excludes_finetuning_steps``), in the DP audit and as a warning; never silent."""
+    ran more noisy optimizer steps under a train-time defense that reports an ε; when that defense
+    could not compose them (:meth:`~mia_core.base.TrainingDefense.compose`), its ε is a lower bound
+    on the released models' ε. Said in the defense's report (``epsilon_excludes_finetuning_steps``),
+    in the DP audit and as a warning; never silent."""
     if not steps:
         return
     for entry in doc["defenses"]:
         rep = entry.get("report", {})
-        if entry.get("stage") == "train" and isinstance(rep.get("epsilon"), (int, float)):
+        if entry.get("stage") == "train" and isinstance(rep.get("epsilon"), (int, float)) \
+                and "steps_finetuning" not in rep:  # composed by the defense itself: nothing left out
             rep["epsilon_excludes_finetuning_steps"] = int(steps)
             names = ", ".join(d.label for d in plan.post_defenses)
             msg = (f"the post-training defense(s) {names} fine-tuned every model for {steps} more steps under "

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Dict, List, Literal, Optional, Sequence
+from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -135,6 +135,28 @@ def privacy_spent(*, noise_multiplier: float, sample_rate: float, steps: int, de
     for _ in range(int(steps)):
         acc.step(noise_multiplier=float(noise_multiplier), sample_rate=float(sample_rate))
     return float(acc.get_epsilon(delta=float(delta)))
+
+
+def composed_privacy_spent(*, segments: Sequence[Tuple[float, float, int]], delta: float,
+                           accountant: str = "rdp") -> float:
+    """``ε`` at ``δ`` after consecutive runs of the subsampled Gaussian mechanism, each
+    ``(noise_multiplier σ, sample_rate q, steps T)``: one Opacus accountant steps through them all
+    in order (adaptive composition of the same mechanism at possibly different ``σ``).
+
+    Returns:
+        ``ε``; ``inf`` when any segment with steps has ``σ = 0``; ``0.0`` with no steps at all.
+    """
+    acc = _accountant(accountant)
+    total = 0
+    for sigma, q, steps in segments:
+        if steps < 0:
+            raise ValueError(f"steps must be >= 0, got {steps!r}")
+        if steps and sigma == 0:
+            return math.inf
+        for _ in range(int(steps)):
+            acc.step(noise_multiplier=float(sigma), sample_rate=float(q))
+        total += int(steps)
+    return float(acc.get_epsilon(delta=float(delta))) if total else 0.0
 
 
 def noise_for_epsilon(*, target_epsilon: float, delta: float, sample_rate: float, steps: int,
@@ -373,6 +395,7 @@ class DPSGD(TrainingDefense):
             "max_grad_norm": c,
             "noise_std": sigma * c,
             "sampling_rate": q,
+            "sampling_rates": [float(r) for r in rates],  # per model (fixed batch budget over its own half)
             "steps": int(result.steps),
             "epochs": int(result.epochs),
             "expected_batch_size_min": float(expected_batch.min()),
@@ -389,11 +412,37 @@ class DPSGD(TrainingDefense):
             out["grad_norm_mean"] = norm_sum / seen  # their mean L2 norm before clipping
         return out
 
+    def compose(self, reports: List[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+        """Training, then each fine-tuning run (a post-training defense's ``finetune_epochs``,
+        every grid point of a pruning search): the privacy of the released models is the
+        composition of every noisy step they took. One accountant steps through the segments in
+        order, each at its own ``σ`` (a ``target_epsilon`` sets ``σ`` per run), at each model's
+        sampling rate; ``epsilon`` is the largest over the models' rates, and the training-only
+        value stays as ``epsilon_training_only``."""
+        first = reports[0]
+        later = reports[1:]
+        ft = sum(int(r["steps"]) for r in later)
+        out = {**first, "epsilon_training_only": first.get("epsilon"), "steps_finetuning": ft,
+               "finetuning_runs": len(later)}
+        if first.get("epsilon") is None or any(r.get("epsilon") is None and int(r["steps"]) for r in later):
+            out["epsilon"] = None  # a segment without noise: no finite guarantee
+            return out
+        rates = first.get("sampling_rates") or next((r["sampling_rates"] for r in later if r.get("sampling_rates")),
+                                                    [first["sampling_rate"]])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            eps = max(composed_privacy_spent(
+                segments=[(float(r["noise_multiplier"]), float(rate), int(r["steps"])) for r in reports],
+                delta=float(first["delta"]), accountant=first.get("accountant", self.accountant)) for rate in rates)
+        out["epsilon"] = eps if math.isfinite(eps) else None
+        return out
+
 
 __all__ = [
     "ACCOUNTANTS",
     "DPSGD",
     "add_gaussian_noise_",
+    "composed_privacy_spent",
     "clip_per_sample_",
     "default_delta",
     "noise_for_epsilon",

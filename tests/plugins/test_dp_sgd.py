@@ -5,7 +5,6 @@ the noise, the sampler, determinism, shards, validation, conformance and the CLI
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import types
 import warnings
@@ -475,21 +474,45 @@ def test_a_model_without_per_sample_gradients_is_refused_before_training(tmp_pat
     assert not (tmp_path / "runs").exists() and not (tmp_path / "cache").exists()
 
 
-def test_fine_tuning_after_dp_sgd_is_flagged_not_silently_left_out_of_epsilon():
-    """prune's fine-tuning runs more noisy steps under dp-sgd than its accountant counted: the report,
-    the DP audit and the warnings say how many, and the document still validates."""
+def test_fine_tuning_after_dp_sgd_is_composed_into_epsilon():
+    """prune's fine-tuning runs more noisy steps under dp-sgd: its ε is composed over training and
+    fine-tuning (at one σ, the accountant over all 15 steps), the DP audit checks the composed ε, and
+    the training-only value is kept."""
     import mia_core
     from mia_core.schema import validate_metrics
+    from mia_plugins.defenses.dp_sgd import composed_privacy_spent, privacy_spent
 
     cfg = mia_core.EvalConfig(dataset="digits:n_records=300", model="mlp:width=32", n_models=6, attacks=("loss",),
                               defenses=("dp-sgd:noise_multiplier=1.0", "prune:sparsity=0.5,finetune_epochs=2"),
                               recipe=mia_core.TrainingRecipe(epochs=3))
-    with pytest.warns(mia_core.engine.stages.EvaluationWarning, match="fine-tuned every model for 6 more steps"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", mia_core.engine.stages.EvaluationWarning)  # nothing is left out
         doc = mia_core.evaluate(cfg).metrics
     dp = next(d for d in doc["defenses"] if d["name"] == "dp-sgd")["report"]
-    assert dp["epsilon_excludes_finetuning_steps"] == 6 and dp["steps"] == 9
-    assert doc["dp_audit"]["accountant_epsilon_excludes_finetuning_steps"] == 6
+    assert dp["steps"] == 9 and dp["steps_finetuning"] == 6 and dp["finetuning_runs"] == 1
+    expected = max(privacy_spent(noise_multiplier=1.0, sample_rate=r, steps=15, delta=dp["delta"])
+                   for r in dp["sampling_rates"])
+    assert dp["epsilon"] == pytest.approx(expected, rel=1e-9) and dp["epsilon"] > dp["epsilon_training_only"]
+    assert doc["dp_audit"]["accountant_epsilon"] == dp["epsilon"]
     validate_metrics(doc)
-    plain = mia_core.evaluate(dataclasses.replace(cfg, defenses=("dp-sgd:noise_multiplier=1.0",
-                                                                 "prune:sparsity=0.5,finetune_epochs=0"))).metrics
-    assert "epsilon_excludes_finetuning_steps" not in plain["defenses"][0]["report"]
+    # different noise per segment composes in order, between the two single-σ values
+    a = composed_privacy_spent(segments=[(1.0, 0.1, 20), (2.0, 0.1, 20)], delta=1e-5)
+    lo = privacy_spent(noise_multiplier=2.0, sample_rate=0.1, steps=40, delta=1e-5)
+    hi = privacy_spent(noise_multiplier=1.0, sample_rate=0.1, steps=40, delta=1e-5)
+    assert lo < a < hi
+    assert composed_privacy_spent(segments=[(1.0, 0.1, 5), (0.0, 0.1, 1)], delta=1e-5) == math.inf
+
+
+def test_an_epsilon_a_defense_cannot_compose_is_flagged():
+    """A train-time defense that reports an ε but cannot compose fine-tuning into it: the engine says
+    how many steps its ε leaves out, in its report, the DP audit and a warning."""
+    import mia_core
+    from mia_core.engine.stages import _flag_unaccounted_finetuning
+
+    doc = {"defenses": [{"name": "mydp", "stage": "train", "report": {"epsilon": 2.0, "delta": 1e-5, "steps": 9}}],
+           "warnings": [], "dp_audit": {"accountant_epsilon": 2.0}}
+    plan = types.SimpleNamespace(post_defenses=[types.SimpleNamespace(label="prune:finetune_epochs=2")])
+    with pytest.warns(mia_core.engine.stages.EvaluationWarning, match="fine-tuned every model for 6 more steps"):
+        _flag_unaccounted_finetuning(plan, doc, 6)
+    assert doc["defenses"][0]["report"]["epsilon_excludes_finetuning_steps"] == 6
+    assert doc["dp_audit"]["accountant_epsilon_excludes_finetuning_steps"] == 6 and len(doc["warnings"]) == 1
