@@ -34,6 +34,7 @@ if TYPE_CHECKING:  # pragma: no cover - imports for annotations only
 
     from mia_core.data import Records
     from mia_core.engine.contexts import AttackContext, DefenseContext, EstimatorContext
+    from mia_core.engine.unlearn import UnlearnContext
     from mia_core.engine.trainer import StepBatch, StepInfo, TrainingContext, TrainingResult
 
 #: Signals an attack may declare in :attr:`Attack.access`.
@@ -367,6 +368,20 @@ def check_api_version(declared: Optional[str]) -> Optional[str]:
     return None
 
 
+class Unlearner(Plugin, abc.ABC):
+    """A machine-unlearning method (entry-point group ``miafw.unlearners``): it changes every
+    model of a trained population so that it forgets its forget set, vectorized across the
+    population like a defense."""
+
+    @abc.abstractmethod
+    def unlearn(self, ctx: "UnlearnContext") -> Dict[str, Any]:
+        """Unlearn in place through ``ctx`` (:class:`~mia_core.engine.unlearn.UnlearnContext`:
+        ``ctx.forget`` and ``ctx.retain``, bool ``[M, N]``; ``ctx.train(keep=..., epochs=...,
+        ascent=...)`` continues training every model on its own rows of ``keep``; ``ctx.retrain()``
+        trains every model from scratch on its retain set). Returns a JSON-serialisable report
+        (the cost in optimizer steps at least)."""
+
+
 #: The base class each plugin kind's entry points must derive from (see :data:`KIND_BASES`).
 KINDS: Dict[str, type] = {
     "attacks": Attack,
@@ -374,6 +389,7 @@ KINDS: Dict[str, type] = {
     "estimators": Estimator,
     "datasets": DatasetSource,
     "models": ModelFamily,
+    "unlearners": Unlearner,
 }
 
 #: The classes a plugin of each kind may derive from: defenses have one contract per stage.
@@ -391,5 +407,6 @@ __all__: Sequence[str] = [
     "Plugin",
     "PluginSpec",
     "TrainingDefense",
+    "Unlearner",
     "check_api_version",
 ]

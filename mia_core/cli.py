@@ -2,6 +2,7 @@
 
 ``miafw eval``   train a population, apply defenses, run attacks, write a run directory.
 ``miafw audit``  the same attacks against the user's own trained model (a release gate with --budget).
+``miafw unlearn`` unlearning methods against retraining: forget-set member rate and U-LiRA.
 ``miafw report`` regenerate a run directory's self-contained report.html.
 ``miafw compare`` several runs side by side, differences with intervals, overlaid ROC curves.
 ``miafw list``   every registered plugin, with broken and incompatible ones flagged.
@@ -537,6 +538,58 @@ def compare_cmd(run_dirs, html_out, no_html, fmt, n_boot):
         click.echo(format_table(result))
         if page is not None:
             click.echo(f"page: {page}")
+
+
+@main.command("unlearn")
+@click.option("--unlearner", "unlearners", multiple=True, metavar="NAME[:k=v,...]",
+              help="Unlearning method; repeatable. Default: retrain, finetune, gradient-ascent. "
+                   f"Available: {_names_help('unlearners')}.")
+@click.option("--forget", default="random:fraction=0.05", show_default=True, metavar="SPEC",
+              help="The forget set: random:fraction=F (of the records), class=K, or ids=FILE (one record id per "
+                   "line); each model forgets its members in it.")
+@click.option("--n-models", default=16, show_default=True, type=int, help="Models in the population (even).")
+@click.option("--model", default="mlp", show_default=True, metavar="NAME[:k=v,...]",
+              help=f"Model family. Available: {_names_help('models')}.")
+@click.option("--out", default="runs", show_default=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Directory that receives the run directory.")
+@click.option("--json", "as_json", is_flag=True, help="Print metrics.json to stdout instead of the table.")
+@_population_options
+def unlearn_cmd(unlearners, forget, out, as_json, **options):
+    """Did the models forget? Apply unlearning methods to a trained population and measure them.
+
+    Each model forgets its members in the forget set. Every unlearner is compared with the models
+    retrained from scratch without the forget set: the share of the forget set a membership
+    attack still calls member (trained on retain vs unseen records), and U-LiRA (Hayes et al.
+    2025), the AUC of telling each unlearned model from the retrained one (0.5: indistinguishable).
+
+    \b
+    Examples:
+      miafw unlearn
+      miafw unlearn --unlearner finetune:epochs=10 --unlearner gradient-ascent:epochs=5 --forget class=3
+    """
+    from mia_core.engine.cache import PopulationCache, default_cache_dir
+    from mia_core.engine.progress import TerminalReporter
+    from mia_core.engine.stages import USAGE_ERRORS
+    from mia_core.engine.unlearn import UnlearnConfig, format_table, resolve_unlearn, unlearn
+
+    if options["defenses"] or options["non_adaptive"]:
+        _fail("unlearn evaluates unlearning methods on an undefended population: it takes no --defense or "
+              "--non-adaptive")
+    evaluation = _config_from({**options, "attacks": ("loss",), "model": options.get("model")})
+    try:
+        plan = resolve_unlearn(UnlearnConfig(evaluation=evaluation, forget=forget,
+                                             unlearners=tuple(unlearners) or ("retrain", "finetune",
+                                                                              "gradient-ascent")))
+    except USAGE_ERRORS as exc:
+        _fail(str(exc))
+    cache = PopulationCache(None if options["no_cache"] else (options["cache_dir"] or default_cache_dir()))
+    with _engine_errors(out):
+        res = unlearn(plan, out=out, cache=cache, reporter=TerminalReporter(options["quiet"] or as_json))
+    if as_json:
+        click.echo(json.dumps({**res.document, "run_dir": str(res.run_dir)}, indent=2, sort_keys=True))
+    else:
+        click.echo(format_table(res.document))
+        click.echo(f"run directory: {res.run_dir}")
 
 
 @main.group("cache")

@@ -100,6 +100,7 @@ class ModelPopulation:
         reserve: float = 0.0,
         closed_form: Optional[Callable[..., Params]] = None,
         model_ids: Optional[Sequence[int]] = None,
+        keep: Optional[np.ndarray] = None,
     ) -> "ModelPopulation":
         """Draw the keep matrix, initialise ``n_models`` models and train them as one ensemble.
 
@@ -120,6 +121,8 @@ class ModelPopulation:
                 every model's parameters ``{name: Tensor[M, ...]}`` (the names and shapes ``build``'s
                 module has), which replace the initialisation; no SGD runs, so ``recipe`` (epochs,
                 lr, ...) and ``on_epoch`` are unused and train-time ``defenses`` are refused.
+            keep: train on this membership instead of the one the seed draws (bool ``[M, N]``;
+                initialisation and batch streams still come from the seed).
             model_ids: train only these models of the ``n_models`` (a shard: increasing indices),
                 exactly as the whole population would train them (:mod:`mia_core.engine.shards`);
                 the result holds those models only, with their rows of the keep matrix.
@@ -128,7 +131,13 @@ class ModelPopulation:
             the population; ``pop.training`` holds the :class:`~mia_core.engine.trainer.TrainingResult`.
         """
         recipe.validate()
-        keep, reserved = draw_membership(n_records=records.n, n_models=n_models, seed=seed, reserve=reserve)
+        drawn, reserved = draw_membership(n_records=records.n, n_models=n_models, seed=seed, reserve=reserve)
+        if keep is None:
+            keep = drawn
+        else:  # a given membership (e.g. unlearning's retrain: each model's members less its forget set)
+            keep = np.asarray(keep, dtype=bool).copy()
+            if keep.shape != drawn.shape or not keep.any(axis=1).all():
+                raise ValueError(f"keep must be bool {drawn.shape} with a record for every model")
         epoch_size = int(keep.sum(axis=1).max())  # the whole population's, so a shard walks the same epochs
         ids = None if model_ids is None else np.asarray(model_ids, dtype=np.int64)
         if ids is not None:

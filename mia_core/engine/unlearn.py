@@ -1,0 +1,446 @@
+"""Membership inference for machine unlearning (``miafw unlearn``): did the models forget?
+
+A population is trained as for ``miafw eval``. A forget set ``S`` of records is chosen (at random,
+by class, or by id); model ``m`` forgets ``F_m = K[m] & S`` (its members in ``S``) and keeps
+``R_m = K[m] & ~S``. Every unlearner (plugin group ``miafw.unlearners``) is applied to a copy of the
+population, and the models retrained from scratch on ``R_m`` (same initialisation and batch
+streams) are the gold standard. Two evaluations:
+
+* **the common recipe** (../shared/papers/note-membership-inference-attack.md, "MIA for Machine
+  Unlearning"): per model, a threshold on the logit-scaled confidence trained to tell its retain set
+  (members) from the records it never saw (non-members, the validation set), at the best balanced
+  accuracy; the share of its forget set classified as member, pooled over models, with a
+  Clopper-Pearson interval, next to the same share for the retrained models;
+* **U-LiRA** (Hayes, Shumailov, Triantafillou, Khalifa, Papernot, SaTML 2025, "Inexact unlearning
+  needs more careful evaluations"): per forget record ``j`` and model ``m`` with ``j`` in ``F_m``,
+  the confidence of the unlearned model and of the retrained model are scored by a likelihood
+  ratio of two Gaussians fitted on the *other* models that forgot ``j`` (their unlearned and their
+  retrained confidences on ``j``, per-record means, pooled variance), as LiRA does with IN/OUT
+  models. The AUC of telling the unlearned model from the retrained one (0.5: indistinguishable
+  from retraining) and the TPR at 1% FPR, with intervals (bootstrap over forget records, clustered
+  across models; Clopper-Pearson).
+
+Deviation from Hayes et al.: they train separate shadow populations for the reference Gaussians;
+here the population's other models are the references (leave-one-model-out), which the
+complementary-pair design makes independent of the scored model's own training set.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from mia_core import metrics
+from mia_core.base import TrainingDefense
+from mia_core.data import DataError, Records
+from mia_core.engine.cache import PopulationCache
+from mia_core.engine.population import ModelPopulation
+from mia_core.engine.progress import Reporter
+from mia_core.engine.stages import (
+    USAGE_ERRORS,
+    Component,
+    EvalConfig,
+    Plan,
+    _guarded,
+    _jsonable,
+    _resolve_one,
+    _unique,
+    load_records,
+    resolve,
+    train_population,
+)
+from mia_core.params import ParamError
+from mia_core.results import RunDir, plain_json
+from mia_core.runindex import RunIndex
+
+#: The FPR of the U-LiRA TPR reported.
+ULIRA_FPR = 0.01
+
+
+# ============================================================================ configuration
+@dataclass(frozen=True)
+class UnlearnConfig:
+    """An unlearning evaluation: the population (``evaluation``: dataset, model, recipe, seed,
+    ``n_models``; its attacks, defenses and estimators are not used), the unlearners, and the
+    forget set (``random:fraction=F``, ``class=K`` or ``ids=FILE``)."""
+
+    evaluation: EvalConfig = field(default_factory=EvalConfig)
+    unlearners: Sequence[str] = ("retrain", "finetune", "gradient-ascent")
+    forget: str = "random:fraction=0.05"
+
+
+@dataclass(frozen=True)
+class UnlearnPlan:
+    plan: Plan
+    unlearners: Tuple[Component, ...]
+    forget: str
+
+    @property
+    def document(self) -> Dict[str, Any]:
+        doc = dict(self.plan.document)
+        for key in ("attacks", "estimators", "defenses", "targets", "n_targets"):
+            doc.pop(key, None)
+        doc.update({"command": "unlearn", "forget": self.forget,
+                    "unlearners": [{"label": u.label, **u.spec.to_dict()} for u in self.unlearners]})
+        return doc
+
+
+def resolve_unlearn(config: UnlearnConfig) -> UnlearnPlan:
+    """Validate everything before anything trains.
+
+    Raises:
+        One of :data:`~mia_core.engine.stages.USAGE_ERRORS`.
+    """
+    if not config.unlearners:
+        raise ParamError("no unlearner given; use --unlearner NAME (see `miafw list --kind unlearners`)")
+    plan = resolve(dataclasses.replace(config.evaluation, attacks=("loss",), defenses=(), estimators=()))
+    unlearners = [_resolve_one("unlearner", t, i) for i, t in enumerate(config.unlearners)]
+    _unique(unlearners)
+    parse_forget(config.forget)
+    return UnlearnPlan(plan=plan, unlearners=tuple(unlearners), forget=str(config.forget).strip())
+
+
+def parse_forget(text: str) -> Tuple[str, Any]:
+    """``("random", fraction)``, ``("class", k)`` or ``("ids", path)``.
+
+    Raises:
+        ParamError: any other form, or a fraction outside (0, 1).
+    """
+    t = str(text).strip()
+    if t.startswith("random:fraction="):
+        try:
+            f = float(t[len("random:fraction="):])
+        except ValueError:
+            f = float("nan")
+        if not 0 < f < 1:
+            raise ParamError(f"--forget {t!r}: the fraction must be a number in (0, 1)")
+        return "random", f
+    if t.startswith("class="):
+        try:
+            return "class", int(t[len("class="):])
+        except ValueError:
+            raise ParamError(f"--forget {t!r}: class=K needs an integer label") from None
+    if t.startswith("ids="):
+        return "ids", Path(t[len("ids="):]).expanduser()
+    raise ParamError(f"--forget must be random:fraction=F, class=K or ids=FILE (one record id per line); got {t!r}")
+
+
+def forget_records(spec: str, records: Records, keep: np.ndarray, *, seed: int) -> np.ndarray:
+    """The forget set ``S`` (bool ``[N]``), checked: every model has members in it and members
+    outside it.
+
+    Raises:
+        DataError: an empty forget set, an unknown class or id, or a model left with no forget
+            record or no retain record.
+    """
+    kind, arg = parse_forget(spec)
+    if kind == "random":
+        rng = np.random.default_rng(np.random.SeedSequence([seed, 0x666F72]))  # "for"
+        k = int(round(arg * records.n))
+        s = np.zeros(records.n, dtype=bool)
+        s[rng.choice(records.n, size=k, replace=False)] = True
+    elif kind == "class":
+        if records.is_regression or not 0 <= arg < records.n_classes:
+            raise DataError(f"--forget class={arg}: dataset {records.name!r} has classes 0..{records.n_classes - 1}")
+        s = records.y == arg
+    else:
+        if not arg.is_file():
+            raise DataError(f"--forget ids={arg}: no such file")
+        try:
+            ids = np.array([int(line) for line in arg.read_text().split() if line.strip()], dtype=np.int64)
+        except ValueError:
+            raise DataError(f"--forget ids={arg.name}: every line must be an integer record id") from None
+        unknown = ids[~np.isin(ids, records.index)]
+        if unknown.size:
+            raise DataError(f"--forget ids={arg.name}: {unknown.size} id(s) not in dataset {records.name!r} "
+                            f"(first: {', '.join(map(str, unknown[:5].tolist()))})")
+        s = np.isin(records.index, ids)
+    if not s.any():
+        raise DataError(f"--forget {spec}: the forget set is empty")
+    forget = keep & s[None]
+    if not forget.any(axis=1).all():
+        m = int(np.argmin(forget.any(axis=1)))
+        raise DataError(f"--forget {spec}: model {m} has no member in the forget set ({int(s.sum())} records); "
+                        f"use a larger forget set")
+    if (keep & ~s[None]).sum(axis=1).min() == 0:
+        raise DataError(f"--forget {spec}: the forget set holds every member of some model; nothing would be left "
+                        f"to retain")
+    return s
+
+
+# ============================================================================ what unlearners see
+class _Ascent(TrainingDefense):
+    """Gradient ascent: the penalty ``-2 x`` the batch's mean cross-entropy turns each model's
+    descent step on the batch into an ascent step (Thudi et al. 2022's NegGrad)."""
+
+    def penalty(self, params, batch):
+        logits = batch.logits(params)
+        ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch.y.flatten(), reduction="none")
+        ce = ce.view(batch.y.shape)
+        if batch.mask is not None:
+            m = batch.mask.to(ce.dtype)
+            return -2 * (ce * m).sum(dim=1) / m.sum(dim=1).clamp(min=1)
+        return -2 * ce.mean(dim=1)
+
+    def report(self, result):
+        return {}
+
+
+class UnlearnContext:
+    """A copy of the trained population that an unlearner changes in place.
+
+    Attributes:
+        forget, retain: bool ``[M, N]``: each model's members in and outside the forget set.
+        recipe, records, seed: as on the population.
+    """
+
+    def __init__(self, population: ModelPopulation, forget: np.ndarray, *, build, position: int = 0):
+        self._population = population
+        self.forget = forget
+        self.retain = population.keep & ~forget
+        self._build = build
+        self.position = position
+        self.steps = 0
+
+    @property
+    def recipe(self):
+        return self._population.recipe
+
+    @property
+    def records(self) -> Records:
+        return self._population.records
+
+    @property
+    def seed(self) -> int:
+        return self._population.seed
+
+    @property
+    def params(self):
+        return self._population.params
+
+    def train(self, *, keep: np.ndarray, epochs: int, lr: Optional[float] = None, ascent: bool = False) -> int:
+        """Continue training every model on its rows of ``keep`` (bool ``[M, N]``) for ``epochs``
+        (fresh optimiser, the recipe's batch size); ``ascent`` ascends the loss instead. Returns
+        the optimizer steps taken."""
+        pop = self._population
+        saved = pop.keep
+        pop.keep = np.asarray(keep, dtype=bool)
+        try:
+            rng = np.random.SeedSequence([pop.seed, 0x756E6C, self.position, self.steps])
+            result = pop._train(epochs, rng, lr=lr, defenses=[_Ascent()] if ascent else [])
+        finally:
+            pop.keep = saved
+        self.steps += int(result.steps)
+        return int(result.steps)
+
+    def retrain(self, *, stream: int = 0) -> int:
+        """Train every model from scratch on its retain set; ``stream`` 0 uses the original
+        training's initialisation and batch streams, another value independent ones (a retraining
+        the gold standard did not see). Returns the optimizer steps taken."""
+        pop = self._population
+        seed = pop.seed if not stream else int(np.random.SeedSequence([pop.seed, 0x7265, int(stream)]).generate_state(1)[0])
+        fresh = ModelPopulation.train(pop.records, self._build, pop.recipe, n_models=pop.n_models, seed=seed,
+                                      keep=self.retain, device=pop.device)
+        for k, v in fresh.params.items():
+            pop.params[k] = v
+        self.steps += int(fresh.training.steps)
+        return int(fresh.training.steps)
+
+
+# ============================================================================ the evaluations
+def confidence_of(population: ModelPopulation) -> np.ndarray:
+    """Logit-scaled confidence ``[M, N]`` of every model on every record."""
+    return population.signals().confidence
+
+
+def member_rate(*, conf: np.ndarray, keep: np.ndarray, forget: np.ndarray, retain: np.ndarray,
+                confidence: float = 0.95) -> Dict[str, Any]:
+    """The common recipe: per model, the confidence threshold with the best balanced accuracy
+    between its retain set (members) and the records it never trained on (non-members); the share
+    of its forget set at or above it, pooled over models, with a Clopper-Pearson interval."""
+    hits, total = 0, 0
+    for m in range(conf.shape[0]):
+        pos, neg = conf[m, retain[m]], conf[m, ~keep[m]]
+        s = np.concatenate([pos, neg])
+        lab = np.concatenate([np.ones(len(pos), bool), np.zeros(len(neg), bool)])
+        fpr, tpr, thr = metrics.roc_curve(s, lab)
+        k = int(np.argmax(tpr - fpr))
+        tau = thr[k]
+        f = conf[m, forget[m]]
+        hits += int((f >= tau).sum())
+        total += int(f.size)
+    lo, hi = metrics.clopper_pearson(hits, total, confidence=confidence)
+    return {"rate": hits / total, "interval": [lo, hi], "forget_scores": total}
+
+
+def ulira(*, unlearned: np.ndarray, retrained: np.ndarray, forget: np.ndarray, confidence: float = 0.95,
+          seed: int = 0) -> Dict[str, Any]:
+    """U-LiRA (module doc): scores ``[P]`` for the unlearned (positive) and retrained (negative)
+    confidence of every (model, forget record) pair, and their AUC and TPR at 1% FPR with intervals.
+
+    Args:
+        unlearned, retrained: float ``[M, N]`` confidences; forget: bool ``[M, N]``.
+    """
+    m_idx, j_idx = np.nonzero(forget)
+    counts = forget.sum(axis=0)  # models that forgot each record
+    su, sr = (unlearned * forget).sum(axis=0), (retrained * forget).sum(axis=0)
+    scores, labels, groups = [], [], []
+    resid = []
+    for m, j in zip(m_idx, j_idx):  # leave-one-model-out means
+        n = counts[j] - 1
+        if n < 2:
+            continue
+        mu_u = (su[j] - unlearned[m, j]) / n
+        mu_r = (sr[j] - retrained[m, j]) / n
+        resid.append((unlearned[m, j] - mu_u, retrained[m, j] - mu_r))
+        for phi, lab in ((unlearned[m, j], True), (retrained[m, j], False)):
+            scores.append((phi, mu_u, mu_r))
+            labels.append(lab)
+            groups.append(j)
+    if not scores:
+        raise DataError("U-LiRA needs every forget record forgotten by at least 3 models; use more --n-models")
+    r = np.asarray(resid)
+    var_u, var_r = max(float(np.var(r[:, 0])), 1e-12), max(float(np.var(r[:, 1])), 1e-12)  # pooled (global)
+    sc = np.asarray(scores)
+    lr = (-(sc[:, 0] - sc[:, 1]) ** 2 / (2 * var_u) - 0.5 * np.log(var_u)
+          + (sc[:, 0] - sc[:, 2]) ** 2 / (2 * var_r) + 0.5 * np.log(var_r))
+    summary, _ = metrics.summarize_with_curve(lr, np.asarray(labels), fprs=(ULIRA_FPR,), confidence=confidence,
+                                              groups=np.asarray(groups), seed=seed)
+    t = summary["tpr_at_fpr"][metrics._fpr_key(ULIRA_FPR)]
+    return {"auc": summary["auc"], "auc_ci": summary["auc_ci"], "tpr_at_1pct": t["tpr"],
+            "tpr_at_1pct_ci": [t["ci_low"], t["ci_high"]], "tpr_resolvable": t["resolvable"],
+            "pairs": int(len(labels) // 2)}
+
+
+def _accuracies(population: ModelPopulation, keep: np.ndarray, forget: np.ndarray, retain: np.ndarray):
+    correct = population.signals().correct.astype(bool)
+    share = lambda mask: float((correct & mask).sum() / mask.sum())  # noqa: E731
+    return {"retain_accuracy": share(retain), "forget_accuracy": share(forget), "test_accuracy": share(~keep)}
+
+
+@dataclass
+class UnlearnResult:
+    document: Dict[str, Any]
+    run_dir: Optional[Path] = None
+
+
+def run_unlearning(plan: UnlearnPlan, *, cache: Optional[PopulationCache] = None,
+                   reporter: Optional[Reporter] = None, records: Optional[Records] = None) -> Dict[str, Any]:
+    """Train (or load) the population, choose the forget set, apply every unlearner and the
+    retrained gold standard, and evaluate each (module doc). Returns the ``metrics.json`` document."""
+    reporter = reporter or Reporter()
+    p = plan.plan
+    records = load_records(p) if records is None else records
+    if records.is_regression:
+        raise DataError(f"dataset {records.name!r} is a regression task; unlearning is evaluated on classifiers")
+    trained = train_population(p, records, cache=cache, reporter=reporter)
+    pop = trained.population
+    keep = pop.keep
+    s = forget_records(plan.forget, records, keep, seed=p.config.seed)
+    forget = keep & s[None]
+    retain = keep & ~s[None]
+    build = lambda: p.model.plugin.build(records.n_features, records.n_classes)  # noqa: E731
+    reporter.message(f"forget set: {int(s.sum())} records ({plan.forget}); the gold standard: retraining "
+                     f"{pop.n_models} models without it")
+    t0 = time.perf_counter()
+    gold = pop.clone()
+    UnlearnContext(gold, forget, build=build).retrain()
+    retrain_s = time.perf_counter() - t0
+    retrained_conf = confidence_of(gold)
+    conf_c = p.config.confidence
+    rows: Dict[str, Any] = {}
+    for u in plan.unlearners:
+        reporter.message(f"unlearner {u.label}")
+        work = pop.clone()
+        ctx = UnlearnContext(work, forget, build=build, position=u.position)
+        t0 = time.perf_counter()
+        report = _jsonable(u.owner, _guarded(u.owner, u.plugin.unlearn, ctx))
+        seconds = time.perf_counter() - t0
+        for name, v in work.params.items():
+            if not torch.isfinite(v).all():
+                from mia_core.engine.stages import PluginRuntimeError
+
+                raise PluginRuntimeError(u.owner, f"left non-finite weights in {name!r}; lower its lr or epochs")
+        conf = confidence_of(work)
+        rows[u.label] = {
+            "name": u.name, "params": dict(u.spec.params), "report": report,
+            **_accuracies(work, keep, forget, retain),
+            "forget_member_rate": member_rate(conf=conf, keep=keep, forget=forget, retain=retain, confidence=conf_c),
+            "ulira": ulira(unlearned=conf, retrained=retrained_conf, forget=forget, confidence=conf_c,
+                           seed=p.config.seed),
+            "seconds": seconds, "steps": int(ctx.steps),
+        }
+    doc = {
+        "schema_version": 1,
+        "command": "unlearn",
+        "forget": {"spec": plan.forget, "records": int(s.sum()), "per_model_mean": float(forget.sum(1).mean())},
+        "retrained": {**_accuracies(gold, keep, forget, retain),
+                      "forget_member_rate": member_rate(conf=retrained_conf, keep=keep, forget=forget, retain=retain,
+                                                        confidence=conf_c),
+                      "seconds": retrain_s},
+        "original": {**_accuracies(pop, keep, forget, retain),
+                     "forget_member_rate": member_rate(conf=confidence_of(pop), keep=keep, forget=forget,
+                                                       retain=retain, confidence=conf_c)},
+        "unlearners": rows,
+        "population": {"n_models": p.config.n_models, "n_records": records.n, "cache_key": trained.key},
+    }
+    return plain_json(doc)
+
+
+def unlearn(config: Union[UnlearnConfig, UnlearnPlan], *, out: Optional[Union[str, Path]] = None,
+            cache: Optional[Union[PopulationCache, str, Path]] = None,
+            reporter: Optional[Reporter] = None) -> UnlearnResult:
+    """Run an unlearning evaluation end to end (``mia_core.engine.unlearn.unlearn``); with ``out``,
+    a run directory holding ``config.json`` and ``metrics.json``."""
+    plan = config if isinstance(config, UnlearnPlan) else resolve_unlearn(config)
+    if not isinstance(cache, PopulationCache):
+        cache = PopulationCache(None if cache is None else Path(cache).expanduser())
+    records = load_records(plan.plan)
+    if plan.forget.startswith(("class=", "ids=")):  # an unknown class or id is refused before training
+        forget_records(plan.forget, records, np.ones((2, records.n), dtype=bool), seed=plan.plan.config.seed)
+    if out is None:
+        return UnlearnResult(run_unlearning(plan, cache=cache, reporter=reporter, records=records))
+    run = RunDir(Path(out), plan.document, index=RunIndex(Path(out)), discard_on=USAGE_ERRORS)
+    with run:
+        import json
+
+        doc = run_unlearning(plan, cache=cache, reporter=reporter, records=records)
+        (run.path / "metrics.json").write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    return UnlearnResult(doc, run.final)
+
+
+def format_table(doc: Dict[str, Any]) -> str:
+    """The terminal table: per unlearner the accuracy trio, the forget-set member rate, U-LiRA."""
+    head = ["unlearner", "retain acc", "forget acc", "test acc", "forget member rate [95% CI]",
+            "U-LiRA AUC [95% CI]", "U-LiRA TPR@1% [95% CI]", "time"]
+    pct = lambda x: f"{100 * x:.1f}%"  # noqa: E731
+    rows = []
+    for key, label in (("original", "(no unlearning)"), ("retrained", "(retrained, gold)")):
+        r = doc[key]
+        fm = r["forget_member_rate"]
+        rows.append([label, pct(r["retain_accuracy"]), pct(r["forget_accuracy"]), pct(r["test_accuracy"]),
+                     f"{pct(fm['rate'])} [{pct(fm['interval'][0])}, {pct(fm['interval'][1])}]", "-", "-",
+                     f"{r['seconds']:.1f} s" if "seconds" in r else "-"])
+    for label, r in doc["unlearners"].items():
+        fm, u = r["forget_member_rate"], r["ulira"]
+        rows.append([label, pct(r["retain_accuracy"]), pct(r["forget_accuracy"]), pct(r["test_accuracy"]),
+                     f"{pct(fm['rate'])} [{pct(fm['interval'][0])}, {pct(fm['interval'][1])}]",
+                     f"{u['auc']:.3f} [{u['auc_ci'][0]:.3f}, {u['auc_ci'][1]:.3f}]",
+                     f"{pct(u['tpr_at_1pct'])} [{pct(u['tpr_at_1pct_ci'][0])}, {pct(u['tpr_at_1pct_ci'][1])}]"
+                     + ("" if u["tpr_resolvable"] else " !"), f"{r['seconds']:.1f} s"])
+    widths = [max(len(x[i]) for x in [head] + rows) for i in range(len(head))]
+    line = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+    f = doc["forget"]
+    return "\n".join([line(head), "  ".join("-" * w for w in widths)] + [line(r) for r in rows] + [
+        f"forget set {f['spec']}: {f['records']} records, {f['per_model_mean']:.1f} per model on average; "
+        f"U-LiRA AUC 0.5 = indistinguishable from retraining"])
+
+
+__all__ = ["UnlearnConfig", "UnlearnContext", "UnlearnPlan", "format_table", "forget_records", "member_rate",
+           "parse_forget", "resolve_unlearn", "run_unlearning", "ulira", "unlearn"]

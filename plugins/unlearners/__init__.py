@@ -1,0 +1,1 @@
+"""Built-in unlearning methods (entry-point group ``miafw.unlearners``)."""

@@ -1,0 +1,85 @@
+"""Unlearning by retraining, fine-tuning on the retain set, and gradient ascent on the forget set."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Optional
+
+from mia_core.base import Unlearner
+
+
+def _check_epochs(epochs, lr) -> None:
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"epochs must be an integer >= 1, got {epochs!r}")
+    if lr is not None and not (isinstance(lr, (int, float)) and lr > 0):
+        raise ValueError(f"lr must be a positive number (or unset for the recipe's), got {lr!r}")
+
+
+class Retrain(Unlearner):
+    """Exact unlearning: every model trained from scratch on its retain set (its cost is the whole
+    training). By default from random streams of its own (``stream=1``), so it is a retraining
+    the evaluation's gold standard (``stream=0``: the original initialisation and batch order) did
+    not see, and U-LiRA measures two independent retrainings: the sanity check that the
+    evaluation calls exact unlearning indistinguishable.
+
+    Args:
+        stream: 0 reproduces the gold standard bitwise; any other value draws new streams.
+    """
+
+    api_version = "1.0"
+
+    def __init__(self, stream: int = 1):
+        self.stream = stream
+
+    def validate(self) -> None:
+        if isinstance(self.stream, bool) or not isinstance(self.stream, int) or self.stream < 0:
+            raise ValueError(f"stream must be an integer >= 0, got {self.stream!r}")
+
+    def unlearn(self, ctx) -> Dict[str, Any]:
+        self.validate()
+        return {"steps": ctx.retrain(stream=self.stream), "stream": self.stream}
+
+
+class Finetune(Unlearner):
+    """Continue training every model on its retain set only ("catastrophic forgetting" of the
+    forget set; Golatkar et al. 2020's fine-tuning baseline).
+
+    Args:
+        epochs: passes over the retain set; lr: learning rate (default: the recipe's).
+    """
+
+    api_version = "1.0"
+
+    def __init__(self, epochs: int = 5, lr: Optional[float] = None):
+        self.epochs = epochs
+        self.lr = lr
+
+    def validate(self) -> None:
+        _check_epochs(self.epochs, self.lr)
+
+    def unlearn(self, ctx) -> Dict[str, Any]:
+        self.validate()
+        return {"steps": ctx.train(keep=ctx.retain, epochs=self.epochs, lr=self.lr)}
+
+
+class GradientAscent(Unlearner):
+    """Ascend the loss on the forget set (NegGrad, Thudi et al. 2022): every model's batches are
+    drawn from its forget set and each step goes up the cross-entropy. It forgets fast and costs
+    accuracy; ``epochs`` and ``lr`` set how far.
+
+    Args:
+        epochs: passes over the forget set; lr: learning rate (default: the recipe's).
+    """
+
+    api_version = "1.0"
+
+    def __init__(self, epochs: int = 3, lr: Optional[float] = None):
+        self.epochs = epochs
+        self.lr = lr
+
+    def validate(self) -> None:
+        _check_epochs(self.epochs, self.lr)
+
+    def unlearn(self, ctx) -> Dict[str, Any]:
+        self.validate()
+        lr = self.lr if self.lr is not None else ctx.recipe.lr
+        return {"steps": ctx.train(keep=ctx.forget, epochs=self.epochs, lr=lr, ascent=True), "lr": lr}
