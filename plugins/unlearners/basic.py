@@ -2,16 +2,35 @@
 
 from __future__ import annotations
 
+import abc
 from typing import Any, Dict, Optional
 
 from mia_core.base import Unlearner
 
 
-def _check_epochs(epochs, lr) -> None:
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-        raise ValueError(f"epochs must be an integer >= 1, got {epochs!r}")
-    if lr is not None and not (isinstance(lr, (int, float)) and lr > 0):
-        raise ValueError(f"lr must be a positive number (or unset for the recipe's), got {lr!r}")
+class _Training(Unlearner):
+    """An unlearner that trains every model for ``epochs`` on its rows of one set (``keep_of``),
+    descending the loss or ascending it (``ascent``), at ``lr`` (default: the recipe's)."""
+
+    api_version = "1.0"
+    ascent = False
+    epochs: int
+    lr: Optional[float]
+
+    @abc.abstractmethod
+    def keep_of(self, ctx):
+        """The bool ``[M, N]`` set each model trains on (``ctx.retain`` or ``ctx.forget``)."""
+
+    def validate(self) -> None:
+        if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 1:
+            raise ValueError(f"epochs must be an integer >= 1, got {self.epochs!r}")
+        if self.lr is not None and not (isinstance(self.lr, (int, float)) and self.lr > 0):
+            raise ValueError(f"lr must be a positive number (or unset for the recipe's), got {self.lr!r}")
+
+    def unlearn(self, ctx) -> Dict[str, Any]:
+        self.validate()
+        lr = self.lr if self.lr is not None else ctx.recipe.lr
+        return {"steps": ctx.train(keep=self.keep_of(ctx), epochs=self.epochs, lr=lr, ascent=self.ascent), "lr": lr}
 
 
 class Retrain(Unlearner):
@@ -39,7 +58,7 @@ class Retrain(Unlearner):
         return {"steps": ctx.retrain(stream=self.stream), "stream": self.stream}
 
 
-class Finetune(Unlearner):
+class Finetune(_Training):
     """Continue training every model on its retain set only ("catastrophic forgetting" of the
     forget set; Golatkar et al. 2020's fine-tuning baseline).
 
@@ -47,21 +66,15 @@ class Finetune(Unlearner):
         epochs: passes over the retain set; lr: learning rate (default: the recipe's).
     """
 
-    api_version = "1.0"
-
     def __init__(self, epochs: int = 5, lr: Optional[float] = None):
         self.epochs = epochs
         self.lr = lr
 
-    def validate(self) -> None:
-        _check_epochs(self.epochs, self.lr)
-
-    def unlearn(self, ctx) -> Dict[str, Any]:
-        self.validate()
-        return {"steps": ctx.train(keep=ctx.retain, epochs=self.epochs, lr=self.lr)}
+    def keep_of(self, ctx):
+        return ctx.retain
 
 
-class GradientAscent(Unlearner):
+class GradientAscent(_Training):
     """Ascend the loss on the forget set (NegGrad, Thudi et al. 2022): every model's batches are
     drawn from its forget set and each step goes up the cross-entropy. It forgets fast and costs
     accuracy; ``epochs`` and ``lr`` set how far.
@@ -70,16 +83,11 @@ class GradientAscent(Unlearner):
         epochs: passes over the forget set; lr: learning rate (default: the recipe's).
     """
 
-    api_version = "1.0"
+    ascent = True
 
     def __init__(self, epochs: int = 3, lr: Optional[float] = None):
         self.epochs = epochs
         self.lr = lr
 
-    def validate(self) -> None:
-        _check_epochs(self.epochs, self.lr)
-
-    def unlearn(self, ctx) -> Dict[str, Any]:
-        self.validate()
-        lr = self.lr if self.lr is not None else ctx.recipe.lr
-        return {"steps": ctx.train(keep=ctx.forget, epochs=self.epochs, lr=lr, ascent=True), "lr": lr}
+    def keep_of(self, ctx):
+        return ctx.forget
