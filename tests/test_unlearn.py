@@ -108,3 +108,17 @@ def test_cli_end_to_end(tmp_path):
     assert res.exit_code == 2 and "epochs must be an integer >= 1" in res.stderr
     res = CliRunner().invoke(main, ["unlearn", *CLI_SMALL, "--defense", "prune"])
     assert res.exit_code == 2 and "takes no --defense" in res.stderr
+
+
+def test_neggrad_plus_and_stable_streams(tmp_path):
+    """NegGrad+ runs and reports its steps; an unlearner's numbers do not depend on which others run."""
+    cache = tmp_path / "c"
+    both = unlearn(UnlearnConfig(mia_core.EvalConfig(**SMALL), forget="random:fraction=0.1",
+                                 unlearners=("finetune", "neggrad-plus:epochs=2,beta=0.7")), cache=cache).document
+    alone = unlearn(UnlearnConfig(mia_core.EvalConfig(**SMALL), forget="random:fraction=0.1",
+                                  unlearners=("neggrad-plus:epochs=2,beta=0.7",)), cache=cache).document
+    ng = both["unlearners"]["neggrad-plus:epochs=2,beta=0.7"]
+    assert ng["report"]["beta"] == 0.7 and ng["steps"] > 0
+    assert alone["unlearners"]["neggrad-plus:epochs=2,beta=0.7"]["ulira"] == ng["ulira"]
+    with pytest.raises(mia_core.params.ParamError, match=r"beta must be a number in \(0, 1\)"):
+        unlearn(UnlearnConfig(mia_core.EvalConfig(**SMALL), unlearners=("neggrad-plus:beta=1",)))

@@ -91,3 +91,43 @@ class GradientAscent(_Training):
 
     def keep_of(self, ctx):
         return ctx.forget
+
+
+class NegGradPlus(Unlearner):
+    """NegGrad+ (Kurmanji, Triantafillou, Hayes, Triantafillou, NeurIPS 2023, their baseline): descend
+    the loss on the retain set while ascending it on the forget set, ``β·L_retain − (1−β)·L_forget``.
+
+    Deviation: the paper takes one retain batch and one forget batch per step; here each epoch is one
+    pass of ascent on the forget set at ``(1 - beta) * lr`` followed by one pass of descent on the
+    retain set at ``beta * lr`` (the trainer draws each model's batches from one set at a time), so
+    the two terms alternate by epoch rather than within a step.
+
+    Args:
+        epochs: rounds of (ascent on forget, descent on retain); beta: the retain term's weight in
+            (0, 1); lr: learning rate (default: the recipe's).
+    """
+
+    api_version = "1.0"
+
+    def __init__(self, epochs: int = 3, beta: float = 0.5, lr: Optional[float] = None):
+        self.epochs = epochs
+        self.beta = beta
+        self.lr = lr
+
+    def validate(self) -> None:
+        if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 1:
+            raise ValueError(f"epochs must be an integer >= 1, got {self.epochs!r}")
+        if not (isinstance(self.beta, (int, float)) and 0 < self.beta < 1):
+            raise ValueError(f"beta must be a number in (0, 1), got {self.beta!r}")
+        if self.lr is not None and not (isinstance(self.lr, (int, float)) and self.lr > 0):
+            raise ValueError(f"lr must be a positive number (or unset for the recipe's), got {self.lr!r}")
+
+    def unlearn(self, ctx) -> Dict[str, Any]:
+        self.validate()
+        lr = self.lr if self.lr is not None else ctx.recipe.lr
+        steps = 0
+        for _ in range(self.epochs):
+            steps += ctx.train(keep=ctx.forget, epochs=1, lr=(1 - self.beta) * lr, ascent=True)
+            steps += ctx.train(keep=ctx.retain, epochs=1, lr=self.beta * lr)
+        return {"steps": steps, "lr": lr, "beta": self.beta}
+
