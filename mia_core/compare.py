@@ -18,6 +18,7 @@ import numpy as np
 
 from mia_core import metrics
 from mia_core.report import ReportError, _plt, _png, finish_roc_axes, load_run
+from mia_core.results import text_table
 
 #: Metrics compared, by default: AUC and TPR at 1% FPR (the table also shows TPR at 0.1%).
 DEFAULT_METRICS = ("auc", "tpr@0.01", "tpr@0.001")
@@ -128,9 +129,7 @@ def table_rows(result: Dict[str, Any]) -> List[List[str]]:
 
 def format_table(result: Dict[str, Any]) -> str:
     rows = table_rows(result)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    line = lambda r: "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
-    out = [line(rows[0]), "  ".join("-" * w for w in widths)] + [line(r) for r in rows[1:]]
+    out = text_table(rows[0], rows[1:], left=2)
     paired = {d["paired"] for d in result["differences"]}
     if any(not v["resolvable"] for r in result["runs"] for a in r["attacks"].values() for v in a.values()):
         out.append("! a TPR too few non-members can resolve (fewer than 1/FPR)")

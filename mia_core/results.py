@@ -212,20 +212,24 @@ def plot_roc(path: Path, curves: Dict[str, "metrics.RocCurve"], *, n_nonmembers:
     floor = 1.0 / max(1, n_nonmembers)
     for label, c in curves.items():
         ax.plot(np.maximum(c.fpr, floor / 10), np.maximum(c.tpr, floor / 10), label=f"{label} (AUC {c.auc:.3f})")
-    grid = np.logspace(np.log10(floor / 10), 0, 50)
-    ax.plot(grid, grid, ls="--", color="grey", lw=1, label="chance")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlim(floor / 2, 1)
-    ax.set_ylim(floor / 2, 1)
-    ax.set_xlabel("false positive rate (non-members flagged)")
-    ax.set_ylabel("true positive rate (members found)")
+    from mia_core.report import finish_roc_axes  # the report's ROC axes (the report imports this module)
+
+    finish_roc_axes(ax, floor=floor, legend_size=8)
     ax.set_title(title, fontsize=9)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def text_table(head: List[str], rows: List[List[str]], *, left: int = 1) -> List[str]:
+    """A plain-text table's lines: the header, a rule and the rows, each column as wide as its
+    widest cell, the first ``left`` columns left-aligned and the others right-aligned."""
+    widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
+
+    def line(r: List[str]) -> str:
+        return "  ".join(c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+
+    return [line(head), "  ".join("-" * w for w in widths)] + [line(r) for r in rows]
 
 
 def _pct(x: float) -> str:
@@ -251,9 +255,7 @@ def format_summary(metrics_doc: Dict, *, fprs=(0.001, 0.01)) -> str:
                 cell += " !"
             row.append(cell)
         rows.append(row)
-    widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
-    line = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
-    out = [line(head), "  ".join("-" * w for w in widths)] + [line(r) for r in rows]
+    out = text_table(head, rows)
     out += _estimator_rows(metrics_doc)
     tgt = metrics_doc["target"]
     n_t = tgt["pooled_over_targets"]
@@ -307,9 +309,7 @@ def _estimator_rows(metrics_doc: Dict) -> List[str]:
             value += f" [{e['interval'][0]:.4g}, {e['interval'][1]:.4g}]"
         bound = "-" if e["advantage_bound"] is None else f"{e['advantage_bound']:.3f}"
         rows.append([label, value, bound + (" !" if "warning" in e else ""), f"{best['advantage']:.3f}"])
-    widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
-    line = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
-    out = ["", line(head), "  ".join("-" * w for w in widths)] + [line(r) for r in rows]
+    out = [""] + text_table(head, rows)
     out += [f"! {label}: {e['warning']}" for label, e in est.items() if "warning" in e]
     return out + [""]
 

@@ -250,8 +250,8 @@ def _run_points_on_executor(spec: str, plans, indices, *, directory: Path, cache
     sweep keeps every finished point."""
     from mia_core.engine.cache import PopulationCache
     from mia_core.engine.executors import make_executor
-    from mia_core.engine.stages import (check_defenses, check_resources, check_task, load_records, run_point,
-                                        train_point_populations, write_evaluation)
+    from mia_core.engine.stages import (load_records, prepare_records, run_point, train_point_populations,
+                                        write_evaluation)
 
     if not isinstance(cache, PopulationCache):
         cache = PopulationCache(None if cache is None else Path(cache).expanduser())
@@ -261,10 +261,7 @@ def _run_points_on_executor(spec: str, plans, indices, *, directory: Path, cache
         label = json.dumps(plan.dataset.spec.to_dict(), sort_keys=True, default=str)
         if label not in records_by_dataset:
             records_by_dataset[label] = load_records(plan)
-        records = records_by_dataset[label]
-        check_task(plan, records)
-        check_defenses(plan, records)
-        check_resources(plan, records, out=directory / "runs")
+        records = prepare_records(plan, out=directory / "runs", records=records_by_dataset[label])
         jobs.append(train_point_populations(plan, records, cache=cache, reporter=reporter))
     executor = make_executor(spec)
     reporter.message(f"running {len(jobs)} points on {executor.spec}")

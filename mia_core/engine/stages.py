@@ -1125,10 +1125,7 @@ def evaluate(config: Union[EvalConfig, Plan], *, out: Optional[Union[str, Path]]
     if not isinstance(cache, PopulationCache):
         cache = PopulationCache(None if cache is None else Path(cache).expanduser())
     out = None if out is None else Path(out).expanduser()
-    records = load_records(plan)  # unusable data is a usage error before any run directory exists
-    check_task(plan, records)
-    check_defenses(plan, records)
-    check_resources(plan, records, out=out)
+    records = prepare_records(plan, out=out)
     if out is None:
         return run_stages(plan, cache=cache, reporter=reporter, records=records)
     return write_evaluation(plan, out, lambda: run_stages(plan, cache=cache, reporter=reporter, records=records))
@@ -1170,6 +1167,17 @@ def _flag_unaccounted_finetuning(plan: Plan, doc: Dict[str, Any], steps: int) ->
             warnings.warn(msg, EvaluationWarning, stacklevel=3)
             if "dp_audit" in doc:
                 doc["dp_audit"]["accountant_epsilon_excludes_finetuning_steps"] = int(steps)
+
+
+def prepare_records(plan: Plan, *, out: Optional[Path] = None, records: Optional[Records] = None) -> Records:
+    """The plan's records (loaded unless given), with every check that needs them run: the task,
+    the attacks' records and the defenses' model, memory and the output directory. Unusable data
+    is a usage error here, before anything trains or any run directory exists."""
+    records = load_records(plan) if records is None else records
+    check_task(plan, records)
+    check_defenses(plan, records)
+    check_resources(plan, records, out=out)
+    return records
 
 
 def write_evaluation(plan: Plan, out: Path, produce: Callable[[], Evaluation]) -> Evaluation:
@@ -1243,6 +1251,7 @@ __all__ = [
     "evaluate",
     "load_records",
     "parse_targets",
+    "prepare_records",
     "population_key",
     "resolve",
     "resolve_device",

@@ -48,6 +48,7 @@ from mia_core.engine.stages import (
     Component,
     EvalConfig,
     Plan,
+    _check_finite,
     _guarded,
     _jsonable,
     _resolve_one,
@@ -57,7 +58,7 @@ from mia_core.engine.stages import (
     train_population,
 )
 from mia_core.params import ParamError
-from mia_core.results import RunDir, plain_json
+from mia_core.results import RunDir, plain_json, text_table
 from mia_core.runindex import RunIndex
 
 #: The FPR of the U-LiRA TPR reported.
@@ -366,11 +367,7 @@ def run_unlearning(plan: UnlearnPlan, *, cache: Optional[PopulationCache] = None
         t0 = time.perf_counter()
         report = _jsonable(u.owner, _guarded(u.owner, u.plugin.unlearn, ctx))
         seconds = time.perf_counter() - t0
-        for name, v in work.params.items():
-            if not torch.isfinite(v).all():
-                from mia_core.engine.stages import PluginRuntimeError
-
-                raise PluginRuntimeError(u.owner, f"left non-finite weights in {name!r}; lower its lr or epochs")
+        _check_finite(u.owner, work, "unlearn()")
         conf = confidence_of(work)
         rows[u.label] = {
             "name": u.name, "params": dict(u.spec.params), "report": report,
@@ -440,10 +437,8 @@ def format_table(doc: Dict[str, Any]) -> str:
                      f"{u['auc']:.3f} [{u['auc_ci'][0]:.3f}, {u['auc_ci'][1]:.3f}]",
                      f"{pct(u['tpr_at_1pct'])} [{pct(u['tpr_at_1pct_ci'][0])}, {pct(u['tpr_at_1pct_ci'][1])}]"
                      + ("" if u["tpr_resolvable"] else " !"), ratio(r["seconds"])])
-    widths = [max(len(x[i]) for x in [head] + rows) for i in range(len(head))]
-    line = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
     f = doc["forget"]
-    return "\n".join([line(head), "  ".join("-" * w for w in widths)] + [line(r) for r in rows] + [
+    return "\n".join(text_table(head, rows) + [
         f"forget set {f['spec']}: {f['records']} records, {f['per_model_mean']:.1f} per model on average; "
         f"U-LiRA AUC 0.5 = indistinguishable from retraining"])
 
