@@ -8,6 +8,13 @@ from typing import Any, Dict, Optional
 from mia_core.base import Unlearner
 
 
+def _check_epochs_lr(epochs, lr) -> None:
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"epochs must be an integer >= 1, got {epochs!r}")
+    if lr is not None and not (isinstance(lr, (int, float)) and lr > 0):
+        raise ValueError(f"lr must be a positive number (or unset for the recipe's), got {lr!r}")
+
+
 class _Training(Unlearner):
     """An unlearner that trains every model for ``epochs`` on its rows of one set (``keep_of``),
     descending the loss or ascending it (``ascent``), at ``lr`` (default: the recipe's)."""
@@ -22,10 +29,7 @@ class _Training(Unlearner):
         """The bool ``[M, N]`` set each model trains on (``ctx.retain`` or ``ctx.forget``)."""
 
     def validate(self) -> None:
-        if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 1:
-            raise ValueError(f"epochs must be an integer >= 1, got {self.epochs!r}")
-        if self.lr is not None and not (isinstance(self.lr, (int, float)) and self.lr > 0):
-            raise ValueError(f"lr must be a positive number (or unset for the recipe's), got {self.lr!r}")
+        _check_epochs_lr(self.epochs, self.lr)
 
     def unlearn(self, ctx) -> Dict[str, Any]:
         self.validate()
@@ -115,12 +119,9 @@ class NegGradPlus(Unlearner):
         self.lr = lr
 
     def validate(self) -> None:
-        if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 1:
-            raise ValueError(f"epochs must be an integer >= 1, got {self.epochs!r}")
+        _check_epochs_lr(self.epochs, self.lr)
         if not (isinstance(self.beta, (int, float)) and 0 < self.beta < 1):
             raise ValueError(f"beta must be a number in (0, 1), got {self.beta!r}")
-        if self.lr is not None and not (isinstance(self.lr, (int, float)) and self.lr > 0):
-            raise ValueError(f"lr must be a positive number (or unset for the recipe's), got {self.lr!r}")
 
     def unlearn(self, ctx) -> Dict[str, Any]:
         self.validate()
