@@ -542,8 +542,12 @@ def compare_cmd(run_dirs, html_out, no_html, fmt, n_boot):
 
 @main.command("unlearn")
 @click.option("--unlearner", "unlearners", multiple=True, metavar="NAME[:k=v,...]",
-              help="Unlearning method; repeatable. Default: retrain, finetune, gradient-ascent. "
+              help="Unlearning method; repeatable. Default: retrain, finetune, gradient-ascent, neggrad-plus, "
+                   "random-labels. "
                    f"Available: {_names_help('unlearners')}.")
+@click.option("--attack", "recipe_attacks", multiple=True, metavar="NAME[:k=v,...]",
+              help="Attack of the common recipe (trained on retain vs unseen records, applied to the forget set); "
+                   "repeatable. Default: loss.")
 @click.option("--forget", default="random:fraction=0.05", show_default=True, metavar="SPEC",
               help="The forget set: random:fraction=F (of the records), class=K, or ids=FILE (one record id per "
                    "line); each model forgets its members in it.")
@@ -554,7 +558,7 @@ def compare_cmd(run_dirs, html_out, no_html, fmt, n_boot):
               help="Directory that receives the run directory.")
 @click.option("--json", "as_json", is_flag=True, help="Print metrics.json to stdout instead of the table.")
 @_population_options
-def unlearn_cmd(unlearners, forget, out, as_json, **options):
+def unlearn_cmd(unlearners, recipe_attacks, forget, out, as_json, **options):
     """Did the models forget? Apply unlearning methods to a trained population and measure them.
 
     Each model forgets its members in the forget set. Every unlearner is compared with the models
@@ -570,7 +574,7 @@ def unlearn_cmd(unlearners, forget, out, as_json, **options):
     from mia_core.engine.cache import PopulationCache, default_cache_dir
     from mia_core.engine.progress import TerminalReporter
     from mia_core.engine.stages import USAGE_ERRORS
-    from mia_core.engine.unlearn import UnlearnConfig, format_table, resolve_unlearn, unlearn
+    from mia_core.engine.unlearn import DEFAULT_UNLEARNERS, UnlearnConfig, format_table, resolve_unlearn, unlearn
 
     if options["defenses"] or options["non_adaptive"]:
         _fail("unlearn evaluates unlearning methods on an undefended population: it takes no --defense or "
@@ -578,8 +582,8 @@ def unlearn_cmd(unlearners, forget, out, as_json, **options):
     evaluation = _config_from({**options, "attacks": ("loss",), "model": options.get("model")})
     try:
         plan = resolve_unlearn(UnlearnConfig(evaluation=evaluation, forget=forget,
-                                             unlearners=tuple(unlearners) or ("retrain", "finetune",
-                                                                              "gradient-ascent")))
+                                             attacks=tuple(recipe_attacks) or ("loss",),
+                                             unlearners=tuple(unlearners) or DEFAULT_UNLEARNERS))
     except USAGE_ERRORS as exc:
         _fail(str(exc))
     cache = PopulationCache(None if options["no_cache"] else (options["cache_dir"] or default_cache_dir()))

@@ -291,13 +291,19 @@ def render(run: Dict[str, Any]) -> str:
 
 
 def write_report(run_dir: Path, *, out: Optional[Path] = None) -> Path:
-    """Render ``report.html`` from a run directory's files (written atomically).
+    """Render ``report.html`` from a run directory's files (written atomically): an evaluation's or
+    audit's page, or an unlearning run's (:mod:`mia_core.unlearn_report`).
 
     Raises:
         ReportError: the run's files are missing or inconsistent.
     """
     run_dir = Path(run_dir)
-    page = render(load_run(run_dir))
+    if _load_json(run_dir / "config.json").get("command") == "unlearn":
+        from mia_core import unlearn_report
+
+        page = unlearn_report.render(unlearn_report.load_unlearn_run(run_dir))
+    else:
+        page = render(load_run(run_dir))
     out = run_dir / "report.html" if out is None else Path(out)
     tmp = out.with_name(f".{out.name}.tmp")
     tmp.write_text(page, encoding="utf-8")

@@ -12,7 +12,7 @@ import mia_core
 from mia_core import metrics
 from mia_core.cli import main
 from mia_core.data import DataError
-from mia_core.engine.unlearn import UnlearnConfig, member_rate, ulira, unlearn
+from mia_core.engine.unlearn import UnlearnConfig, UnlearnContext, member_rate, ulira, unlearn
 
 SMALL = dict(dataset="digits:n_records=400", model="mlp:width=32", n_models=8, recipe=mia_core.TrainingRecipe(epochs=20))
 CLI_SMALL = ["--dataset", "digits:n_records=400", "--model", "mlp:width=32", "--n-models", "8", "--epochs", "20", "-q"]
@@ -20,7 +20,7 @@ CLI_SMALL = ["--dataset", "digits:n_records=400", "--model", "mlp:width=32", "--
 
 @pytest.fixture(scope="module")
 def doc(tmp_path_factory):
-    cfg = UnlearnConfig(mia_core.EvalConfig(**SMALL), forget="random:fraction=0.1",
+    cfg = UnlearnConfig(mia_core.EvalConfig(**SMALL), forget="random:fraction=0.1", attacks=("loss", "lira"),
                         unlearners=("retrain", "retrain:stream=0", "finetune", "gradient-ascent"))
     return unlearn(cfg, cache=tmp_path_factory.mktemp("cache")).document
 
@@ -32,6 +32,8 @@ def test_retraining_is_indistinguishable_from_retraining(doc):
     assert lo <= 0.5 <= hi
     same = doc["unlearners"]["retrain:stream=0"]
     assert same["ulira"]["auc"] == 0.5 and same["forget_member_rate"] == doc["retrained"]["forget_member_rate"]
+    assert set(same["forget_member_rate"]) == {"loss", "lira"} and doc["attacks"] == ["loss", "lira"]
+    assert same["steps"] == doc["retrained"]["steps"] > 0
 
 
 def test_fine_tuning_leaves_the_forget_set_detectable(doc):
@@ -64,7 +66,7 @@ def test_member_rate_is_the_share_above_each_models_best_threshold():
     retain = keep & ~forget
     conf = np.where(keep, 2.0, 0.0) + rng.normal(scale=0.1, size=keep.shape)
     conf[:, :10] = 0.0  # half the forget set looks unseen
-    out = member_rate(conf=conf, keep=keep, forget=forget, retain=retain)
+    out = member_rate(scores=conf, keep=keep, forget=forget, retain=retain)
     assert out["rate"] == 0.5 and out["forget_scores"] == 40
     assert out["interval"] == list(metrics.clopper_pearson(20, 40))
 
@@ -122,3 +124,96 @@ def test_neggrad_plus_and_stable_streams(tmp_path):
     assert alone["unlearners"]["neggrad-plus:epochs=2,beta=0.7"]["ulira"] == ng["ulira"]
     with pytest.raises(mia_core.params.ParamError, match=r"beta must be a number in \(0, 1\)"):
         unlearn(UnlearnConfig(mia_core.EvalConfig(**SMALL), unlearners=("neggrad-plus:beta=1",)))
+
+
+def test_the_recipe_uses_the_attack_with_the_original_models_as_references(doc):
+    """LiRA's member rate: against the models that never unlearned it calls more of the forget set
+    member than against the retrained models, whose forget records its (original) references
+    know as members of others only."""
+    rate = lambda row: row["forget_member_rate"]["lira"]["rate"]  # noqa: E731
+    assert rate(doc["original"]) > rate(doc["retrained"])
+
+
+def test_random_labels_draws_a_wrong_label_for_every_forget_record(tmp_path):
+    from mia_plugins.unlearners.basic import RandomLabels
+    from mia_core.engine.stages import load_records, resolve, train_population
+    from mia_core.engine.unlearn import forget_records
+
+    plan = resolve(mia_core.EvalConfig(**SMALL))
+    rec = load_records(plan)
+    pop = train_population(plan, rec, cache=None).population.clone()
+    s = forget_records("random:fraction=0.2", rec, pop.keep, seed=0)
+    forget = pop.keep & s[None]
+    ctx = UnlearnContext(pop, forget, build=lambda: plan.model.plugin.build(rec.n_features, rec.n_classes))
+    seen = {}
+    train = ctx.train
+    ctx.train = lambda **kw: seen.update(kw) or train(**kw)
+    before = pop.signals().correct.astype(bool)
+    report = RandomLabels(epochs=10, retain=False, lr=0.02).unlearn(ctx)
+    labels = seen["labels"]
+    assert (labels[forget] != np.broadcast_to(rec.y, forget.shape)[forget]).all()
+    assert (labels[~forget] == np.broadcast_to(rec.y, forget.shape)[~forget]).all()
+    assert set(np.unique(labels[forget])) == set(range(rec.n_classes))  # every class can be drawn
+    assert seen["keep"] is ctx.forget and report["steps"] == ctx.steps > 0
+    after = pop.signals().correct.astype(bool)
+    assert after[forget].mean() < 0.5 * before[forget].mean()  # the models learned the wrong labels
+    with pytest.raises(ValueError, match="labels must lie in 0..9"):
+        ctx.train(keep=forget, epochs=1, labels=np.full(forget.shape, 10))
+    with pytest.raises(ValueError, match="retain must be true or false"):
+        RandomLabels(retain="yes").unlearn(ctx)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("unlearn")
+    res = CliRunner().invoke(main, ["unlearn", *CLI_SMALL, "--unlearner", "retrain", "--unlearner", "finetune:epochs=2",
+                                    "--unlearner", "random-labels", "--attack", "loss", "--attack", "confidence",
+                                    "--out", str(d / "r"), "--cache-dir", str(d / "c")])
+    assert res.exit_code == 0, res.output
+    assert "forget member rate (confidence)" in res.stdout and "random-labels" in res.stdout
+    (run,) = [p for p in (d / "r").iterdir() if p.is_dir()]
+    return run
+
+
+def test_an_unlearn_run_has_its_report_and_miafw_report_regenerates_it(run_dir, tmp_path):
+    assert {p.name for p in run_dir.iterdir()} >= {"config.json", "metrics.json", "ulira.npz", "report.html"}
+    doc = json.loads((run_dir / "metrics.json").read_text())
+    page = (run_dir / "report.html").read_text()
+    ft = doc["unlearners"]["finetune:epochs=2"]["ulira"]
+    assert f"{ft['auc']:.3f} [{ft['auc_ci'][0]:.3f}, {ft['auc_ci'][1]:.3f}]" in page
+    assert "forget member rate (confidence)" in page and "<script" not in page
+    res = CliRunner().invoke(main, ["report", str(run_dir), "--out", str(tmp_path / "again.html")])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "again.html").read_text() == page
+
+
+def test_a_tampered_ulira_file_is_refused_in_one_line(run_dir, tmp_path):
+    import shutil
+
+    bad = tmp_path / "run"
+    shutil.copytree(run_dir, bad)
+    with np.load(bad / "ulira.npz") as z:
+        arrays = dict(z)
+    arrays["ulira_1_scores"] = arrays["ulira_1_scores"][::-1].copy()  # scores no longer match their labels
+    np.savez(bad / "ulira.npz", **arrays)
+    res = CliRunner().invoke(main, ["report", str(bad)])
+    assert res.exit_code == 2 and len(res.stderr.strip().splitlines()) == 1
+    assert "metrics.json says" in res.stderr and "finetune:epochs=2" in res.stderr
+
+
+def test_an_unknown_attack_is_one_line_and_exit_2(tmp_path):
+    res = CliRunner().invoke(main, ["unlearn", *CLI_SMALL, "--attack", "nosuch", "--out", str(tmp_path / "r")])
+    assert res.exit_code == 2 and len(res.stderr.strip().splitlines()) == 1 and "nosuch" in res.stderr
+
+
+def test_the_unlearn_page_renders_in_headless_chromium(run_dir, tmp_path):
+    from test_report import CHROMEDRIVER, CHROMIUM, open_in_chromium
+
+    if not (CHROMIUM and CHROMEDRIVER):
+        pytest.skip("headless Chromium is not installed (Debian: apt-get install chromium chromium-driver)")
+    images, tables, log = open_in_chromium(run_dir / "report.html", tmp_path / "unlearn.png")
+    assert [i[0] for i in images] == ["roc", "tradeoff"]
+    assert all(ok and w > 300 and h > 300 for _, ok, w, h in images), images
+    rows = {t[0]: t[1] for t in tables}
+    assert rows["unlearners"] == 1 + 2 + 3 and rows["reports"] == 1 + 3 and "versions" in rows
+    assert all(height > 20 for *_, height in tables) and log == [], (tables, log)

@@ -200,17 +200,18 @@ class ModelPopulation:
                               forward="closed-form", backward="none", per_sample_gradients=False)
 
     def _train(self, epochs, rng, *, lr=None, post_step=None, on_epoch=None, defenses=(), model_ids=None,
-               epoch_size=None) -> TrainingResult:
+               epoch_size=None, labels=None) -> TrainingResult:
         """Train every model further on its own half and return what training did.
 
         ``rng`` (an int seed, a SeedSequence, or a Generator to draw one from) roots the
-        per-model streams. An epoch walks the population's largest training half.
+        per-model streams. An epoch walks the population's largest training half. ``labels``:
+        int ``[M, N]`` per-model labels instead of the records' own.
         """
         if self.records.is_regression:
             raise DataError("SGD training (and fine-tuning) minimise cross-entropy; a regression population is "
                             "solved in closed form by its model family and cannot be fine-tuned")
         x = torch.from_numpy(self.records.x).to(self.device)
-        y = torch.from_numpy(self.records.y).to(self.device)
+        y = torch.from_numpy(self.records.y if labels is None else np.asarray(labels, dtype=np.int64)).to(self.device)
         return train_ensemble(
             self.base, self.params, self.buffers, x, y, self.keep, self.recipe, rng,
             epochs=epochs, lr=lr, post_step=post_step, on_epoch=on_epoch, defenses=defenses, model_ids=model_ids,

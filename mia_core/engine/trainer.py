@@ -280,9 +280,10 @@ class TrainingContext:
         device: where the parameters live.
         seed: the root :class:`~numpy.random.SeedSequence` of the per-model streams.
         sampler: the batch sampler; a defense may replace it (e.g. DP-SGD sets Poisson).
-        x, y: every record's features ``[N, ...]`` and labels int64 ``[N]``, on ``device`` (a
-            defense that needs data of its own, such as adversarial regularization's reference
-            set, takes it from here).
+        x, y: every record's features ``[N, ...]`` and labels int64 ``[N]`` (or ``[M, N]``:
+            per-model labels, as unlearning by relabelling trains), on ``device`` (a defense that
+            needs data of its own, such as adversarial regularization's reference set, takes it
+            from here).
         keep: bool ``[M, N]``: which records each model trains on (its non-members are the rest).
         reserved: int64 ``[R]``: the reserved records (see
             :meth:`~mia_core.base.TrainingDefense.reserve_fraction`): no model trains on them and
@@ -436,7 +437,7 @@ class Trainer:
         params: stacked parameters ``{name: Tensor[M, ...]}``, updated in place.
         buffers: stacked buffers.
         x: float ``[N, D]`` features of the whole population (any device; the parameters' device).
-        y: int64 ``[N]`` labels.
+        y: int64 ``[N]`` labels, or ``[M, N]``: model ``m`` learns label ``y[m, j]`` for record ``j``.
         keep: bool ``[M, N]``; model ``m`` trains on records ``keep[m]`` only.
         recipe: optimiser, batch size, epochs, sampler.
         seed: the root of the per-model streams (``int``, ``SeedSequence`` or ``Generator``;
@@ -485,8 +486,11 @@ class Trainer:
         for name, p in params.items():
             if p.shape[0] != n_models:
                 raise ValueError(f"parameter {name!r} stacks {p.shape[0]} models, the keep matrix has {n_models} rows")
-        if x.shape[0] != keep.shape[1] or y.shape[0] != keep.shape[1]:
-            raise ValueError(f"x and y must have one row per record ({keep.shape[1]}), got {x.shape[0]} and {y.shape[0]}")
+        if x.shape[0] != keep.shape[1]:
+            raise ValueError(f"x must have one row per record ({keep.shape[1]}), got {x.shape[0]}")
+        if tuple(y.shape) not in ((keep.shape[1],), tuple(keep.shape)):
+            raise ValueError(f"y must be [N] labels or [M, N] per-model labels with [M, N] = {list(keep.shape)}, "
+                             f"got {list(y.shape)}")
         ids = np.arange(n_models) if model_ids is None else np.asarray(model_ids, dtype=np.int64)
         if ids.shape != (n_models,):
             raise ValueError(f"model_ids must list {n_models} model indices, got {len(ids)}")
@@ -575,7 +579,8 @@ class Trainer:
             flat = idx.reshape(-1)
             yield _Batch(
                 x=self.x.index_select(0, flat).view(n_models, w, *feat),
-                y=self.y.index_select(0, flat).view(n_models, w),
+                y=(self.y.index_select(0, flat).view(n_models, w) if self.y.dim() == 1
+                   else torch.gather(self.y, 1, idx)),
                 mask=None if mask is None else mask[s, :, :w],
                 scale=None if scale is None else scale[s, :, :w],
                 sizes=sizes[s],

@@ -7,9 +7,12 @@ population, and the models retrained from scratch on ``R_m`` (same initialisatio
 streams) are the gold standard. Two evaluations:
 
 * **the common recipe** (../shared/papers/note-membership-inference-attack.md, "MIA for Machine
-  Unlearning"): per model, a threshold on the logit-scaled confidence trained to tell its retain set
+  Unlearning"), once per ``--attack``: the attack scores every record against each model (its
+  reference models, where it uses any, are the *original* population's: the attacker's shadow
+  models are trained normally, so the unlearned or retrained model is the target of a
+  non-adaptive attack); per model, the threshold on those scores that best tells its retain set
   (members) from the records it never saw (non-members, the validation set), at the best balanced
-  accuracy; the share of its forget set classified as member, pooled over models, with a
+  accuracy; the share of its forget set at or above it, pooled over models, with a
   Clopper-Pearson interval, next to the same share for the retrained models;
 * **U-LiRA** (Hayes, Shumailov, Triantafillou, Khalifa, Papernot, SaTML 2025, "Inexact unlearning
   needs more careful evaluations"): per forget record ``j`` and model ``m`` with ``j`` in ``F_m``,
@@ -28,6 +31,7 @@ complementary-pair design makes independent of the scored model's own training s
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import time
 from dataclasses import dataclass, field
@@ -53,13 +57,18 @@ from mia_core.engine.stages import (
     _jsonable,
     _resolve_one,
     _unique,
+    compute_signals,
     load_records,
     resolve,
+    run_attacks,
     train_population,
 )
 from mia_core.params import ParamError
 from mia_core.results import RunDir, plain_json, text_table
 from mia_core.runindex import RunIndex
+
+#: What ``miafw unlearn`` runs when no ``--unlearner`` is given: every method shipped.
+DEFAULT_UNLEARNERS = ("retrain", "finetune", "gradient-ascent", "neggrad-plus", "random-labels")
 
 #: The FPR of the U-LiRA TPR reported.
 ULIRA_FPR = 0.01
@@ -69,12 +78,15 @@ ULIRA_FPR = 0.01
 @dataclass(frozen=True)
 class UnlearnConfig:
     """An unlearning evaluation: the population (``evaluation``: dataset, model, recipe, seed,
-    ``n_models``; its attacks, defenses and estimators are not used), the unlearners, and the
-    forget set (``random:fraction=F``, ``class=K`` or ``ids=FILE``)."""
+    ``n_models``; its attacks, defenses, estimators and targets are not used), the unlearners, the
+    forget set (``random:fraction=F``, ``class=K`` or ``ids=FILE``), and the attacks of the
+    common recipe."""
 
     evaluation: EvalConfig = field(default_factory=EvalConfig)
-    unlearners: Sequence[str] = ("retrain", "finetune", "gradient-ascent")
+    unlearners: Sequence[str] = DEFAULT_UNLEARNERS
     forget: str = "random:fraction=0.05"
+    #: The attacks of the common recipe (``NAME[:k=v]``).
+    attacks: Sequence[str] = ("loss",)
 
 
 @dataclass(frozen=True)
@@ -86,7 +98,7 @@ class UnlearnPlan:
     @property
     def document(self) -> Dict[str, Any]:
         doc = dict(self.plan.document)
-        for key in ("attacks", "estimators", "defenses", "targets", "n_targets"):
+        for key in ("estimators", "defenses", "targets", "n_targets"):
             doc.pop(key, None)
         doc.update({"command": "unlearn", "forget": self.forget,
                     "unlearners": [{"label": u.label, **u.spec.to_dict()} for u in self.unlearners]})
@@ -101,7 +113,10 @@ def resolve_unlearn(config: UnlearnConfig) -> UnlearnPlan:
     """
     if not config.unlearners:
         raise ParamError("no unlearner given; use --unlearner NAME (see `miafw list --kind unlearners`)")
-    plan = resolve(dataclasses.replace(config.evaluation, attacks=("loss",), defenses=(), estimators=()))
+    if not config.attacks:
+        raise ParamError("no attack given for the forget-set member rate; use --attack NAME (e.g. loss)")
+    plan = resolve(dataclasses.replace(config.evaluation, attacks=tuple(config.attacks), defenses=(),
+                                       estimators=(), targets="all"))
     unlearners = [_resolve_one("unlearner", t, i) for i, t in enumerate(config.unlearners)]
     _unique(unlearners)
     parse_forget(config.forget)
@@ -226,16 +241,34 @@ class UnlearnContext:
     def params(self):
         return self._population.params
 
-    def train(self, *, keep: np.ndarray, epochs: int, lr: Optional[float] = None, ascent: bool = False) -> int:
+    def rng(self, salt: int = 0) -> np.random.Generator:
+        """A generator for the unlearner's own randomness (e.g. new labels), from the run seed,
+        the unlearner's label and ``salt``."""
+        return np.random.default_rng(np.random.SeedSequence([self.seed, 0x726E67, self.position, int(salt)]))
+
+    def train(self, *, keep: np.ndarray, epochs: int, lr: Optional[float] = None, ascent: bool = False,
+              labels: Optional[np.ndarray] = None) -> int:
         """Continue training every model on its rows of ``keep`` (bool ``[M, N]``) for ``epochs``
-        (fresh optimiser, the recipe's batch size); ``ascent`` ascends the loss instead. Returns
-        the optimizer steps taken."""
+        (fresh optimiser, the recipe's batch size); ``ascent`` ascends the loss instead;
+        ``labels`` (int ``[M, N]``) gives each model its own labels (default: the records').
+        Returns the optimizer steps taken.
+
+        Raises:
+            ValueError: ``labels`` of another shape or outside ``0..C-1``.
+        """
         pop = self._population
+        if labels is not None:
+            labels = np.asarray(labels)
+            if labels.shape != pop.keep.shape or not np.issubdtype(labels.dtype, np.integer):
+                raise ValueError(f"labels must be integers of shape {list(pop.keep.shape)}, got {labels.dtype} "
+                                 f"{list(labels.shape)}")
+            if labels.size and (labels.min() < 0 or labels.max() >= self.records.n_classes):
+                raise ValueError(f"labels must lie in 0..{self.records.n_classes - 1}")
         saved = pop.keep
         pop.keep = np.asarray(keep, dtype=bool)
         try:
             rng = np.random.SeedSequence([pop.seed, 0x756E6C, self.position, self.steps])
-            result = pop._train(epochs, rng, lr=lr, defenses=[_Ascent()] if ascent else [])
+            result = pop._train(epochs, rng, lr=lr, defenses=[_Ascent()] if ascent else [], labels=labels)
         finally:
             pop.keep = saved
         self.steps += int(result.steps)
@@ -261,11 +294,13 @@ def confidence_of(population: ModelPopulation) -> np.ndarray:
     return population.signals().confidence
 
 
-def member_rate(*, conf: np.ndarray, keep: np.ndarray, forget: np.ndarray, retain: np.ndarray,
+def member_rate(*, scores: np.ndarray, keep: np.ndarray, forget: np.ndarray, retain: np.ndarray,
                 confidence: float = 0.95) -> Dict[str, Any]:
-    """The common recipe: per model, the confidence threshold with the best balanced accuracy
-    between its retain set (members) and the records it never trained on (non-members); the share
-    of its forget set at or above it, pooled over models, with a Clopper-Pearson interval."""
+    """The common recipe: per model, the threshold on its membership ``scores`` (float ``[M, N]``,
+    higher = member) with the best balanced accuracy between its retain set (members) and the
+    records it never trained on (non-members); the share of its forget set at or above it, pooled
+    over models, with a Clopper-Pearson interval."""
+    conf = scores
     hits, total = 0, 0
     for m in range(conf.shape[0]):
         pos, neg = conf[m, retain[m]], conf[m, ~keep[m]]
@@ -281,39 +316,63 @@ def member_rate(*, conf: np.ndarray, keep: np.ndarray, forget: np.ndarray, retai
     return {"rate": hits / total, "interval": [lo, hi], "forget_scores": total}
 
 
-def ulira(*, unlearned: np.ndarray, retrained: np.ndarray, forget: np.ndarray, confidence: float = 0.95,
-          seed: int = 0) -> Dict[str, Any]:
-    """U-LiRA (module doc): scores ``[P]`` for the unlearned (positive) and retrained (negative)
-    confidence of every (model, forget record) pair, and their AUC and TPR at 1% FPR with intervals.
+def ulira_scores(*, unlearned: np.ndarray, retrained: np.ndarray,
+                 forget: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """U-LiRA's scores (module doc): for every (model, forget record) pair whose record at least
+    two other models forgot, the log likelihood ratio of the unlearned model's confidence
+    (positive) and of the retrained model's (negative) under the two leave-one-model-out Gaussians.
 
     Args:
         unlearned, retrained: float ``[M, N]`` confidences; forget: bool ``[M, N]``.
+
+    Returns:
+        ``(scores [2P], labels bool [2P], groups [2P])``, groups the forget record of each score.
+
+    Raises:
+        DataError: no record was forgotten by three models or more.
     """
     m_idx, j_idx = np.nonzero(forget)
     counts = forget.sum(axis=0)  # models that forgot each record
     su, sr = (unlearned * forget).sum(axis=0), (retrained * forget).sum(axis=0)
-    scores, labels, groups = [], [], []
-    resid = []
-    for m, j in zip(m_idx, j_idx):  # leave-one-model-out means
-        n = counts[j] - 1
-        if n < 2:
-            continue
-        mu_u = (su[j] - unlearned[m, j]) / n
-        mu_r = (sr[j] - retrained[m, j]) / n
-        resid.append((unlearned[m, j] - mu_u, retrained[m, j] - mu_r))
-        for phi, lab in ((unlearned[m, j], True), (retrained[m, j], False)):
-            scores.append((phi, mu_u, mu_r))
-            labels.append(lab)
-            groups.append(j)
-    if not scores:
+    use = counts[j_idx] >= 3
+    m_idx, j_idx = m_idx[use], j_idx[use]
+    if not m_idx.size:
         raise DataError("U-LiRA needs every forget record forgotten by at least 3 models; use more --n-models")
-    r = np.asarray(resid)
-    var_u, var_r = max(float(np.var(r[:, 0])), 1e-12), max(float(np.var(r[:, 1])), 1e-12)  # pooled (global)
-    sc = np.asarray(scores)
-    lr = (-(sc[:, 0] - sc[:, 1]) ** 2 / (2 * var_u) - 0.5 * np.log(var_u)
-          + (sc[:, 0] - sc[:, 2]) ** 2 / (2 * var_r) + 0.5 * np.log(var_r))
-    summary, _ = metrics.summarize_with_curve(lr, np.asarray(labels), fprs=(ULIRA_FPR,), confidence=confidence,
-                                              groups=np.asarray(groups), seed=seed)
+    n = counts[j_idx] - 1
+    phi_u, phi_r = unlearned[m_idx, j_idx], retrained[m_idx, j_idx]
+    mu_u = (su[j_idx] - phi_u) / n  # leave-one-model-out means
+    mu_r = (sr[j_idx] - phi_r) / n
+    var_u = max(float(np.var(phi_u - mu_u)), 1e-12)  # pooled over records (global variances)
+    var_r = max(float(np.var(phi_r - mu_r)), 1e-12)
+
+    def llr(phi):
+        return (-(phi - mu_u) ** 2 / (2 * var_u) - 0.5 * np.log(var_u)
+                + (phi - mu_r) ** 2 / (2 * var_r) + 0.5 * np.log(var_r))
+
+    scores = np.stack([llr(phi_u), llr(phi_r)], axis=1).ravel()  # pairs interleaved: (unlearned, retrained)
+    labels = np.tile([True, False], m_idx.size)
+    groups = np.repeat(j_idx, 2)
+    return scores, labels, groups
+
+
+def ulira(*, unlearned: np.ndarray, retrained: np.ndarray, forget: np.ndarray, confidence: float = 0.95,
+          seed: int = 0) -> Dict[str, Any]:
+    """U-LiRA (module doc): the AUC and TPR at 1% FPR, with intervals, of telling every unlearned
+    model from the retrained one on its forget records (scores from :func:`ulira_scores`).
+
+    Args:
+        unlearned, retrained: float ``[M, N]`` confidences; forget: bool ``[M, N]``.
+    """
+    scores, labels, groups = ulira_scores(unlearned=unlearned, retrained=retrained, forget=forget)
+    return summarize_ulira(scores, labels, groups, confidence=confidence, seed=seed)
+
+
+def summarize_ulira(scores: np.ndarray, labels: np.ndarray, groups: np.ndarray, *, confidence: float = 0.95,
+                    seed: int = 0) -> Dict[str, Any]:
+    """AUC (bootstrap over forget records) and TPR at :data:`ULIRA_FPR` (Clopper-Pearson) of
+    U-LiRA's scores."""
+    summary, _ = metrics.summarize_with_curve(scores, labels, fprs=(ULIRA_FPR,), confidence=confidence,
+                                              groups=groups, seed=seed)
     t = summary["tpr_at_fpr"][metrics._fpr_key(ULIRA_FPR)]
     return {"auc": summary["auc"], "auc_ci": summary["auc_ci"], "tpr_at_1pct": t["tpr"],
             "tpr_at_1pct_ci": [t["ci_low"], t["ci_high"]], "tpr_resolvable": t["resolvable"],
@@ -332,10 +391,30 @@ class UnlearnResult:
     run_dir: Optional[Path] = None
 
 
+def attack_scores(plan: Plan, population: ModelPopulation, *, original: Tuple[ModelPopulation, Any],
+                  reporter: Reporter) -> Dict[str, np.ndarray]:
+    """Every attack's scores ``[M, N]`` against every model of ``population``, with the original
+    population as the reference models (a non-adaptive attack on unlearned or retrained targets)."""
+    references = None if population is original[0] else original
+    return run_attacks(plan, population, compute_signals(population), reporter=reporter, references=references)
+
+
+def _member_rates(plan: Plan, population: ModelPopulation, *, original, keep, forget, retain, reporter):
+    scores = attack_scores(plan, population, original=original, reporter=reporter)
+    return {label: member_rate(scores=sc, keep=keep, forget=forget, retain=retain, confidence=plan.config.confidence)
+            for label, sc in scores.items()}
+
+
 def run_unlearning(plan: UnlearnPlan, *, cache: Optional[PopulationCache] = None,
                    reporter: Optional[Reporter] = None, records: Optional[Records] = None) -> Dict[str, Any]:
     """Train (or load) the population, choose the forget set, apply every unlearner and the
     retrained gold standard, and evaluate each (module doc). Returns the ``metrics.json`` document."""
+    return _run_unlearning(plan, cache=cache, reporter=reporter, records=records)[0]
+
+
+def _run_unlearning(plan: UnlearnPlan, *, cache, reporter, records):
+    """:func:`run_unlearning`, and the arrays of ``ulira.npz``: every unlearner's U-LiRA scores,
+    labels and forget records, in the order of ``unlearners``."""
     reporter = reporter or Reporter()
     p = plan.plan
     records = load_records(p) if records is None else records
@@ -344,20 +423,27 @@ def run_unlearning(plan: UnlearnPlan, *, cache: Optional[PopulationCache] = None
     trained = train_population(p, records, cache=cache, reporter=reporter)
     pop = trained.population
     keep = pop.keep
+    if pop.reserved is not None and pop.reserved.any():  # no defense runs here, so none reserves records
+        raise DataError("unlearning evaluates a population without reserved records")
     s = forget_records(plan.forget, records, keep, seed=p.config.seed)
     forget = keep & s[None]
     retain = keep & ~s[None]
     build = lambda: p.model.plugin.build(records.n_features, records.n_classes)  # noqa: E731
     reporter.message(f"forget set: {int(s.sum())} records ({plan.forget}); the gold standard: retraining "
                      f"{pop.n_models} models without it")
+    original = (pop, compute_signals(pop))
+    rates = functools.partial(_member_rates, p, original=original, keep=keep, forget=forget, retain=retain,
+                              reporter=reporter)
     t0 = time.perf_counter()
     gold = pop.clone()
-    UnlearnContext(gold, forget, build=build).retrain()
+    gold_ctx = UnlearnContext(gold, forget, build=build)
+    gold_ctx.retrain()
     retrain_s = time.perf_counter() - t0
     retrained_conf = confidence_of(gold)
     conf_c = p.config.confidence
     rows: Dict[str, Any] = {}
-    for u in plan.unlearners:
+    arrays: Dict[str, np.ndarray] = {"unlearners": np.array([u.label for u in plan.unlearners])}
+    for i, u in enumerate(plan.unlearners):
         reporter.message(f"unlearner {u.label}")
         work = pop.clone()
         # the unlearner's random streams come from its label, so its numbers do not depend on which
@@ -368,37 +454,34 @@ def run_unlearning(plan: UnlearnPlan, *, cache: Optional[PopulationCache] = None
         report = _jsonable(u.owner, _guarded(u.owner, u.plugin.unlearn, ctx))
         seconds = time.perf_counter() - t0
         _check_finite(u.owner, work, "unlearn()")
-        conf = confidence_of(work)
+        sc, lab, grp = ulira_scores(unlearned=confidence_of(work), retrained=retrained_conf, forget=forget)
+        arrays.update({f"ulira_{i}_scores": sc, f"ulira_{i}_labels": lab, f"ulira_{i}_records": grp})
         rows[u.label] = {
             "name": u.name, "params": dict(u.spec.params), "report": report,
             **_accuracies(work, keep, forget, retain),
-            "forget_member_rate": member_rate(conf=conf, keep=keep, forget=forget, retain=retain, confidence=conf_c),
-            "ulira": ulira(unlearned=conf, retrained=retrained_conf, forget=forget, confidence=conf_c,
-                           seed=p.config.seed),
+            "forget_member_rate": rates(work),
+            "ulira": summarize_ulira(sc, lab, grp, confidence=conf_c, seed=p.config.seed),
             "seconds": seconds, "steps": int(ctx.steps),
         }
     doc = {
         "schema_version": 1,
         "command": "unlearn",
+        "attacks": [a.label for a in p.attacks],
         "forget": {"spec": plan.forget, "records": int(s.sum()), "per_model_mean": float(forget.sum(1).mean())},
-        "retrained": {**_accuracies(gold, keep, forget, retain),
-                      "forget_member_rate": member_rate(conf=retrained_conf, keep=keep, forget=forget, retain=retain,
-                                                        confidence=conf_c),
-                      "seconds": retrain_s},
-        "original": {**_accuracies(pop, keep, forget, retain),
-                     "forget_member_rate": member_rate(conf=confidence_of(pop), keep=keep, forget=forget,
-                                                       retain=retain, confidence=conf_c)},
+        "retrained": {**_accuracies(gold, keep, forget, retain), "forget_member_rate": rates(gold),
+                      "seconds": retrain_s, "steps": int(gold_ctx.steps)},
+        "original": {**_accuracies(pop, keep, forget, retain), "forget_member_rate": rates(pop)},
         "unlearners": rows,
         "population": {"n_models": p.config.n_models, "n_records": records.n, "cache_key": trained.key},
     }
-    return plain_json(doc)
+    return plain_json(doc), arrays
 
 
 def unlearn(config: Union[UnlearnConfig, UnlearnPlan], *, out: Optional[Union[str, Path]] = None,
             cache: Optional[Union[PopulationCache, str, Path]] = None,
             reporter: Optional[Reporter] = None) -> UnlearnResult:
     """Run an unlearning evaluation end to end (``mia_core.engine.unlearn.unlearn``); with ``out``,
-    a run directory holding ``config.json`` and ``metrics.json``."""
+    a run directory holding ``config.json``, ``metrics.json``, ``ulira.npz`` and ``report.html``."""
     plan = config if isinstance(config, UnlearnPlan) else resolve_unlearn(config)
     if not isinstance(cache, PopulationCache):
         cache = PopulationCache(None if cache is None else Path(cache).expanduser())
@@ -409,39 +492,56 @@ def unlearn(config: Union[UnlearnConfig, UnlearnPlan], *, out: Optional[Union[st
         return UnlearnResult(run_unlearning(plan, cache=cache, reporter=reporter, records=records))
     run = RunDir(Path(out), plan.document, index=RunIndex(Path(out)), discard_on=USAGE_ERRORS)
     with run:
-        import json
-
-        doc = run_unlearning(plan, cache=cache, reporter=reporter, records=records)
-        (run.path / "metrics.json").write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+        doc, arrays = _run_unlearning(plan, cache=cache, reporter=reporter, records=records)
+        write_unlearn_run(run.path, doc, arrays)
     return UnlearnResult(doc, run.final)
 
 
+def write_unlearn_run(directory: Path, doc: Dict[str, Any], arrays: Dict[str, np.ndarray]) -> None:
+    """``metrics.json``, ``ulira.npz`` (every unlearner's U-LiRA scores, labels and forget records)
+    and ``report.html``, rendered from the two files just written."""
+    import json
+
+    from mia_core.report import write_report
+
+    (directory / "metrics.json").write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    np.savez_compressed(directory / "ulira.npz", **arrays)
+    write_report(directory)
+
+
 def format_table(doc: Dict[str, Any]) -> str:
-    """The terminal table: per unlearner the accuracy trio, the forget-set member rate, U-LiRA."""
-    head = ["unlearner", "retain acc", "forget acc", "test acc", "forget member rate [95% CI]",
-            "U-LiRA AUC [95% CI]", "U-LiRA TPR@1% [95% CI]", "time (x retraining)"]
+    """The terminal table: per unlearner the accuracy trio, the forget-set member rate under each
+    attack, U-LiRA, and the time against retraining."""
+    attacks = list(doc["attacks"])
+    head = (["unlearner", "retain acc", "forget acc", "test acc"]
+            + [f"forget member rate ({a}) [95% CI]" for a in attacks]
+            + ["U-LiRA AUC [95% CI]", "U-LiRA TPR@1% [95% CI]", "steps", "time (x retraining)"])
     base = doc["retrained"]["seconds"]
     ratio = lambda t: f"{t:.1f} s ({t / base:.2f}x)" if base > 0 else f"{t:.1f} s"  # noqa: E731
     pct = lambda x: f"{100 * x:.1f}%"  # noqa: E731
+    rate = lambda fm: f"{pct(fm['rate'])} [{pct(fm['interval'][0])}, {pct(fm['interval'][1])}]"  # noqa: E731
     rows = []
     for key, label in (("original", "(no unlearning)"), ("retrained", "(retrained, gold)")):
         r = doc[key]
-        fm = r["forget_member_rate"]
-        rows.append([label, pct(r["retain_accuracy"]), pct(r["forget_accuracy"]), pct(r["test_accuracy"]),
-                     f"{pct(fm['rate'])} [{pct(fm['interval'][0])}, {pct(fm['interval'][1])}]", "-", "-",
-                     ratio(r["seconds"]) if "seconds" in r else "-"])
+        rows.append([label, pct(r["retain_accuracy"]), pct(r["forget_accuracy"]), pct(r["test_accuracy"])]
+                    + [rate(r["forget_member_rate"][a]) for a in attacks] + ["-", "-"]
+                    + [str(r["steps"]) if "steps" in r else "-", ratio(r["seconds"]) if "seconds" in r else "-"])
     for label, r in doc["unlearners"].items():
-        fm, u = r["forget_member_rate"], r["ulira"]
-        rows.append([label, pct(r["retain_accuracy"]), pct(r["forget_accuracy"]), pct(r["test_accuracy"]),
-                     f"{pct(fm['rate'])} [{pct(fm['interval'][0])}, {pct(fm['interval'][1])}]",
-                     f"{u['auc']:.3f} [{u['auc_ci'][0]:.3f}, {u['auc_ci'][1]:.3f}]",
-                     f"{pct(u['tpr_at_1pct'])} [{pct(u['tpr_at_1pct_ci'][0])}, {pct(u['tpr_at_1pct_ci'][1])}]"
-                     + ("" if u["tpr_resolvable"] else " !"), ratio(r["seconds"])])
+        u = r["ulira"]
+        rows.append([label, pct(r["retain_accuracy"]), pct(r["forget_accuracy"]), pct(r["test_accuracy"])]
+                    + [rate(r["forget_member_rate"][a]) for a in attacks]
+                    + [f"{u['auc']:.3f} [{u['auc_ci'][0]:.3f}, {u['auc_ci'][1]:.3f}]",
+                       f"{pct(u['tpr_at_1pct'])} [{pct(u['tpr_at_1pct_ci'][0])}, {pct(u['tpr_at_1pct_ci'][1])}]"
+                       + ("" if u["tpr_resolvable"] else " !"), str(r["steps"]), ratio(r["seconds"])])
     f = doc["forget"]
-    return "\n".join(text_table(head, rows) + [
+    lines = text_table(head, rows) + [
         f"forget set {f['spec']}: {f['records']} records, {f['per_model_mean']:.1f} per model on average; "
-        f"U-LiRA AUC 0.5 = indistinguishable from retraining"])
+        f"U-LiRA AUC 0.5 = indistinguishable from retraining"]
+    if any(not r["ulira"]["tpr_resolvable"] for r in doc["unlearners"].values()):
+        lines.append("! too few retrained (negative) scores to resolve TPR at 1% FPR; use more --n-models or a "
+                     "larger forget set")
+    return "\n".join(lines)
 
 
-__all__ = ["UnlearnConfig", "UnlearnContext", "UnlearnPlan", "format_table", "forget_records", "member_rate",
+__all__ = ["UnlearnConfig", "UnlearnContext", "UnlearnPlan", "attack_scores", "format_table", "forget_records", "member_rate",
            "parse_forget", "resolve_unlearn", "run_unlearning", "ulira", "unlearn"]

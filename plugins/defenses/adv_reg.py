@@ -281,6 +281,9 @@ class AdversarialRegularization(TrainingDefense):
                 f"{self.reference_fraction!r} of the records, asked for through reserve_fraction()), but this "
                 f"training run has none: train through the engine (mia_core.evaluate / miafw eval) or pass "
                 f"reserve=defense.reserve_fraction() to ModelPopulation.train")
+        if ctx.y.dim() != 1:
+            raise ValueError("adv-reg trains on one label per record; this training run gives each model its own "
+                             "labels")
         if np.asarray(ctx.keep)[:, reserved].any():
             raise ValueError("adv-reg: some reserved records are in a model's training half")
         self._ctx = ctx

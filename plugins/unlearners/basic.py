@@ -1,9 +1,12 @@
-"""Unlearning by retraining, fine-tuning on the retain set, and gradient ascent on the forget set."""
+"""Unlearning by retraining, fine-tuning on the retain set, gradient ascent on the forget set,
+NegGrad+, and relabelling the forget set."""
 
 from __future__ import annotations
 
 import abc
 from typing import Any, Dict, Optional
+
+import numpy as np
 
 from mia_core.base import Unlearner
 
@@ -132,3 +135,43 @@ class NegGradPlus(Unlearner):
             steps += ctx.train(keep=ctx.retain, epochs=1, lr=self.beta * lr)
         return {"steps": steps, "lr": lr, "beta": self.beta}
 
+
+
+class RandomLabels(Unlearner):
+    """Relabel and fine-tune (Graves, Nagisetty, Ganesh, "Amnesiac Machine Learning", AAAI 2021;
+    the "random label" baseline of the unlearning benchmarks): every model's forget records get a
+    label drawn uniformly from the *other* classes (fixed per model and record for the whole run)
+    and the model is fine-tuned on them, with its retain set under its true labels beside them
+    (``retain=True``, the default, which keeps accuracy) or on the relabelled forget set alone
+    (``retain=False``, Graves et al.'s few steps on the relabelled data).
+
+    Args:
+        epochs: passes over the set trained on; retain: mix in the retain set; lr: learning rate
+            (default: the recipe's).
+    """
+
+    api_version = "1.0"
+
+    def __init__(self, epochs: int = 2, retain: bool = True, lr: Optional[float] = None):
+        self.epochs = epochs
+        self.retain = retain
+        self.lr = lr
+
+    def validate(self) -> None:
+        _check_epochs_lr(self.epochs, self.lr)
+        if not isinstance(self.retain, bool):
+            raise ValueError(f"retain must be true or false, got {self.retain!r}")
+
+    def unlearn(self, ctx) -> Dict[str, Any]:
+        self.validate()
+        n_classes = ctx.records.n_classes
+        if n_classes < 2:
+            raise ValueError("random-labels needs at least two classes to draw a wrong label from")
+        lr = self.lr if self.lr is not None else ctx.recipe.lr
+        y = np.asarray(ctx.records.y, dtype=np.int64)
+        # a shift in 1..C-1 makes every new label differ from the true one, uniformly over the rest
+        shift = ctx.rng(1).integers(1, n_classes, size=ctx.forget.shape)
+        labels = np.where(ctx.forget, (y[None] + shift) % n_classes, y[None])
+        keep = ctx.forget | ctx.retain if self.retain else ctx.forget
+        steps = ctx.train(keep=keep, epochs=self.epochs, lr=lr, labels=labels)
+        return {"steps": steps, "lr": lr, "retain": self.retain}

@@ -532,3 +532,40 @@ def test_population_train_stores_the_training_result():
                                 defenses=[_Penalty(0.1)])
     assert pop.training.epochs == 2 and pop.training.defenses == [{"a": 0.1}]
     assert pop.training.forward == "stacked"
+
+
+# --------------------------------------------------------------------------- per-model labels
+@pytest.mark.parametrize("sampler", ["fixed", "poisson"])
+@pytest.mark.parametrize("stacked", [True, False], ids=["stacked", "vmap"])
+def test_per_model_labels_are_each_models_own(sampler, stacked):
+    """``y [M, N]``: model m learns ``y[m]``. The same labels repeated per model train bitwise the
+    same models as ``y [N]``; other labels for one model change that model only, exactly as an
+    ordinary loop on its own labels does."""
+    x, y, keep, base, params, buffers = _setup()
+    recipe = TrainingRecipe(epochs=2, batch_size=16, lr=0.05, sampler=sampler)
+    init = _clone(params)
+    Trainer(base, params, buffers, x, y, keep, recipe, seed=5, stacked=stacked).fit()
+    repeated = _clone(init)
+    Trainer(base, repeated, buffers, x, y.expand(keep.shape[0], -1).clone(), keep, recipe, seed=5, stacked=stacked).fit()
+    for k in params:
+        assert torch.equal(params[k], repeated[k])
+    own = y.expand(keep.shape[0], -1).clone()
+    own[2] = (y + 1) % C
+    relabelled = _clone(init)
+    Trainer(base, relabelled, buffers, x, own, keep, recipe, seed=5, stacked=stacked).fit()
+    plans, smp, epoch_size = _replay_plans(recipe, keep, 5, recipe.epochs)
+    denom = smp.denominators(epoch_size, keep.sum(1))
+    model = _module(init, 2)
+    opt = _optimizer(model, recipe)
+    for plan in plans:
+        for s in range(plan.steps):
+            idx = torch.from_numpy(plan.index[s, 2, : plan.sizes[s, 2]])
+            opt.zero_grad()
+            (F.cross_entropy(model(x[idx]), own[2][idx], reduction="sum") / float(denom[2])).backward()
+            opt.step()
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(relabelled[k][2], v, rtol=1e-4, atol=1e-5)
+        for m in (0, 1, 3):
+            assert torch.equal(relabelled[k][m], params[k][m])
+    with pytest.raises(ValueError, match=r"y must be \[N\] labels or \[M, N\] per-model labels"):
+        Trainer(base, _clone(init), buffers, x, own[:2], keep, recipe, seed=5)
