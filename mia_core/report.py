@@ -48,6 +48,9 @@ def load_run(run_dir: Path) -> Dict[str, Any]:
     """
     run_dir = Path(run_dir)
     config = _load_json(run_dir / "config.json")
+    if config.get("command") == "unlearn":
+        raise ReportError(f"{run_dir}: a `miafw unlearn` run, which holds no attack scores of its own; this takes the "
+                          f"run directories of eval, audit and sweep points")
     doc = _load_json(run_dir / "metrics.json")
     path = run_dir / "scores.npz"
     if not path.is_file():

@@ -296,7 +296,11 @@ def filter_runs(rows: List[Dict[str, Any]], *, dataset: Optional[str] = None, at
 
 
 def summary_of(metrics_doc: Dict[str, Any]) -> Dict[str, Any]:
-    """The few numbers the index keeps per run: AUC and TPR at 0.1% FPR per attack."""
+    """The few numbers the index keeps per run: AUC and TPR at 0.1% FPR per attack; for an
+    unlearning run, each unlearner's U-LiRA AUC (as ``"U-LiRA <label>"``)."""
+    if metrics_doc.get("command") == "unlearn":
+        return {f"U-LiRA {label}": {"auc": row["ulira"]["auc"]}
+                for label, row in metrics_doc.get("unlearners", {}).items()}
     return {
         label: {"auc": m["auc"], "tpr_at_0.001": m["tpr_at_fpr"].get("0.001", {}).get("tpr")}
         for label, m in metrics_doc.get("attacks", {}).items()

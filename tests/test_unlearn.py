@@ -217,3 +217,17 @@ def test_the_unlearn_page_renders_in_headless_chromium(run_dir, tmp_path):
     rows = {t[0]: t[1] for t in tables}
     assert rows["unlearners"] == 1 + 2 + 3 and rows["reports"] == 1 + 3 and "versions" in rows
     assert all(height > 20 for *_, height in tables) and log == [], (tables, log)
+
+
+def test_miafw_runs_lists_unlearn_runs_with_their_ulira_auc(run_dir):
+    doc = json.loads((run_dir / "metrics.json").read_text())
+    want = f"U-LiRA finetune:epochs=2 AUC {doc['unlearners']['finetune:epochs=2']['ulira']['auc']:.3f}"
+    for extra in ([], ["--rebuild"]):
+        res = CliRunner().invoke(main, ["runs", "--out", str(run_dir.parent), *extra])
+        assert res.exit_code == 0, res.output
+        assert run_dir.name in res.stdout and want in res.stdout
+
+
+def test_compare_refuses_an_unlearn_run_in_one_line(run_dir):
+    res = CliRunner().invoke(main, ["compare", str(run_dir), str(run_dir), "--no-html"])
+    assert res.exit_code == 2 and len(res.stderr.strip().splitlines()) == 1 and "miafw unlearn" in res.stderr

@@ -65,7 +65,7 @@ from mia_core.engine.stages import (
 )
 from mia_core.params import ParamError
 from mia_core.results import RunDir, plain_json, text_table
-from mia_core.runindex import RunIndex
+from mia_core.runindex import RunIndex, summary_of
 
 #: What ``miafw unlearn`` runs when no ``--unlearner`` is given: every method shipped.
 DEFAULT_UNLEARNERS = ("retrain", "finetune", "gradient-ascent", "neggrad-plus", "random-labels")
@@ -494,6 +494,7 @@ def unlearn(config: Union[UnlearnConfig, UnlearnPlan], *, out: Optional[Union[st
     with run:
         doc, arrays = _run_unlearning(plan, cache=cache, reporter=reporter, records=records)
         write_unlearn_run(run.path, doc, arrays)
+        run.summary = summary_of(doc)
     return UnlearnResult(doc, run.final)
 
 
