@@ -549,8 +549,8 @@ def compare_cmd(run_dirs, html_out, no_html, fmt, n_boot):
               help="Attack of the common recipe (trained on retain vs unseen records, applied to the forget set); "
                    "repeatable. Default: loss.")
 @click.option("--forget", default="random:fraction=0.05", show_default=True, metavar="SPEC",
-              help="The forget set: random:fraction=F (of the records), class=K, or ids=FILE (one record id per "
-                   "line); each model forgets its members in it.")
+              help="The forget set: random:fraction=F (of the records, so about F of each model's members), class=K, "
+                   "or ids=FILE (one record id per line); each model forgets its members in it.")
 @click.option("--n-models", default=16, show_default=True, type=int, help="Models in the population (even).")
 @click.option("--model", default="mlp", show_default=True, metavar="NAME[:k=v,...]",
               help=f"Model family. Available: {_names_help('models')}.")

@@ -142,8 +142,7 @@ def context(run: Dict[str, Any]) -> Dict[str, Any]:
               + (" (its interval holds 0.5: indistinguishable from retraining at this sample size)."
                  if c["auc_ci"][0] <= 0.5 <= c["auc_ci"][1] else " (distinguishable from retraining)."))
     f = doc["forget"]
-    warnings = [f"{k}: too few retrained scores to resolve TPR at 1% FPR ({doc['unlearners'][k]['ulira']['pairs']} pairs)"
-                for k in order if not doc["unlearners"][k]["ulira"]["tpr_resolvable"]]
+    warnings = list(doc.get("warnings", []))
     return {
         "title": f"miafw unlearn: {config['dataset']['name']} / {config['model']['name']} "
                  f"({config['n_models']} models)",

@@ -235,3 +235,19 @@ def test_miafw_runs_lists_unlearn_runs_with_their_ulira_auc(run_dir):
 def test_compare_refuses_an_unlearn_run_in_one_line(run_dir):
     res = CliRunner().invoke(main, ["compare", str(run_dir), str(run_dir), "--no-html"])
     assert res.exit_code == 2 and len(res.stderr.strip().splitlines()) == 1 and "miafw unlearn" in res.stderr
+
+
+def test_the_sanity_check_warns_when_an_independent_retraining_is_told_apart():
+    from mia_core.engine.unlearn import unlearn_warnings
+
+    def row(name, stream, ci, resolvable=True):
+        return {"name": name, "report": {"stream": stream},
+                "ulira": {"auc": sum(ci) / 2, "auc_ci": ci, "tpr_resolvable": resolvable, "pairs": 40}}
+
+    assert unlearn_warnings({"retrain": row("retrain", 1, [0.47, 0.52])}) == []
+    (w,) = unlearn_warnings({"retrain": row("retrain", 1, [0.51, 0.55])})
+    assert w.startswith("sanity check: retrain (an independent retraining) has U-LiRA AUC 0.530 [0.510, 0.550]")
+    assert unlearn_warnings({"retrain:stream=0": row("retrain", 0, [0.5, 0.5]),  # the gold standard itself
+                             "finetune": row("finetune", None, [0.7, 0.8])}) == []
+    (w,) = unlearn_warnings({"finetune": row("finetune", None, [0.7, 0.8], resolvable=False)})
+    assert "40 retrained scores cannot resolve TPR at 1% FPR" in w

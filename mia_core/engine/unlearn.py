@@ -406,6 +406,24 @@ class UnlearnResult:
     run_dir: Optional[Path] = None
 
 
+def unlearn_warnings(rows: Dict[str, Any]) -> list:
+    """What the reader must know about the unlearners' rows: the built-in sanity check failing (an
+    independent ``retrain`` whose U-LiRA AUC interval misses 0.5: at 95% one run in twenty by
+    chance; more often, the evaluation is miscalibrated) and TPRs too few scores can resolve."""
+    out = []
+    for label, r in rows.items():
+        u = r["ulira"]
+        if r["name"] == "retrain" and r["report"].get("stream") != 0 and not u["auc_ci"][0] <= 0.5 <= u["auc_ci"][1]:
+            out.append(f"sanity check: {label} (an independent retraining) has U-LiRA AUC {u['auc']:.3f} "
+                       f"[{u['auc_ci'][0]:.3f}, {u['auc_ci'][1]:.3f}], an interval without 0.5; a 95% interval misses "
+                       f"by chance in one run of twenty (try another --seed), more often means the evaluation is "
+                       f"miscalibrated")
+        if not u["tpr_resolvable"]:
+            out.append(f"{label}: {u['pairs']} retrained scores cannot resolve TPR at 1% FPR; use more --n-models or "
+                       f"a larger forget set")
+    return out
+
+
 def attack_scores(plan: Plan, population: ModelPopulation, *, original: Tuple[ModelPopulation, Any],
                   reporter: Reporter) -> Dict[str, np.ndarray]:
     """Every attack's scores ``[M, N]`` against every model of ``population``, with the original
@@ -483,6 +501,7 @@ def _run_unlearning(plan: UnlearnPlan, *, cache, reporter, records):
     doc = {
         "schema_version": 1,
         "command": "unlearn",
+        "warnings": unlearn_warnings(rows),
         "attacks": [a.label for a in p.attacks],
         "forget": {"spec": plan.forget, "records": int(s.sum()), "per_model_mean": float(forget.sum(1).mean())},
         "retrained": {**_accuracies(gold, keep, forget, retain), "forget_member_rate": rates(gold),
@@ -555,11 +574,10 @@ def format_table(doc: Dict[str, Any]) -> str:
     lines = text_table(head, rows) + [
         f"forget set {f['spec']}: {f['records']} records, {f['per_model_mean']:.1f} per model on average; "
         f"U-LiRA AUC 0.5 = indistinguishable from retraining"]
-    if any(not r["ulira"]["tpr_resolvable"] for r in doc["unlearners"].values()):
-        lines.append("! too few retrained (negative) scores to resolve TPR at 1% FPR; use more --n-models or a "
-                     "larger forget set")
+    lines += [f"warning: {w}" for w in doc.get("warnings", [])]
     return "\n".join(lines)
 
 
-__all__ = ["UnlearnConfig", "UnlearnContext", "UnlearnPlan", "attack_scores", "format_table", "forget_records", "member_rate",
-           "parse_forget", "resolve_unlearn", "run_unlearning", "ulira", "unlearn"]
+__all__ = ["DEFAULT_UNLEARNERS", "UnlearnConfig", "UnlearnContext", "UnlearnPlan", "attack_scores", "format_table",
+           "forget_records", "member_rate", "parse_forget", "resolve_unlearn", "run_unlearning", "summarize_ulira", "ulira",
+           "ulira_scores", "unlearn", "unlearn_warnings", "write_unlearn_run"]
