@@ -32,25 +32,26 @@ _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _MAX_MESSAGE = 200
 
 
-@functools.lru_cache(maxsize=1)
-def _schema_text() -> str:
-    return resources.files("mia_core").joinpath("schemas").joinpath("metrics.schema.json").read_text(encoding="utf-8")
+@functools.lru_cache(maxsize=None)
+def _schema_text(name: str = "metrics") -> str:
+    return resources.files("mia_core").joinpath("schemas").joinpath(f"{name}.schema.json").read_text(encoding="utf-8")
 
 
-def load_schema() -> Dict[str, Any]:
-    """The ``metrics.json`` schema as a dict (a fresh copy on every call: changing it changes
-    nothing for later callers)."""
-    return json.loads(_schema_text())
+def load_schema(name: str = "metrics") -> Dict[str, Any]:
+    """The ``metrics.json`` schema of eval and audit runs (``name="metrics"``) or of unlearn runs
+    (``"unlearn"``) as a dict (a fresh copy on every call: changing it changes nothing for later
+    callers)."""
+    return json.loads(_schema_text(name))
 
 
-@functools.lru_cache(maxsize=1)
-def _validator():
+@functools.lru_cache(maxsize=None)
+def _validator(name: str = "metrics"):
     try:
         import jsonschema
     except ImportError:
         raise ImportError("validating metrics.json needs the 'jsonschema' package (a test dependency of miafw, "
                           "not a runtime one): pip install jsonschema") from None
-    return jsonschema.Draft202012Validator(load_schema())
+    return jsonschema.Draft202012Validator(load_schema(name))
 
 
 def _json_path(parts) -> str:
@@ -126,13 +127,24 @@ def validate_metrics(doc: Any) -> None:
             greater than the maximum of 1``.
         ImportError: ``jsonschema`` is not installed.
     """
-    validator = _validator()  # raises the ImportError first when jsonschema is missing
+    _validate(doc, "metrics")
+
+
+def validate_unlearn_metrics(doc: Any) -> None:
+    """Check the ``metrics.json`` of a ``miafw unlearn`` run against
+    ``mia_core/schemas/unlearn.schema.json`` (raises as :func:`validate_metrics`)."""
+    _validate(doc, "unlearn")
+
+
+def _validate(doc: Any, name: str) -> None:
+    validator = _validator(name)  # raises the ImportError first when jsonschema is missing
     from jsonschema.exceptions import best_match
 
     error = best_match(validator.iter_errors(doc))
     if error is not None:
-        version = load_schema()["properties"]["schema_version"]["const"]
-        raise ValueError(f"metrics.json does not match schema version {version}: {_describe(error)}")
+        version = load_schema(name)["properties"]["schema_version"]["const"]
+        what = "metrics.json" if name == "metrics" else f"{name} metrics.json"
+        raise ValueError(f"{what} does not match schema version {version}: {_describe(error)}")
 
 
-__all__ = ["SCHEMA_PATH", "load_schema", "validate_metrics"]
+__all__ = ["SCHEMA_PATH", "load_schema", "validate_metrics", "validate_unlearn_metrics"]

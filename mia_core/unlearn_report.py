@@ -28,6 +28,14 @@ def load_unlearn_run(run_dir: Path) -> Dict[str, Any]:
     run_dir = Path(run_dir)
     config = _load_json(run_dir / "config.json")
     doc = _load_json(run_dir / "metrics.json")
+    from mia_core.engine.unlearn import UNLEARN_SCHEMA_VERSION
+
+    if not isinstance(doc, dict) or doc.get("schema_version") != UNLEARN_SCHEMA_VERSION \
+            or doc.get("command") != "unlearn":
+        version = doc.get("schema_version") if isinstance(doc, dict) else None
+        raise ReportError(f"{run_dir / 'metrics.json'}: not an unlearn document of schema version "
+                          f"{UNLEARN_SCHEMA_VERSION} (found version {version!r}; runs of older miafw versions "
+                          f"cannot be re-rendered: run `miafw unlearn` again)")
     path = run_dir / "ulira.npz"
     if not path.is_file():
         raise ReportError(f"{run_dir}: no ulira.npz")
@@ -159,13 +167,23 @@ def context(run: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def render(run: Dict[str, Any]) -> str:
-    """The page for a loaded unlearn run (:func:`load_unlearn_run`)."""
+    """The page for a loaded unlearn run (:func:`load_unlearn_run`).
+
+    Raises:
+        ReportError: ``metrics.json`` lacks a key or a value the page needs.
+    """
     import jinja2
+
+    try:
+        variables = context(run)
+    except (KeyError, TypeError, ValueError, IndexError, ZeroDivisionError) as exc:
+        raise ReportError(f"metrics.json of this unlearn run is incomplete or malformed "
+                          f"({type(exc).__name__}: {exc})") from None
 
     env = jinja2.Environment(loader=jinja2.PackageLoader("mia_core", "templates"),
                              autoescape=jinja2.select_autoescape(["html", "j2"]), undefined=jinja2.StrictUndefined,
                              trim_blocks=True, lstrip_blocks=True)
-    return env.get_template("unlearn.html.j2").render(**context(run))
+    return env.get_template("unlearn.html.j2").render(**variables)
 
 
 __all__ = ["context", "load_unlearn_run", "render", "tradeoff_figure", "ulira_roc_figure"]

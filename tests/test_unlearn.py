@@ -251,3 +251,45 @@ def test_the_sanity_check_warns_when_an_independent_retraining_is_told_apart():
                              "finetune": row("finetune", None, [0.7, 0.8])}) == []
     (w,) = unlearn_warnings({"finetune": row("finetune", None, [0.7, 0.8], resolvable=False)})
     assert "40 retrained scores cannot resolve TPR at 1% FPR" in w
+
+
+def test_unlearn_documents_match_their_schema_and_broken_ones_do_not(doc, run_dir):
+    import copy
+
+    from mia_core.schema import load_schema, validate_unlearn_metrics
+
+    jsonschema = pytest.importorskip("jsonschema")
+    jsonschema.Draft202012Validator.check_schema(load_schema("unlearn"))
+    validate_unlearn_metrics(doc)
+    validate_unlearn_metrics(json.loads((run_dir / "metrics.json").read_text()))
+    for path, value, message in [
+        (("unlearners", "finetune", "ulira", "auc"), 1.5, r"\$\.unlearners\.finetune\.ulira\.auc: 1\.5 is greater"),
+        (("retrained", "forget_member_rate", "loss", "extra"), 1, r"\$\.retrained\.forget_member_rate\.loss"),
+        (("schema_version",), 1, r"\$\.schema_version: expected 2, got 1"),
+    ]:
+        bad = copy.deepcopy(doc)
+        node = bad
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = value
+        with pytest.raises(ValueError, match=message):
+            validate_unlearn_metrics(bad)
+    bad = copy.deepcopy(doc)
+    del bad["attacks"]
+    with pytest.raises(ValueError, match=r"\$\.attacks: required key missing"):
+        validate_unlearn_metrics(bad)
+
+
+def test_an_older_or_foreign_metrics_file_is_refused_by_miafw_report(run_dir, tmp_path):
+    import shutil
+
+    bad = tmp_path / "run"
+    shutil.copytree(run_dir, bad)
+    doc = json.loads((bad / "metrics.json").read_text())
+    (bad / "metrics.json").write_text(json.dumps({**doc, "schema_version": 1}))
+    res = CliRunner().invoke(main, ["report", str(bad)])
+    assert res.exit_code == 2 and "not an unlearn document of schema version 2 (found version 1" in res.stderr
+    del doc["retrained"]
+    (bad / "metrics.json").write_text(json.dumps(doc))
+    res = CliRunner().invoke(main, ["report", str(bad)])
+    assert res.exit_code == 2 and len(res.stderr.strip().splitlines()) == 1 and "KeyError" in res.stderr

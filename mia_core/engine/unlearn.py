@@ -76,6 +76,10 @@ from mia_core.runindex import RunIndex, summary_of
 #: What ``miafw unlearn`` runs when no ``--unlearner`` is given: every method shipped.
 DEFAULT_UNLEARNERS = ("retrain", "finetune", "gradient-ascent", "neggrad-plus", "random-labels")
 
+#: The version of an unlearn run's ``metrics.json`` (``mia_core/schemas/unlearn.schema.json``); 2 added
+#: the attacks, the warnings, the steps of retraining and the crossed intervals.
+UNLEARN_SCHEMA_VERSION = 2
+
 #: The FPR of the U-LiRA TPR reported.
 ULIRA_FPR = 0.01
 
@@ -499,7 +503,7 @@ def _run_unlearning(plan: UnlearnPlan, *, cache, reporter, records):
             "seconds": seconds, "steps": int(ctx.steps),
         }
     doc = {
-        "schema_version": 1,
+        "schema_version": UNLEARN_SCHEMA_VERSION,
         "command": "unlearn",
         "warnings": unlearn_warnings(rows),
         "attacks": [a.label for a in p.attacks],
