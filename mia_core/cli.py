@@ -562,14 +562,16 @@ def unlearn_cmd(unlearners, recipe_attacks, forget, out, as_json, **options):
     """Did the models forget? Apply unlearning methods to a trained population and measure them.
 
     Each model forgets its members in the forget set. Every unlearner is compared with the models
-    retrained from scratch without the forget set: the share of the forget set a membership
-    attack still calls member (trained on retain vs unseen records), and U-LiRA (Hayes et al.
+    retrained from scratch without the forget set: the share of the forget set each --attack
+    still calls member (thresholded on retain vs unseen records), and U-LiRA (Hayes et al.
     2025), the AUC of telling each unlearned model from the retrained one (0.5: indistinguishable).
+    The run directory holds metrics.json, ulira.npz and report.html.
 
     \b
     Examples:
       miafw unlearn
       miafw unlearn --unlearner finetune:epochs=10 --unlearner gradient-ascent:epochs=5 --forget class=3
+      miafw unlearn --unlearner random-labels:retain=false --attack loss --attack lira
     """
     from mia_core.engine.cache import PopulationCache, default_cache_dir
     from mia_core.engine.progress import TerminalReporter

@@ -39,6 +39,21 @@ def _load_json(path: Path) -> Dict[str, Any]:
         raise ReportError(f"{path}: cannot be read as JSON ({exc})") from None
 
 
+def _load_npz(path: Path) -> Dict[str, np.ndarray]:
+    """Every array of a run's ``.npz`` file, read without pickles.
+
+    Raises:
+        ReportError: the file is missing or unreadable.
+    """
+    if not path.is_file():
+        raise ReportError(f"{path.parent}: no {path.name}")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except (OSError, ValueError) as exc:
+        raise ReportError(f"{path}: cannot be read ({exc})") from None
+
+
 def load_run(run_dir: Path) -> Dict[str, Any]:
     """The run's config, metrics and scores, verified: every attack in ``metrics.json`` has its
     scores, all of shape ``membership.shape``, finite, with member counts that match.
@@ -53,13 +68,7 @@ def load_run(run_dir: Path) -> Dict[str, Any]:
                           f"run directories of eval, audit and sweep points")
     doc = _load_json(run_dir / "metrics.json")
     path = run_dir / "scores.npz"
-    if not path.is_file():
-        raise ReportError(f"{run_dir}: no scores.npz")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    except (OSError, ValueError) as exc:
-        raise ReportError(f"{path}: cannot be read ({exc})") from None
+    arrays = _load_npz(path)
     membership = arrays.get("membership")
     if membership is None or membership.ndim != 2 or membership.dtype != bool:
         raise ReportError(f"{path}: membership must be a bool [targets, records] array")

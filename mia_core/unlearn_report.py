@@ -16,7 +16,7 @@ from typing import Any, Dict, List
 import numpy as np
 
 from mia_core import metrics
-from mia_core.report import ReportError, _load_json, _pct, _plt, _png, finish_roc_axes
+from mia_core.report import ReportError, _load_json, _load_npz, _pct, _plt, _png, finish_roc_axes
 
 
 def load_unlearn_run(run_dir: Path) -> Dict[str, Any]:
@@ -37,13 +37,7 @@ def load_unlearn_run(run_dir: Path) -> Dict[str, Any]:
                           f"{UNLEARN_SCHEMA_VERSION} (found version {version!r}; runs of older miafw versions "
                           f"cannot be re-rendered: run `miafw unlearn` again)")
     path = run_dir / "ulira.npz"
-    if not path.is_file():
-        raise ReportError(f"{run_dir}: no ulira.npz")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    except (OSError, ValueError) as exc:
-        raise ReportError(f"{path}: cannot be read ({exc})") from None
+    arrays = _load_npz(path)
     rows = doc.get("unlearners")
     order = [str(x) for x in arrays.get("unlearners", np.array([]))]
     if not isinstance(rows, dict) or sorted(order) != sorted(rows):
