@@ -70,9 +70,14 @@ def test_member_rate_is_the_share_above_each_models_best_threshold():
     assert out["rate"] == 0.5 and out["forget_scores"] == 40
     # the same 10 records miss in both models: resampling records moves the rate, resampling models does not
     lo, hi = out["interval"]
-    assert lo < 0.5 < hi and out["interval"] == list(metrics.crossed_mean_interval(
-        values=np.tile(np.r_[np.zeros(10), np.ones(10)], 2), rows=np.repeat([0, 1], 20),
-        cols=np.tile(np.arange(20), 2)))
+    boot = metrics.crossed_mean_interval(values=np.tile(np.r_[np.zeros(10), np.ones(10)], 2),
+                                         rows=np.repeat([0, 1], 20), cols=np.tile(np.arange(20), 2))
+    cp = metrics.clopper_pearson(20, 40)
+    assert lo < 0.5 < hi and out["interval"] == [min(boot[0], cp[0]), max(boot[1], cp[1])]
+    # no forget record above the threshold: every resample says 0, Clopper-Pearson keeps the interval honest
+    conf[:, :20] = -1.0
+    out = member_rate(scores=conf, keep=keep, forget=forget, retain=retain)
+    assert out["rate"] == 0.0 and out["interval"] == [0.0, metrics.clopper_pearson(0, 40)[1]] and out["interval"][1] > 0.05
 
 
 @pytest.mark.parametrize("forget, match", [

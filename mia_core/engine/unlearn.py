@@ -311,7 +311,9 @@ def member_rate(*, scores: np.ndarray, keep: np.ndarray, forget: np.ndarray, ret
     records it never trained on (non-members); the share of its forget set at or above it, pooled
     over models. The interval resamples models and forget records together
     (:func:`~mia_core.metrics.crossed_mean_interval`): a model's hits share its threshold, a
-    record's hits share the record."""
+    record's hits share the record. It is widened to hold at least the Clopper-Pearson interval
+    of the pooled hits: at a rate of 0 or 1 every resample agrees and the bootstrap alone would
+    claim a zero-width interval."""
     hits, models, records = [], [], []
     for m in range(scores.shape[0]):
         pos, neg = scores[m, retain[m]], scores[m, ~keep[m]]
@@ -326,7 +328,8 @@ def member_rate(*, scores: np.ndarray, keep: np.ndarray, forget: np.ndarray, ret
     h = np.concatenate(hits)
     lo, hi = metrics.crossed_mean_interval(values=h, rows=np.concatenate(models), cols=np.concatenate(records),
                                            confidence=confidence, seed=seed)
-    return {"rate": float(h.mean()), "interval": [lo, hi], "forget_scores": int(h.size)}
+    cp_lo, cp_hi = metrics.clopper_pearson(int(h.sum()), int(h.size), confidence=confidence)
+    return {"rate": float(h.mean()), "interval": [min(lo, cp_lo), max(hi, cp_hi)], "forget_scores": int(h.size)}
 
 
 def ulira_scores(*, unlearned: np.ndarray, retrained: np.ndarray,
