@@ -254,6 +254,22 @@ class TrainingDefense(Plugin, abc.ABC):
         Called only when some defense sets :attr:`per_sample_gradients`. The tensors belong to the
         trainer: change them in place, and copy anything to keep beyond the call."""
 
+    def per_sample_factors(self, norms: "torch.Tensor", mask: "torch.Tensor",
+                           step: "StepInfo") -> "Optional[torch.Tensor]":
+        """The same transform as :meth:`transform_per_sample`, for a defense whose per-sample
+        transform only *rescales* each sample's gradient by a factor that depends on its L2 norm
+        (over all of its model's parameters), such as clipping: return the factors, float
+        ``[M, B]``, for the norms ``norms`` ``[M, B]`` (0 on padding rows, ``mask`` as there).
+
+        A defense that implements it (beside :meth:`transform_per_sample`, which other model
+        families still use) lets the trainer take a faster route on stacked MLPs: the norms of
+        a linear layer's per-sample gradients follow from its inputs and its output gradients
+        (``‖δ aᵀ‖ = ‖δ‖·‖a‖``), and the rescaled sum is one batched GEMM, so no per-sample
+        gradient is ever materialised (the "ghost clipping" of Li, Tramèr, Liang, Hashimoto,
+        ICLR 2022, sec. 4). Several such defenses compose: each sees the norms after the factors
+        of the ones before it. Default: not implemented (``None``)."""
+        return None
+
     def transform_batch(self, grads: "Dict[str, torch.Tensor]", step: "StepInfo") -> None:
         """Change the gradients summed over the batch, in place: ``grads[name]`` is ``[M, ...]``,
         before the division by ``step.denominator`` (float ``[M]``). Draw noise for model ``m``

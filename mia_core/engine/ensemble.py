@@ -189,6 +189,31 @@ class StackedSequential(EnsembleForward):
             ``(loss, grads)``: ``loss`` float ``[M, B]`` (unweighted), ``grads[name]`` shaped like
             ``params[name]``.
         """
+        saved, logp, loss, g = self._forward_and_head(params, x, y, weight, ws)
+        grads: Params = {}
+        first_linear = self._first_linear
+        for i in range(len(self._ops) - 1, first_linear - 1, -1):
+            kind, op = self._ops[i]
+            inp, out = saved[i]
+            if kind == "linear":
+                w_name, b_name = op
+                w = params[w_name]
+                grads[w_name] = torch.bmm(g, inp.transpose(1, 2), out=ws.get(("grad", w_name), w.shape, w))
+                if b_name is not None:
+                    grads[b_name] = torch.sum(g, 2, out=ws.get(("grad", b_name), params[b_name].shape, w))
+                if i > first_linear:
+                    g = torch.bmm(w.transpose(1, 2), g, out=ws.get(("g", i), inp.shape, w))
+            else:
+                g = MANUAL_BACKWARD[type(op)][1](op, g, inp, out)
+        return loss, grads
+
+    @property
+    def _first_linear(self) -> int:
+        return next(i for i, (kind, _) in enumerate(self._ops) if kind == "linear")
+
+    def _forward_and_head(self, params: Params, x: torch.Tensor, y: torch.Tensor, weight, ws: Workspace):
+        """The forward pass, saving every op's ``(input, output)``, and the gradient of
+        ``Σ weight · loss`` with respect to the logits: ``(saved, logp, loss, g)``."""
         n_models, width = y.shape
         h = x.transpose(1, 2)  # [M, D, B], a view
         saved: List[Tuple[torch.Tensor, torch.Tensor]] = []  # (input, output) of every op
@@ -221,22 +246,61 @@ class StackedSequential(EnsembleForward):
         else:
             g.scatter_(1, y.unsqueeze(1), -float(weight))
         g = _A._log_softmax_backward_data(g, logp, 1, logp.dtype)
-        grads: Params = {}
-        first_linear = next(i for i, (kind, _) in enumerate(self._ops) if kind == "linear")
+        return saved, logp, loss, g
+
+    @torch.no_grad()
+    def rescaled_grads(
+        self, params: Params, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, factors, ws: Workspace
+    ) -> Tuple[torch.Tensor, Params, torch.Tensor]:
+        """Per-sample gradient norms, and the sum of the per-sample gradients rescaled by
+        ``factors(norms)``, without materialising any per-sample gradient (requires :attr:`manual`).
+
+        Sample ``b``'s gradient of a linear layer is ``δ_b a_bᵀ`` (its output gradient times its
+        input), so its squared norm is ``‖δ_b‖²‖a_b‖²`` (plus ``‖δ_b‖²`` for the bias); the
+        squared norms of every layer add up to the sample's flat norm. The rescaled sum
+        ``Σ_b c_b δ_b a_bᵀ`` is one batched GEMM per layer (Li, Tramèr, Liang, Hashimoto, "Large
+        language models can be strong differentially private learners", ICLR 2022, sec. 4, for
+        sequences; here each sample is one vector, so the norm is exact, not a bound).
+
+        Args:
+            weight: float ``[M, B]``: each sample's gradient is that of ``weight · loss``
+                (0 on padding rows).
+            factors: ``norms [M, B] -> float [M, B]``, the per-sample factors ``c``.
+
+        Returns:
+            ``(loss, grads, norms)``: ``loss`` float ``[M, B]`` (unweighted), ``grads[name]``
+            shaped like ``params[name]`` (in the workspace), ``norms`` float ``[M, B]`` before
+            rescaling.
+        """
+        saved, _, loss, g = self._forward_and_head(params, x, y, weight, ws)
+        first_linear = self._first_linear
+        layers = []  # (op, input, output gradient) of every linear layer, last first
+        sq = torch.zeros(y.shape, dtype=g.dtype, device=g.device)
         for i in range(len(self._ops) - 1, first_linear - 1, -1):
             kind, op = self._ops[i]
             inp, out = saved[i]
             if kind == "linear":
-                w_name, b_name = op
-                w = params[w_name]
-                grads[w_name] = torch.bmm(g, inp.transpose(1, 2), out=ws.get(("grad", w_name), w.shape, w))
-                if b_name is not None:
-                    grads[b_name] = torch.sum(g, 2, out=ws.get(("grad", b_name), params[b_name].shape, w))
+                g_sq = g.square().sum(1)  # [M, B]
+                sq.add_(g_sq * inp.square().sum(1))
+                if op[1] is not None:
+                    sq.add_(g_sq)
+                layers.append((op, inp, g))
                 if i > first_linear:
-                    g = torch.bmm(w.transpose(1, 2), g, out=ws.get(("g", i), inp.shape, w))
+                    g = torch.bmm(params[op[0]].transpose(1, 2), g)  # a fresh tensor: g is kept
             else:
                 g = MANUAL_BACKWARD[type(op)][1](op, g, inp, out)
-        return loss, grads
+        norms = sq.sqrt()
+        c = factors(norms).to(g.dtype).unsqueeze(1)  # [M, 1, B]
+        grads: Params = {}
+        for (w_name, b_name), inp, g in layers:
+            w = params[w_name]
+            gc = g * c
+            grads[w_name] = torch.bmm(gc, inp.transpose(1, 2), out=ws.get(("grad", w_name), w.shape, w))
+            if b_name is not None:
+                grads[b_name] = torch.sum(gc, 2, out=ws.get(("grad", b_name), params[b_name].shape, w))
+        # in the parameters' order, as torch.func's per-sample route gives them: a defense that draws
+        # noise parameter by parameter (dp-sgd) then draws the same noise on either route
+        return loss, {k: grads[k] for k in params}, norms
 
 
 def ensemble_forward(base: nn.Module, *, allow_stacked: bool = True) -> EnsembleForward:

@@ -378,7 +378,9 @@ class TrainingResult:
         sampler: the sampler's name (``"fixed"`` or ``"poisson"``).
         forward: ``"stacked"`` (batched-GEMM MLP path) or ``"vmap"``.
         backward: ``"manual"`` (the MLP path's own backward into a reused workspace),
-            ``"autograd"``, or ``"per-sample"`` (``torch.func``, when a defense asks).
+            ``"autograd"``, ``"per-sample"`` (``torch.func``, when a defense asks), or
+            ``"per-sample-norms"`` (an MLP whose per-sample defenses only rescale by norm: the
+            norms and the rescaled sum without materialising per-sample gradients).
         per_sample_gradients: whether per-sample gradients were computed.
         defenses: each train-time defense's ``report(result)``, in the order given.
     """
@@ -533,6 +535,9 @@ class Trainer:
         self._post_hooks = [d for d in self.defenses if _overrides(d, "post_step")]
         self.forward: EnsembleForward = ensemble_forward(base, allow_stacked=stacked and x.dim() == 2)
         self._manual = isinstance(self.forward, StackedSequential) and self.forward.manual and manual_backward
+        #: per-sample transforms that only rescale by norm, on a stacked MLP: no per-sample gradient
+        #: is materialised (see TrainingDefense.per_sample_factors)
+        self._rescale = (self.per_sample and self._manual and not self._per_sample_hooks_without_factors())
         self._workspace = Workspace()
         self._order_rngs = model_generators(self.ctx.seed, ids, STREAM_ORDER)
         self._generators: Optional[List[torch.Generator]] = None
@@ -542,6 +547,9 @@ class Trainer:
         self._inv_batch = 1.0 / float(denominators[0])  # fixed-size batches: 1 / B, on the host
         self.steps_per_epoch = self.sampler.steps_per_epoch(ctx.epoch_size)
         self.sampling_rate = float(np.max(self.sampler.sampling_rates(ctx.epoch_size, sizes)))
+
+    def _per_sample_hooks_without_factors(self) -> bool:
+        return any(not _overrides(d, "per_sample_factors") for d in self._per_sample_hooks)
 
     # ------------------------------------------------------------------ streams
     @property
@@ -649,7 +657,21 @@ class Trainer:
         per-sample gradients through ``torch.func`` when a defense asks for them. The penalty's
         gradient is added last, so it is never clipped or noised.
         """
-        if self.per_sample:
+        if self._rescale:
+            weight = batch.mask.to(self.denominator.dtype) if batch.mask is not None else torch.ones_like(batch.y, dtype=self.denominator.dtype)
+            mask = batch.mask if batch.mask is not None else torch.ones_like(batch.y, dtype=torch.bool)
+
+            def factors(norms):
+                total = torch.ones_like(norms)
+                for d in self._per_sample_hooks:
+                    total = total * d.per_sample_factors(norms * total, mask, info)
+                return total
+
+            losses, grads, _ = self.forward.rescaled_grads(self.params, batch.x, batch.y, weight, factors,
+                                                           self._workspace)
+            data = (losses * weight).sum(dim=1).div(self.denominator).sum()
+            normalized = False
+        elif self.per_sample:
             weight = batch.mask.to(self.denominator.dtype) if batch.mask is not None else torch.ones_like(batch.y, dtype=self.denominator.dtype)
             grads, values = per_sample_gradients(self.base, self.params, self.buffers, batch.x, batch.y, weight)
             mask = batch.mask if batch.mask is not None else torch.ones_like(batch.y, dtype=torch.bool)
@@ -732,7 +754,8 @@ class Trainer:
             sampling_rate=self.sampling_rate,
             sampler=self.sampler.name,
             forward=self.forward.name,
-            backward="per-sample" if self.per_sample else "manual" if self._manual else "autograd",
+            backward=("per-sample-norms" if self._rescale else "per-sample" if self.per_sample
+                      else "manual" if self._manual else "autograd"),
             per_sample_gradients=self.per_sample,
         )
         result.defenses = [d.report(result) for d in self.defenses]

@@ -68,10 +68,15 @@ def clip_per_sample_(grads: Dict[str, torch.Tensor], *, max_grad_norm: float) ->
             raise ValueError(f"per-sample gradient {name!r} is {tuple(g.shape)}, expected [{m}, {b}, ...]")
     per_param = [g.reshape(m, b, -1).norm(2, dim=-1) for g in tensors]  # each [M, B]
     norms = torch.stack(per_param, dim=-1).norm(2, dim=-1)  # [M, B]
-    factor = (max_grad_norm / (norms + CLIP_EPS)).clamp(max=1.0)
+    factor = clip_factors(norms, max_grad_norm=max_grad_norm)
     for g in tensors:
         g.mul_(factor.view(m, b, *([1] * (g.dim() - 2))).to(g.dtype))
     return norms
+
+
+def clip_factors(norms: torch.Tensor, *, max_grad_norm: float) -> torch.Tensor:
+    """Opacus' per-sample clipping factors ``min(1, C / (‖g‖₂ + 1e-6))`` for the norms ``‖g‖₂``."""
+    return (max_grad_norm / (norms + CLIP_EPS)).clamp(max=1.0)
 
 
 def add_gaussian_noise_(grads: Dict[str, torch.Tensor], *, std: float, generators: Sequence[torch.Generator]) -> None:
@@ -355,12 +360,21 @@ class DPSGD(TrainingDefense):
 
     def transform_per_sample(self, grads, mask, step) -> None:
         """Flat clipping of every sample's gradient to ``C`` (:func:`clip_per_sample_`)."""
-        c = float(self.max_grad_norm)
         with torch.no_grad():  # the trainer's per-sample gradients may carry autograd history: record none
-            norms = clip_per_sample_(grads, max_grad_norm=c)
-            real = mask.to(norms.dtype)
-            stats = torch.stack([((norms > c).to(norms.dtype) * real).sum(), real.sum(), (norms * real).sum()])
-            self._stats = stats if self._stats is None else self._stats.add_(stats)  # [clipped, seen, norm sum]
+            self._count(clip_per_sample_(grads, max_grad_norm=float(self.max_grad_norm)), mask)
+
+    def per_sample_factors(self, norms, mask, step):
+        """The same clipping as factors of the per-sample norms, ``min(1, C / (‖g‖₂ + 1e-6))``
+        (:func:`clip_factors`), for the trainer's route that never materialises per-sample
+        gradients."""
+        self._count(norms, mask)
+        return clip_factors(norms, max_grad_norm=float(self.max_grad_norm))
+
+    def _count(self, norms, mask) -> None:
+        c = float(self.max_grad_norm)
+        real = mask.to(norms.dtype)
+        stats = torch.stack([((norms > c).to(norms.dtype) * real).sum(), real.sum(), (norms * real).sum()])
+        self._stats = stats if self._stats is None else self._stats.add_(stats)  # [clipped, seen, norm sum]
 
     def transform_batch(self, grads, step) -> None:
         """``+ N(0, σ²C²I)`` per model from ``step.generators[m]`` (:func:`add_gaussian_noise_`)."""
@@ -443,6 +457,7 @@ __all__ = [
     "DPSGD",
     "add_gaussian_noise_",
     "composed_privacy_spent",
+    "clip_factors",
     "clip_per_sample_",
     "default_delta",
     "noise_for_epsilon",

@@ -304,7 +304,7 @@ def test_report_epsilon_is_opacus_for_the_steps_taken():
     assert rep["epsilon"] == acc.get_epsilon(rep["delta"])
     assert 0 <= rep["clipped_fraction"] <= 1 and rep["grad_norm_mean"] > 0
     assert rep["expected_batch_size_max"] == pytest.approx(8.0)
-    assert res.sampler == "poisson" and res.backward == "per-sample"
+    assert res.sampler == "poisson" and res.backward == "per-sample-norms"  # the MLP route: no per-sample tensors
 
 
 def test_target_epsilon_is_reached():
@@ -516,3 +516,52 @@ def test_an_epsilon_a_defense_cannot_compose_is_flagged():
         _flag_unaccounted_finetuning(plan, doc, 6)
     assert doc["defenses"][0]["report"]["epsilon_excludes_finetuning_steps"] == 6
     assert doc["dp_audit"]["accountant_epsilon_excludes_finetuning_steps"] == 6 and len(doc["warnings"]) == 1
+
+
+# ----------------------------------------------------------------------------- the route without per-sample gradients
+@pytest.mark.parametrize("layers", [
+    lambda: [torch.nn.Linear(D, 8), torch.nn.ReLU(), torch.nn.Linear(8, C_OUT)],
+    lambda: [torch.nn.Linear(D, 6, bias=False), torch.nn.Tanh(), torch.nn.Linear(6, 7), torch.nn.GELU(),
+             torch.nn.Linear(7, C_OUT, bias=False)],
+], ids=["relu", "tanh-gelu-nobias"])
+@pytest.mark.parametrize("c", [0.05, 1.0, 100.0])
+def test_rescaled_grads_equal_clipping_materialised_per_sample_gradients(layers, c):
+    """StackedSequential.rescaled_grads (norms from ‖δ‖·‖a‖, one GEMM per layer) against
+    per-sample gradients from torch.func, clipped by clip_per_sample_ and summed."""
+    from mia_core.engine.ensemble import StackedSequential, Workspace, per_sample_gradients
+    from mia_plugins.defenses.dp_sgd import clip_factors
+
+    torch.manual_seed(0)
+    base, params, buffers = init_ensemble(lambda: torch.nn.Sequential(*layers()), 3, seed=1)
+    x = torch.randn(3, 9, D)
+    y = torch.randint(0, C_OUT, (3, 9))
+    weight = (torch.rand(3, 9) < 0.7).float()  # ragged: zero rows are padding
+    fwd = StackedSequential.for_module(base)
+    loss, grads, norms = fwd.rescaled_grads(params, x, y, weight, lambda n: clip_factors(n, max_grad_norm=c),
+                                            Workspace())
+    ref, values = per_sample_gradients(base, params, buffers, x, y, weight)
+    ref = {k: v.detach().clone() for k, v in ref.items()}
+    ref_norms = clip_per_sample_(ref, max_grad_norm=c)
+    torch.testing.assert_close(norms, ref_norms, rtol=1e-5, atol=1e-6)
+    for k in params:
+        torch.testing.assert_close(grads[k], ref[k].sum(1), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss * weight, values.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_both_routes_train_the_same_models_and_report_the_same_clipping():
+    """dp-sgd with noise for three epochs: the route without per-sample gradients and the
+    torch.func route (forced with manual_backward=False) agree."""
+    out = []
+    for manual in (True, False):
+        x, y, keep, base, params, buffers = _toy(m=4, n=60)
+        dp = DPSGD(noise_multiplier=1.0, max_grad_norm=0.5)
+        res = Trainer(base, params, buffers, x, y, keep, TrainingRecipe(epochs=3, batch_size=8), seed=0,
+                      defenses=[dp], manual_backward=manual).fit()
+        out.append((params, res))
+    (p1, r1), (p2, r2) = out
+    assert (r1.backward, r2.backward) == ("per-sample-norms", "per-sample")
+    for k in p1:
+        torch.testing.assert_close(p1[k], p2[k], rtol=1e-4, atol=1e-5)
+    d1, d2 = r1.defenses[0], r2.defenses[0]
+    assert d1["clipped_fraction"] == d2["clipped_fraction"] and d1["epsilon"] == d2["epsilon"]
+    assert d1["grad_norm_mean"] == pytest.approx(d2["grad_norm_mean"], rel=1e-5)
