@@ -86,11 +86,13 @@ def test_member_rate_is_the_share_above_each_models_best_threshold():
     ("ids={d}/empty.txt", "the forget set is empty"),
     ("ids={d}/unknown.txt", "1 id(s) not in dataset 'digits' (first: 5000)"),
     ("everything", "--forget must be random:fraction=F, class=K or ids=FILE"),
+    ("random:fraction=0.1 --n-models 4", "miafw unlearn needs --n-models >= 6, got 4"),
 ])
 def test_bad_forget_sets_are_one_line_and_exit_2_before_training(tmp_path, forget, match):
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "unknown.txt").write_text("1\n5000\n")
-    res = CliRunner().invoke(main, ["unlearn", *CLI_SMALL, "--forget", forget.format(d=tmp_path),
+    spec, *extra = forget.format(d=tmp_path).split()
+    res = CliRunner().invoke(main, ["unlearn", *CLI_SMALL, "--forget", spec, *extra,
                                     "--out", str(tmp_path / "r"), "--cache-dir", str(tmp_path / "c")])
     assert res.exit_code == 2, res.output
     assert len(res.stderr.strip().splitlines()) == 1 and match in res.stderr

@@ -80,6 +80,10 @@ DEFAULT_UNLEARNERS = ("retrain", "finetune", "gradient-ascent", "neggrad-plus", 
 #: the attacks, the warnings, the steps of retraining and the crossed intervals.
 UNLEARN_SCHEMA_VERSION = 2
 
+#: The smallest population U-LiRA can use: every record is a member of half the models, and the
+#: leave-one-model-out Gaussians of a forget record need at least two other models that forgot it.
+MIN_MODELS = 6
+
 #: The FPR of the U-LiRA TPR reported.
 ULIRA_FPR = 0.01
 
@@ -127,6 +131,10 @@ def resolve_unlearn(config: UnlearnConfig) -> UnlearnPlan:
         raise ParamError("no attack given for the forget-set member rate; use --attack NAME (e.g. loss)")
     plan = resolve(dataclasses.replace(config.evaluation, attacks=tuple(config.attacks), defenses=(),
                                        estimators=(), targets="all"))
+    if plan.config.n_models < MIN_MODELS:
+        raise ParamError(f"miafw unlearn needs --n-models >= {MIN_MODELS}, got {plan.config.n_models}: U-LiRA fits "
+                         f"each forget record's Gaussians on the other models that forgot it, and a record is a member "
+                         f"of half the models")
     unlearners = [_resolve_one("unlearner", t, i) for i, t in enumerate(config.unlearners)]
     _unique(unlearners)
     parse_forget(config.forget)
