@@ -14,7 +14,8 @@ API_VERSION = "1.0"
 #: does) stays light.
 _LAZY = {"evaluate": "mia_core.engine.stages", "EvalConfig": "mia_core.engine.stages",
          "Evaluation": "mia_core.engine.stages", "TrainingRecipe": "mia_core.engine.trainer",
-         "audit": "mia_core.engine.audit", "AuditConfig": "mia_core.engine.audit"}
+         "audit": "mia_core.engine.audit", "AuditConfig": "mia_core.engine.audit",
+         "unlearn": "mia_core.engine.unlearn", "UnlearnConfig": "mia_core.engine.unlearn"}
 
 
 def __getattr__(name):
@@ -25,4 +26,5 @@ def __getattr__(name):
     raise AttributeError(f"module 'mia_core' has no attribute {name!r}")
 
 
-__all__ = ["__version__", "API_VERSION", "AuditConfig", "EvalConfig", "Evaluation", "TrainingRecipe", "audit", "evaluate"]
+__all__ = ["__version__", "API_VERSION", "AuditConfig", "EvalConfig", "Evaluation", "TrainingRecipe", "UnlearnConfig",
+           "audit", "evaluate", "unlearn"]

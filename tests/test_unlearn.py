@@ -300,3 +300,8 @@ def test_an_older_or_foreign_metrics_file_is_refused_by_miafw_report(run_dir, tm
     (bad / "metrics.json").write_text(json.dumps(doc))
     res = CliRunner().invoke(main, ["report", str(bad)])
     assert res.exit_code == 2 and len(res.stderr.strip().splitlines()) == 1 and "KeyError" in res.stderr
+
+
+def test_the_python_api_is_at_the_top_level():
+    assert mia_core.unlearn is unlearn and mia_core.UnlearnConfig is UnlearnConfig
+    assert {"unlearn", "UnlearnConfig"} <= set(mia_core.__all__)
