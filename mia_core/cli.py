@@ -557,8 +557,11 @@ def compare_cmd(run_dirs, html_out, no_html, fmt, n_boot):
 @click.option("--out", default="runs", show_default=True, type=click.Path(file_okay=False, path_type=Path),
               help="Directory that receives the run directory.")
 @click.option("--json", "as_json", is_flag=True, help="Print metrics.json to stdout instead of the table.")
+@click.option("--config", "config_file", default=None, metavar="FILE.toml", type=click.Path(dir_okay=False, path_type=Path),
+              help="Read the unlearning run from a TOML file (every unlearn run writes one: runs/<id>/config.toml); "
+                   "flags given on the command line override it.")
 @_population_options
-def unlearn_cmd(unlearners, recipe_attacks, forget, out, as_json, **options):
+def unlearn_cmd(unlearners, recipe_attacks, forget, out, as_json, config_file, **options):
     """Did the models forget? Apply unlearning methods to a trained population and measure them.
 
     Each model forgets its members in the forget set. Every unlearner is compared with the models
@@ -582,10 +585,24 @@ def unlearn_cmd(unlearners, recipe_attacks, forget, out, as_json, **options):
         _fail("unlearn evaluates unlearning methods on an undefended population: it takes no --defense or "
               "--non-adaptive")
     evaluation = _config_from({**options, "attacks": ("loss",), "model": options.get("model")})
+    config = UnlearnConfig(evaluation=evaluation, forget=forget, attacks=tuple(recipe_attacks) or ("loss",),
+                           unlearners=tuple(unlearners) or DEFAULT_UNLEARNERS)
+    if config_file is not None:
+        import dataclasses
+
+        from mia_core import configfile
+
+        try:
+            base = configfile.load_unlearn(config_file)
+        except USAGE_ERRORS as exc:
+            _fail(str(exc))
+        given = _given_options()
+        config = dataclasses.replace(
+            base, evaluation=_overlay(base.evaluation, evaluation, given),
+            **{k: getattr(config, k) for k, option in (("unlearners", "unlearners"), ("forget", "forget"),
+                                                       ("attacks", "recipe_attacks")) if option in given})
     try:
-        plan = resolve_unlearn(UnlearnConfig(evaluation=evaluation, forget=forget,
-                                             attacks=tuple(recipe_attacks) or ("loss",),
-                                             unlearners=tuple(unlearners) or DEFAULT_UNLEARNERS))
+        plan = resolve_unlearn(config)
     except USAGE_ERRORS as exc:
         _fail(str(exc))
     cache = PopulationCache(None if options["no_cache"] else (options["cache_dir"] or default_cache_dir()))

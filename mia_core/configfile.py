@@ -130,6 +130,8 @@ def load(path: Union[str, Path]):
     doc, where = _read(path)
     if "audit" in doc:
         raise ParamError(f"{where} holds an [audit] table: it is a `miafw audit` config (use miafw audit --config)")
+    if "unlearn" in doc:
+        raise ParamError(f"{where} holds an [unlearn] table: it is a `miafw unlearn` config (use miafw unlearn --config)")
     return from_dict(doc, where=where)
 
 
@@ -149,6 +151,48 @@ def load_audit(path: Union[str, Path]):
         raise ParamError(f"{where}: unknown key 'audit.{unknown[0]}'; valid audit keys: {', '.join(AUDIT_KEYS)}")
     values = {k: _check(where, f"audit.{k}", v, AUDIT_KEYS[k]) for k, v in audit.items()}
     return AuditConfig(evaluation=from_dict(doc, where=where), **values)
+
+
+#: The ``[unlearn]`` table of ``miafw unlearn`` config files (:class:`~mia_core.engine.unlearn.UnlearnConfig`;
+#: the common recipe's attacks are the top-level ``attacks``).
+UNLEARN_KEYS = {"unlearners": "strings", "forget": "string"}
+
+
+def load_unlearn(path: Union[str, Path]):
+    """Read a ``miafw unlearn`` config file (an evaluation plus an ``[unlearn]`` table of
+    :data:`UNLEARN_KEYS`) into an :class:`~mia_core.engine.unlearn.UnlearnConfig`.
+
+    Raises:
+        ParamError: as :func:`load`, or defenses, estimators or budgets (unlearning takes none).
+    """
+    from mia_core.engine.unlearn import UnlearnConfig
+
+    doc, where = _read(path)
+    if "audit" in doc:
+        raise ParamError(f"{where} holds an [audit] table: it is a `miafw audit` config (use miafw audit --config)")
+    table = _check(where, "unlearn", doc.pop("unlearn", {}), "table")
+    unknown = sorted(set(table) - set(UNLEARN_KEYS))
+    if unknown:
+        raise ParamError(f"{where}: unknown key 'unlearn.{unknown[0]}'; valid unlearn keys: {', '.join(UNLEARN_KEYS)}")
+    values = {k: _check(where, f"unlearn.{k}", v, UNLEARN_KEYS[k]) for k, v in table.items()}
+    evaluation = from_dict(doc, where=where)
+    for key in ("defenses", "estimators", "budgets"):
+        if getattr(evaluation, key):
+            raise ParamError(f"{where}: {key} = {list(getattr(evaluation, key))!r}, but miafw unlearn evaluates an "
+                             f"undefended population and takes no {key}")
+    return UnlearnConfig(evaluation=evaluation, attacks=evaluation.attacks, **values)
+
+
+def dump_unlearn(config) -> str:
+    """The TOML text of an :class:`~mia_core.engine.unlearn.UnlearnConfig`: :func:`dump` of its
+    evaluation (its ``attacks`` the common recipe's) plus an ``[unlearn]`` table (``miafw unlearn
+    --config THIS_FILE`` repeats the run)."""
+    evaluation = dataclasses.replace(config.evaluation, attacks=tuple(config.attacks), defenses=(), estimators=(),
+                                     budgets=(), targets="all")
+    text = dump(evaluation).replace("miafw evaluation config: miafw eval --config",
+                                    "miafw unlearn config: miafw unlearn --config", 1)
+    table = {"unlearners": list(config.unlearners), "forget": str(config.forget)}
+    return text + "\n[unlearn]\n" + "".join(f"{k} = {_toml(v)}\n" for k, v in table.items())
 
 
 _ESCAPES = {"\\": "\\\\", '"': '\\"'}
@@ -207,4 +251,5 @@ def dump_audit(config) -> str:
     return text + "\n[audit]\n" + "".join(f"{k} = {_toml(v)}\n" for k, v in audit.items())
 
 
-__all__ = ["AUDIT_KEYS", "RECIPE_KEYS", "TOP_KEYS", "dump", "dump_audit", "from_dict", "load", "load_audit"]
+__all__ = ["AUDIT_KEYS", "RECIPE_KEYS", "TOP_KEYS", "UNLEARN_KEYS", "dump", "dump_audit", "dump_unlearn", "from_dict",
+           "load", "load_audit", "load_unlearn"]

@@ -305,3 +305,45 @@ def test_an_older_or_foreign_metrics_file_is_refused_by_miafw_report(run_dir, tm
 def test_the_python_api_is_at_the_top_level():
     assert mia_core.unlearn is unlearn and mia_core.UnlearnConfig is UnlearnConfig
     assert {"unlearn", "UnlearnConfig"} <= set(mia_core.__all__)
+
+
+def _without_seconds(x):
+    if isinstance(x, dict):
+        return {k: _without_seconds(v) for k, v in x.items() if k != "seconds"}
+    return x
+
+
+def test_config_toml_repeats_the_run_and_flags_override_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "forget.txt").write_text("\n".join(map(str, range(0, 400, 9))) + "\n")
+    cache = ["--cache-dir", str(tmp_path / "c")]
+    res = CliRunner().invoke(main, ["unlearn", *CLI_SMALL, *cache, "--unlearner", "finetune:epochs=2",
+                                    "--unlearner", "random-labels:retain=false", "--attack", "loss",
+                                    "--forget", "ids=forget.txt", "--out", "a"])
+    assert res.exit_code == 0, res.output
+    (first,) = (tmp_path / "a").glob("2*")
+    toml = (first / "config.toml").read_text()
+    assert f'forget = "ids={tmp_path / "forget.txt"}"' in toml  # absolute: the file works from anywhere
+    assert 'unlearners = ["finetune:epochs=2", "random-labels:retain=false"]' in toml
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    res = CliRunner().invoke(main, ["unlearn", "--config", str(first / "config.toml"), *cache, "-q", "--out", "b"])
+    assert res.exit_code == 0, res.output
+    (again,) = (elsewhere / "b").glob("2*")
+    one, two = (json.loads((d / "metrics.json").read_text()) for d in (first, again))
+    assert _without_seconds(one) == _without_seconds(two)
+    assert (again / "config.toml").read_text() == toml
+    res = CliRunner().invoke(main, ["unlearn", "--config", str(first / "config.toml"), *cache, "-q", "--out", "c",
+                                    "--unlearner", "retrain", "--json"])
+    assert res.exit_code == 0, res.output
+    assert list(json.loads(res.stdout)["unlearners"]) == ["retrain"]
+    res = CliRunner().invoke(main, ["eval", "--config", str(first / "config.toml")])
+    assert res.exit_code == 2 and "it is a `miafw unlearn` config (use miafw unlearn --config)" in res.stderr
+    bad = elsewhere / "bad.toml"
+    bad.write_text(toml.replace("defenses = []", 'defenses = ["prune"]'))
+    res = CliRunner().invoke(main, ["unlearn", "--config", str(bad)])
+    assert res.exit_code == 2 and "takes no defenses" in res.stderr
+    bad.write_text(toml + "colour = 1\n")
+    res = CliRunner().invoke(main, ["unlearn", "--config", str(bad)])
+    assert res.exit_code == 2 and "unknown key 'unlearn.colour'; valid unlearn keys: unlearners, forget" in res.stderr

@@ -108,6 +108,9 @@ class UnlearnPlan:
     plan: Plan
     unlearners: Tuple[Component, ...]
     forget: str
+    #: the configuration resolved (an ``ids=`` forget file by its absolute path), as the run's
+    #: ``config.toml`` records it
+    config: Optional[UnlearnConfig] = None
 
     @property
     def document(self) -> Dict[str, Any]:
@@ -137,8 +140,11 @@ def resolve_unlearn(config: UnlearnConfig) -> UnlearnPlan:
                          f"of half the models")
     unlearners = [_resolve_one("unlearner", t, i) for i, t in enumerate(config.unlearners)]
     _unique(unlearners)
-    parse_forget(config.forget)
-    return UnlearnPlan(plan=plan, unlearners=tuple(unlearners), forget=str(config.forget).strip())
+    kind, arg = parse_forget(config.forget)
+    forget = f"ids={arg.resolve()}" if kind == "ids" else str(config.forget).strip()  # config.toml works anywhere
+    resolved = dataclasses.replace(config, forget=forget, attacks=tuple(config.attacks),
+                                   unlearners=tuple(config.unlearners))
+    return UnlearnPlan(plan=plan, unlearners=tuple(unlearners), forget=forget, config=resolved)
 
 
 def parse_forget(text: str) -> Tuple[str, Any]:
@@ -532,7 +538,8 @@ def unlearn(config: Union[UnlearnConfig, UnlearnPlan], *, out: Optional[Union[st
             cache: Optional[Union[PopulationCache, str, Path]] = None,
             reporter: Optional[Reporter] = None) -> UnlearnResult:
     """Run an unlearning evaluation end to end (``mia_core.engine.unlearn.unlearn``); with ``out``,
-    a run directory holding ``config.json``, ``metrics.json``, ``ulira.npz`` and ``report.html``."""
+    a run directory holding ``config.json``, ``config.toml``, ``metrics.json``, ``ulira.npz`` and
+    ``report.html``."""
     plan = config if isinstance(config, UnlearnPlan) else resolve_unlearn(config)
     if not isinstance(cache, PopulationCache):
         cache = PopulationCache(None if cache is None else Path(cache).expanduser())
@@ -543,6 +550,10 @@ def unlearn(config: Union[UnlearnConfig, UnlearnPlan], *, out: Optional[Union[st
         return UnlearnResult(run_unlearning(plan, cache=cache, reporter=reporter, records=records))
     run = RunDir(Path(out), plan.document, index=RunIndex(Path(out)), discard_on=USAGE_ERRORS)
     with run:
+        if plan.config is not None:
+            from mia_core import configfile
+
+            (run.path / "config.toml").write_text(configfile.dump_unlearn(plan.config))  # `unlearn --config` repeats it
         doc, arrays = _run_unlearning(plan, cache=cache, reporter=reporter, records=records)
         write_unlearn_run(run.path, doc, arrays)
         run.summary = summary_of(doc)
