@@ -152,6 +152,31 @@ def _convert(value: str, hint: Any, default: Any) -> Any:
     raise ValueError(f"parameters of type {getattr(hint, '__name__', hint)} cannot be set from the CLI")
 
 
+def check_n_references(value: Any, *, even: bool, online_option: bool = False) -> None:
+    """The one rule for an attack's reference budget ``n_references`` (see
+    :func:`mia_core.engine.trainer.select_references`): unset (``None``: every reference model)
+    or a positive integer, and an even one when the attack needs as many IN as OUT references
+    per record (``even``). ``online_option``: the attack has an ``online`` switch, so an odd
+    budget is allowed offline and the message says so.
+
+    Raises:
+        ValueError: one line naming the value and what is allowed.
+    """
+    if value is None:
+        return
+    import numpy as np
+
+    bad = isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1
+    if even and not online_option and (bad or value % 2):
+        raise ValueError(f"n_references must be a positive even integer (as many IN as OUT reference models per "
+                         f"record) or unset for all, got {value!r}")
+    if bad:
+        raise ValueError(f"n_references must be a positive integer (or unset for all), got {value!r}")
+    if even and value % 2:
+        raise ValueError(f"n_references={value}: an online attack needs as many IN as OUT references, so an even "
+                         f"number (or online=false)")
+
+
 def parse_params(cls, raw: Dict[str, str], *, label: str) -> Dict[str, Any]:
     """Convert raw string values against ``cls.__init__``'s signature.
 

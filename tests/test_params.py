@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
+import numpy as np
 import pytest
 
 from mia_core.base import Attack
@@ -96,3 +97,27 @@ def test_quoted_values_may_hold_commas():
     assert split_spec("file:path='a,b'") == ("file", {"path": "a,b"})
     with pytest.raises(ParamError, match="unclosed \" quote"):
         split_spec('file:path="abc')
+
+
+@pytest.mark.parametrize("value, even, online_option, match", [
+    (0, False, False, r"n_references must be a positive integer \(or unset for all\), got 0"),
+    (True, True, True, r"must be a positive integer \(or unset for all\), got True"),
+    (1.5, False, False, r"got 1.5"),
+    (3, True, True, r"n_references=3: an online attack needs as many IN as OUT references, so an even number "
+                    r"\(or online=false\)"),
+    (3, True, False, r"n_references must be a positive even integer \(as many IN as OUT reference models per "
+                     r"record\) or unset for all, got 3"),
+    (0, True, False, r"positive even integer .* got 0"),
+])
+def test_one_rule_for_every_attacks_reference_budget(value, even, online_option, match):
+    from mia_core.params import check_n_references
+
+    with pytest.raises(ValueError, match=match):
+        check_n_references(value, even=even, online_option=online_option)
+
+
+@pytest.mark.parametrize("value, even", [(None, True), (1, False), (3, False), (2, True), (np.int64(4), True)])
+def test_budgets_the_rule_allows(value, even):
+    from mia_core.params import check_n_references
+
+    check_n_references(value, even=even, online_option=True)

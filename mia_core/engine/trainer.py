@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, stack_module_state, vmap
 
+from mia_core.params import check_n_references
 from mia_core.engine import optim as _optim
 from mia_core.engine.ensemble import EnsembleForward, StackedSequential, Workspace, ensemble_forward, per_sample_gradients
 from mia_core.engine.samplers import (
@@ -211,11 +212,7 @@ def select_references(*, target: int, n_models: int, n_references: Optional[int]
     if n_references is None:
         return refs
     k = n_references
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"n_references must be a positive integer or 'all', got {k!r}")
-    if online and k % 2:
-        raise ValueError(f"n_references={k}: an online attack needs as many IN as OUT references, so an "
-                         f"even number (or online=false)")
+    check_n_references(k, even=online, online_option=True)
     pairs = int(k) if not online else int(k) // 2
     available = (n_models - 2) // 2
     if pairs > available:

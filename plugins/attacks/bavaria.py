@@ -48,6 +48,7 @@ from scipy import special
 
 from mia_core.base import Attack
 from mia_core.stats import gaussian_logpdf, normal_logsf
+from mia_core.params import check_n_references
 
 #: Smallest pooled variance the empirical-Bayes fit returns: keeps a side whose reference scores
 #: all coincide (a single score, ties) from producing a zero scale and an infinite ratio.
@@ -332,13 +333,7 @@ class BaVarIA(Attack):
             raise ValueError("offline_test=one-sided applies only with online=false")
         if not isinstance(self.online, bool):
             raise ValueError(f"online must be true or false, got {self.online!r}")
-        k = self.n_references
-        if k is not None:
-            if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-                raise ValueError(f"n_references must be a positive integer or None (all), got {k!r}")
-            if self.online and k % 2:
-                raise ValueError(f"n_references={k}: online needs as many IN as OUT references, so an even "
-                                 f"number (or online=false)")
+        check_n_references(self.n_references, even=self.online, online_option=True)
         for name in ("kappa0", "alpha0"):
             v = getattr(self, name)
             if v is None and name == "alpha0":

@@ -9,6 +9,7 @@ import numpy as np
 from mia_core.augment import AUGMENTATIONS
 from mia_core.base import Attack
 from mia_core.stats import fit_gaussians, lira_offline, lira_online
+from mia_core.params import check_n_references
 
 #: Below this many *models* (target included: the paper trains 64 shadow models and switches to a
 #: shared, "fixed" variance when it has fewer) ``variance=auto`` uses the global variance. Counted
@@ -90,9 +91,7 @@ class LiRA(Attack):
             raise ValueError(f"online must be true or false, got {self.online!r}")
         if self.stat not in ("mean", "median"):
             raise ValueError(f"stat must be one of mean, median; got {self.stat!r}")
-        if self.n_references is not None and (isinstance(self.n_references, bool)
-                                              or not isinstance(self.n_references, int) or self.n_references < 1):
-            raise ValueError(f"n_references must be a positive integer (or unset for all), got {self.n_references!r}")
+        check_n_references(self.n_references, even=self.online, online_option=True)
         if self.online and self.n_references is not None and self.n_references < 4 and self.variance == "per-example":
             raise ValueError(f"variance=per-example needs 2 IN and 2 OUT references per record: n_references >= 4 "
                              f"online, got {self.n_references}")

@@ -7,6 +7,7 @@ from typing import Literal, Optional
 import numpy as np
 
 from mia_core.base import Attack
+from mia_core.params import check_n_references
 
 THRESHOLD_RULES = ("sweep", "yeom")
 
@@ -83,10 +84,7 @@ class LossAttack(Attack):
     def validate(self) -> None:
         if self.threshold not in THRESHOLD_RULES:
             raise ValueError(f"threshold must be one of {', '.join(THRESHOLD_RULES)}; got {self.threshold!r}")
-        k = self.n_references
-        if k is not None and (isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 2 or k % 2):
-            raise ValueError(f"n_references must be none (all reference models) or a positive even integer (as "
-                             f"many IN as OUT reference models per record), got {k!r}")
+        check_n_references(self.n_references, even=True)
 
     def reference_budget(self):
         return (self.n_references if self.threshold == "yeom" else None), True

@@ -16,6 +16,7 @@ from scipy import special
 
 from mia_core import metrics
 from mia_core.base import Attack
+from mia_core.params import check_n_references
 
 #: Values of ``a`` tried when the offline ``a`` is tuned (the authors' code sweeps 0, 0.1, ..., 1).
 OFFLINE_A_GRID: Tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(11))
@@ -361,13 +362,8 @@ class RMIA(Attack):
                 raise ValueError(f"offline_a={self.offline_a!r} applies only with online=false")
         if not (_is_number(self.temperature) and self.temperature > 0):
             raise ValueError(f"temperature must be a finite number > 0, got {self.temperature!r}")
+        check_n_references(self.n_references, even=self.online, online_option=True)
         if self.n_references is not None:
-            if not (_is_count(self.n_references) and self.n_references >= 1):
-                raise ValueError(f"n_references must be a positive integer (or unset for all), "
-                                 f"got {self.n_references!r}")
-            if self.online and self.n_references % 2:
-                raise ValueError(f"n_references={self.n_references}: online RMIA needs as many IN as OUT "
-                                 f"references, so an even number (or online=false)")
             if not self.online and self.offline_a is None and self.n_references < 2:
                 raise ValueError("tuning offline_a needs n_references >= 2 (one reference pair as pseudo-target, "
                                  "the rest as references); give offline_a or a larger n_references")

@@ -9,6 +9,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from mia_core.base import Attack
+from mia_core.params import check_n_references
 
 #: Feature names ``features=`` accepts, in the order they are documented in :class:`ShadowAttack`.
 FEATURES: Tuple[str, ...] = ("sorted-probs", "logits", "entropy", "confidence", "true-prob", "loss", "label")
@@ -315,10 +316,7 @@ class ShadowAttack(Attack):
             raise ValueError(f"classifier must be one of {', '.join(CLASSIFIERS)}; got {self.classifier!r}")
         if not isinstance(self.per_class, bool):
             raise ValueError(f"per_class must be true or false, got {self.per_class!r}")
-        k = self.n_references
-        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 2 or k % 2):
-            raise ValueError(f"n_references must be an even integer >= 2 (as many IN as OUT references) or unset "
-                             f"for all; got {k!r}")
+        check_n_references(self.n_references, even=True)
         m = self.max_train
         if isinstance(m, bool) or not isinstance(m, int) or m < 2 * MIN_CLASS_ROWS:
             raise ValueError(f"max_train must be an integer >= {2 * MIN_CLASS_ROWS}, got {m!r}")

@@ -35,6 +35,7 @@ import numpy as np
 from scipy import special
 
 from mia_core.base import Attack
+from mia_core.params import check_n_references
 
 #: Floor inside the logarithms of :func:`modified_entropy`: only a probability (or complement) that
 #: underflowed to exactly 0 reaches it, and its log is then ``log(tiny)`` = -708.4 instead of -inf.
@@ -200,12 +201,7 @@ def class_thresholds(*, values, is_member, labels, n_classes: int, per_class: bo
 
 
 def _check_n_references(n_references) -> None:
-    k = n_references
-    if k is None:
-        return
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 2 or k % 2:
-        raise ValueError(f"n_references must be none (all reference models) or a positive even integer (as many "
-                         f"IN as OUT reference models per record), got {k!r}")
+    check_n_references(n_references, even=True)
 
 
 # ----------------------------------------------------------------------------- plugins

@@ -214,9 +214,9 @@ def test_fit_attack_models_input_errors():
     (dict(features="label"), r"has no model signal"),
     (dict(classifier="knn"), r"classifier must be one of logreg, svc, mlp, rf, hgb; got 'knn'"),
     (dict(per_class="yes"), r"per_class must be true or false, got 'yes'"),
-    (dict(n_references=3), r"n_references must be an even integer >= 2 .* got 3"),
-    (dict(n_references=0), r"n_references must be an even integer >= 2 .* got 0"),
-    (dict(n_references=True), r"n_references must be an even integer >= 2 .* got True"),
+    (dict(n_references=3), r"n_references must be a positive even integer .* got 3"),
+    (dict(n_references=0), r"n_references must be a positive even integer .* got 0"),
+    (dict(n_references=True), r"n_references must be a positive even integer .* got True"),
     (dict(max_train=5), r"max_train must be an integer >= 20, got 5"),
     (dict(max_train=1e4), r"max_train must be an integer >= 20, got 10000.0"),
 ])
