@@ -209,13 +209,7 @@ def eval_cmd(out, as_json, fmt, budgets, config_file, **options):
     as_json = as_json or fmt == "json"
     base = None
     if config_file is not None:
-        from mia_core import configfile
-        from mia_core.params import ParamError
-
-        try:
-            base = configfile.load(config_file)
-        except ParamError as exc:
-            _fail(str(exc))
+        base = _read_config("load", config_file)
     plan, cache = _plan_and_cache({**options, "budgets": budgets}, base=base)
     with _engine_errors(out):
         ev = evaluate(plan, out=out, cache=cache, reporter=TerminalReporter(options["quiet"] or as_json))
@@ -250,6 +244,17 @@ def _overlay(base, cli, given):
         else:
             top[fld] = getattr(cli, fld)
     return dataclasses.replace(base, **top, recipe=dataclasses.replace(base.recipe, **recipe))
+
+
+def _read_config(loader: str, path):
+    """A config file read by ``mia_core.configfile.<loader>``; a bad one exits 2 with its one line."""
+    from mia_core import configfile
+    from mia_core.params import ParamError
+
+    try:
+        return getattr(configfile, loader)(path)
+    except ParamError as exc:
+        _fail(str(exc))
 
 
 def _given_options() -> set:
@@ -440,13 +445,7 @@ def audit_cmd(weights, predictions, members, model, module, module_args, out, as
     config = AuditConfig(evaluation=evaluation, members=members, weights=weights, predictions=predictions,
                          module=module, module_args=_module_args(module_args))
     if config_file is not None:
-        from mia_core import configfile
-        from mia_core.params import ParamError
-
-        try:
-            base = configfile.load_audit(config_file)
-        except ParamError as exc:
-            _fail(str(exc))
+        base = _read_config("load_audit", config_file)
         given = _given_options()
         target = {k: getattr(config, k) for k in ("weights", "predictions") if k in given}
         if target:  # a target on the command line replaces the file's, whichever kind it is
@@ -590,12 +589,7 @@ def unlearn_cmd(unlearners, recipe_attacks, forget, out, as_json, config_file, *
     if config_file is not None:
         import dataclasses
 
-        from mia_core import configfile
-
-        try:
-            base = configfile.load_unlearn(config_file)
-        except USAGE_ERRORS as exc:
-            _fail(str(exc))
+        base = _read_config("load_unlearn", config_file)
         given = _given_options()
         config = dataclasses.replace(
             base, evaluation=_overlay(base.evaluation, evaluation, given),
