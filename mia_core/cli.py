@@ -327,8 +327,10 @@ def _engine_errors(out):
 
 
 @main.command("sweep")
-@click.option("--grid", "grids", multiple=True, metavar="[DEFENSE.]PARAM=V1,V2,...",
-              help="A defense parameter and the values to sweep; give two for their product.")
+@click.option("--grid", "grids", multiple=True, metavar="[DEFENSE.]PARAM=V1,V2,...|seed=S1,S2,...",
+              help="A defense parameter and the values to sweep, or seed=... for independent repetitions (each "
+                   "seed draws new memberships, initialisations and batches; the sweep adds the mean ± sd across "
+                   "seeds); give two for their product.")
 @click.option("--out", default="sweeps", show_default=True, type=click.Path(file_okay=False, path_type=Path),
               help="Directory that receives the sweep directory (sweep-<id>/; the same sweep resumes there).")
 @_evaluation_options
@@ -343,12 +345,14 @@ def sweep_cmd(grids, out, **options):
       miafw sweep --attack lira --defense prune --grid sparsity=0,0.5,0.8,0.9,0.95
       miafw sweep --attack lira --defense prune:finetune_epochs=0 --grid sparsity=0.5,0.9 --grid scope=global,layer
       miafw sweep --attack lira --defense weight-decay --grid lam=0,0.001,0.01
+      miafw sweep --attack lira --grid seed=0,1,2,3,4
+      miafw sweep --attack lira --defense prune --grid sparsity=0.5,0.9 --grid seed=0,1,2 --executor local:2
     """
     import tempfile
 
     from mia_core.engine.progress import TerminalReporter
     from mia_core.params import ParamError
-    from mia_core.sweep import format_table, parse_grid, run_sweep
+    from mia_core.sweep import format_table, parse_grid, run_sweep, seed_summary
 
     config = _config_from(options)
     try:
@@ -363,7 +367,11 @@ def sweep_cmd(grids, out, **options):
             res = run_sweep(config, axes, out=out, cache=cache, reporter=TerminalReporter(options["quiet"]))
     if res.resumed:
         click.echo(f"resumed: {res.resumed} of {len(res.rows)} points were already done", err=True)
-    click.echo(format_table(res.rows, [a.label(config.defenses) for a in axes]))
+    labels = [a.label(config.defenses) for a in axes]
+    click.echo(format_table(res.rows, labels))
+    summary = seed_summary(res.rows, labels)
+    if summary is not None:
+        click.echo("\nmean ± sd across seeds:\n" + summary)
     click.echo(f"sweep directory: {res.directory} (table.md, tradeoff.png, points.jsonl, runs/)")
 
 

@@ -40,17 +40,28 @@ from mia_core.params import ParamError, split_spec
 SWEEP_SCHEMA = 1
 
 
+#: ``GridAxis.defense`` of the run-seed axis (``--grid seed=0,1,2``): every seed is an independent
+#: evaluation (new memberships, initialisations and batches), the spread across them what repeating
+#: the experiment would show.
+SEED_AXIS = -1
+
+
 @dataclass(frozen=True)
 class GridAxis:
-    """One swept parameter: the defense it belongs to (index into the config's defenses), the
-    parameter's name and its values as given (strings, typed by the plugin when resolved)."""
+    """One swept parameter: the defense it belongs to (index into the config's defenses, or
+    :data:`SEED_AXIS` for the run seed), the parameter's name and its values as given (strings,
+    typed by the plugin when resolved)."""
 
     defense: int
     param: str
     values: Tuple[str, ...]
 
+    @property
+    def is_seed(self) -> bool:
+        return self.defense == SEED_AXIS
+
     def label(self, defenses: Sequence[str]) -> str:
-        return f"{split_spec(defenses[self.defense])[0]}.{self.param}"
+        return "seed" if self.is_seed else f"{split_spec(defenses[self.defense])[0]}.{self.param}"
 
 
 def parse_grid(texts: Sequence[str], defenses: Sequence[str]) -> List[GridAxis]:
@@ -67,15 +78,26 @@ def parse_grid(texts: Sequence[str], defenses: Sequence[str]) -> List[GridAxis]:
         raise ParamError("no --grid given; use --grid PARAM=V1,V2,... (e.g. --grid sparsity=0,0.5,0.9)")
     if len(texts) > 2:
         raise ParamError(f"at most two --grid axes (their product is swept), got {len(texts)}")
-    if not defenses:
-        raise ParamError("a sweep varies a defense's parameter; give the defense with --defense NAME")
+    if not defenses and not all(t.partition("=")[0].strip() == "seed" for t in texts):
+        raise ParamError("a sweep varies a defense's parameter or the run seed; give the defense with --defense NAME, "
+                         "or sweep --grid seed=0,1,2")
     names = [split_spec(d)[0] for d in defenses]
     axes: List[GridAxis] = []
     for text in texts:
         key, eq, values = text.partition("=")
         key = key.strip()
         if not eq or not key:
-            raise ParamError(f"--grid {text!r}: expected [DEFENSE.]PARAM=V1,V2,...")
+            raise ParamError(f"--grid {text!r}: expected [DEFENSE.]PARAM=V1,V2,... or seed=S1,S2,...")
+        if key == "seed":
+            vals = tuple(v.strip() for v in values.split(","))
+            if not all(v.isdigit() for v in vals):
+                raise ParamError(f"--grid {text!r}: seeds must be integers >= 0")
+            if len(set(int(v) for v in vals)) != len(vals):
+                raise ParamError(f"--grid {text!r}: a seed is repeated")
+            if any(a.is_seed for a in axes):
+                raise ParamError(f"--grid {text!r}: the seed is swept twice")
+            axes.append(GridAxis(SEED_AXIS, "seed", vals))
+            continue
         if "." in key:
             dname, param = key.split(".", 1)
             hits = [i for i, n in enumerate(names) if n == dname]
@@ -110,10 +132,19 @@ def point_defenses(defenses: Sequence[str], axes: Sequence[GridAxis], point: Seq
     """The defense specifications at ``point``: each swept parameter set on its defense."""
     out = list(defenses)
     for axis, value in zip(axes, point):
+        if axis.is_seed:
+            continue
         name, raw = split_spec(out[axis.defense])
         raw = {**raw, axis.param: value}
         out[axis.defense] = name + ":" + ",".join(f"{k}={_quote(v)}" for k, v in raw.items())
     return tuple(out)
+
+
+def point_config(config, axes: Sequence[GridAxis], point: Sequence[str]):
+    """The :class:`~mia_core.engine.stages.EvalConfig` at ``point``: its defenses
+    (:func:`point_defenses`) and, on a seed axis, its run seed."""
+    seed = next((int(v) for a, v in zip(axes, point) if a.is_seed), config.seed)
+    return dataclasses.replace(config, defenses=point_defenses(config.defenses, axes, point), seed=seed)
 
 
 def _quote(value: str) -> str:
@@ -202,7 +233,7 @@ def run_sweep(config, axes: Sequence[GridAxis], *, out, cache=None, reporter=Non
     points = grid_points(axes)
     plans = []
     for point in points:  # every point validated before the first is trained
-        plans.append(resolve(dataclasses.replace(config, defenses=point_defenses(config.defenses, axes, point))))
+        plans.append(resolve(point_config(config, axes, point)))
     directory = Path(out) / f"sweep-{sweep_id(config, axes)}"
     directory.mkdir(parents=True, exist_ok=True)
     labels = [a.label(config.defenses) for a in axes]
@@ -237,7 +268,9 @@ def run_sweep(config, axes: Sequence[GridAxis], *, out, cache=None, reporter=Non
         ev = evaluate(plan, out=directory / "runs", cache=cache, reporter=reporter)
         record(i, ev)
     rows = [done[i] for i in range(len(points))]
-    (directory / "table.md").write_text(format_table(rows, labels) + "\n")
+    summary = seed_summary(rows, labels)
+    (directory / "table.md").write_text(format_table(rows, labels) + "\n"
+                                        + ("" if summary is None else "\nMean ± sd across seeds:\n\n" + summary + "\n"))
     plot_tradeoff(directory / "tradeoff.png", rows, labels)
     write_sweep_report(directory, rows, labels)
     return SweepResult(directory=directory, rows=rows, resumed=resumed)
@@ -301,6 +334,42 @@ def format_table(rows: Sequence[Dict[str, Any]], labels: Sequence[str], *, fprs=
                 t = m["tpr_at_fpr"].get(f)
                 cells.append("-" if t is None else f"{_pct(t['tpr'])} [{_pct(t['ci_low'])}, {_pct(t['ci_high'])}]"
                              + ("" if t["resolvable"] else " !"))
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def seed_summary(rows: Sequence[Dict[str, Any]], labels: Sequence[str], *,
+                 fprs=("0.001", "0.01")) -> Optional[str]:
+    """With a ``seed`` axis: a Markdown table of the mean and standard deviation across seeds
+    (one row per value of the other axis, if any) of test accuracy, every attack's AUC and its TPR
+    at ``fprs``. The per-point intervals describe one run; this spread is what repeating the
+    experiment with new memberships, initialisations and batches shows (``None`` without a seed
+    axis)."""
+    if "seed" not in labels or not rows:
+        return None
+    others = [lbl for lbl in labels if lbl != "seed"]
+    groups: Dict[Tuple[str, ...], List[Dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(tuple(r["point"][lbl] for lbl in others), []).append(r)
+    attacks = list(rows[0]["attacks"])
+    regression = rows[0]["test_accuracy"] is None
+    head = others + ["seeds", "test MSE" if regression else "test acc"]
+    for a in attacks:
+        head += [f"{a} AUC"] + [f"{a} TPR@{float(f) * 100:g}% FPR" for f in fprs]
+
+    def spread(values, pct=False) -> str:
+        v = np.array([np.nan if x is None else x for x in values], dtype=float)
+        sd = float(np.std(v, ddof=1)) if len(v) > 1 else float("nan")
+        scale, unit, fmt = (100, "%", ".2f") if pct else (1, "", ".3f" if not regression else ".4g")
+        return f"{scale * float(np.mean(v)):{fmt}}{unit} ± {scale * sd:{fmt}}{unit}"
+
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for key, group in groups.items():
+        cells = list(key) + [str(len(group)), spread([_utility(r) for r in group], pct=not regression)]
+        for a in attacks:
+            cells.append(spread([r["attacks"][a]["auc"] for r in group]))
+            for f in fprs:
+                cells.append(spread([r["attacks"][a]["tpr_at_fpr"].get(f, {}).get("tpr") for r in group], pct=True))
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)
 
@@ -405,9 +474,12 @@ def write_sweep_report(directory: Path, rows: Sequence[Dict[str, Any]], labels: 
         except ValueError:
             pass
         links.append(str(rel / "report.html"))
+    summary = seed_summary(rows, labels)
+    spread = [] if summary is None else [[c.strip() for c in line.strip("|").split("|")]
+                                         for line in summary.splitlines() if not line.startswith("|---")]
     page = env.get_template("sweep.html.j2").render(
         title=f"miafw sweep over {', '.join(labels)}", head=cells[0], rows=cells[1:], links=links,
-        figure=_png(tradeoff_figure(rows, labels)))
+        figure=_png(tradeoff_figure(rows, labels)), spread=spread)
     out = Path(directory) / "report.html"
     tmp = out.with_name(".report.html.tmp")
     tmp.write_text(page, encoding="utf-8")
@@ -415,5 +487,6 @@ def write_sweep_report(directory: Path, rows: Sequence[Dict[str, Any]], labels: 
     return out
 
 
-__all__ = ["GridAxis", "SweepResult", "format_table", "grid_points", "parse_grid", "plot_tradeoff",
-           "point_defenses", "point_summary", "run_sweep", "sweep_id", "tradeoff_figure", "write_sweep_report"]
+__all__ = ["GridAxis", "SEED_AXIS", "SweepResult", "format_table", "grid_points", "parse_grid", "plot_tradeoff",
+           "point_config", "point_defenses", "point_summary", "run_sweep", "seed_summary", "sweep_id", "tradeoff_figure",
+           "write_sweep_report"]

@@ -37,6 +37,10 @@ def test_grid_parsing_and_points():
     (["sparsity=0.5", "sparsity=0.9"], ["prune"], "prune.sparsity is swept twice"),
     (["sparsity=0.5"], ["prune:sparsity=0.8"], "sparsity is also fixed in --defense"),
     (["a=1", "b=2", "c=3"], ["prune"], "at most two --grid axes"),
+    (["seed=0,x"], [], "seeds must be integers >= 0"),
+    (["seed=-1"], [], "seeds must be integers >= 0"),
+    (["seed=1,01"], [], "a seed is repeated"),
+    (["seed=1", "seed=2"], [], "the seed is swept twice"),
 ])
 def test_bad_grids_are_usage_errors(grids, defenses, match):
     with pytest.raises(ParamError, match=match):
@@ -108,3 +112,37 @@ def test_a_regression_population_sweeps_with_mse_as_its_utility(tmp_path):
     assert "train MSE | test MSE" in table and (sweep / "tradeoff.png").is_file()
     rows = [json.loads(line) for line in (sweep / "points.jsonl").read_text().splitlines()]
     assert all(r["test_accuracy"] is None and r["test_mse"] > 0 for r in rows)
+
+
+def test_a_seed_axis_repeats_the_evaluation_and_reports_the_spread(tmp_path):
+    """--grid seed=...: each point is the evaluation at that seed (new memberships, initialisations
+    and batches), with or without a defense axis, and the mean ± sd across seeds is added."""
+    import numpy as np
+
+    import mia_core
+    from mia_core.sweep import SEED_AXIS, seed_summary
+
+    axes = parse_grid(["sparsity=0.5,0.9", "seed=3,4"], ["prune:finetune_epochs=0"])
+    assert axes[1] == GridAxis(SEED_AXIS, "seed", ("3", "4")) and axes[1].label(["prune"]) == "seed"
+    assert point_defenses(["prune:finetune_epochs=0"], axes, ("0.9", "4")) == ("prune:finetune_epochs=0,sparsity=0.9",)
+    res = CliRunner().invoke(main, ["sweep", *SMALL, "--grid", "seed=3,4", "--out", str(tmp_path / "s"),
+                                    "--cache-dir", str(tmp_path / "c")])
+    assert res.exit_code == 0, res.output
+    assert "mean ± sd across seeds:" in res.stdout
+    (sweep,) = list((tmp_path / "s").iterdir())
+    rows = [json.loads(line) for line in (sweep / "points.jsonl").read_text().splitlines()]
+    rows.sort(key=lambda r: r["index"])
+    for row, seed in zip(rows, (3, 4)):
+        ev = mia_core.evaluate(mia_core.EvalConfig(dataset="digits:n_records=300", model="mlp:width=32", n_models=6,
+                                                   targets="first:2", attacks=("lira", "loss"), seed=seed,
+                                                   recipe=mia_core.TrainingRecipe(epochs=3)),
+                               cache=tmp_path / "c")
+        assert row["point"] == {"seed": str(seed)}
+        assert row["attacks"]["lira"]["auc"] == ev.metrics["attacks"]["lira"]["auc"]
+    aucs = [r["attacks"]["loss"]["auc"] for r in rows]
+    want = f"{np.mean(aucs):.3f} ± {np.std(aucs, ddof=1):.3f}"
+    summary = seed_summary(rows, ["seed"])
+    assert want in summary and want in (sweep / "table.md").read_text() and "| 2 |" in summary
+    page = (sweep / "report.html").read_text()
+    assert 'id="seeds"' in page and want in page
+    assert seed_summary(rows, ["prune.sparsity"]) is None
