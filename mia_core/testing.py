@@ -1,4 +1,5 @@
-"""Conformance kit for plugin authors: ``check_attack``, ``check_defense``, ``check_estimator``.
+"""Conformance kit for plugin authors: ``check_attack``, ``check_defense``, ``check_estimator``,
+``check_unlearner``.
 
 Run these in your plugin's test suite (miafw runs them over every registered plugin too)::
 
@@ -398,6 +399,57 @@ def check_estimator(cls, *, params: Optional[Mapping[str, Any]] = None, seed: in
     return first
 
 
+# ----------------------------------------------------------------------------- unlearners
+def _unlearn(cls, params, seed: int):
+    """The planted population after ``cls`` unlearned every fifth record (each model its members
+    among them): ``(pop, report)``."""
+    from mia_core.engine.unlearn import UnlearnContext
+
+    records, build, _ = _planted_setup(seed)
+    pop = planted_population(seed)
+    forget = pop.keep & (np.arange(pop.n_records) % 5 == 0)[None]
+    keep = pop.keep.copy()
+    before = {k: (tuple(v.shape), v.dtype) for k, v in pop.params.items()}
+    ctx = UnlearnContext(pop, forget, build=build)
+    report = _check_report(cls, "unlearn()", cls(**params).unlearn(ctx))
+    steps = report.get("steps")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps != ctx.steps:
+        _fail(cls, f"unlearn() must report its cost as 'steps' (the optimizer steps it took: {ctx.steps}), "
+                   f"got {steps!r}")
+    after = {k: (tuple(v.shape), v.dtype) for k, v in pop.params.items()}
+    if after != before:
+        _fail(cls, f"unlearn() changed parameter names, shapes or dtypes: {before} -> {after}")
+    for k, v in pop.params.items():
+        if not bool(v.isfinite().all()):
+            _fail(cls, f"unlearn() left non-finite values in {k!r}")
+    if not np.array_equal(pop.keep, keep) or not np.array_equal(ctx.forget, forget):
+        _fail(cls, "unlearn() changed the keep matrix or the forget set")
+    return pop, report
+
+
+def check_unlearner(cls, *, params: Optional[Mapping[str, Any]] = None, seed: int = 0) -> Dict[str, Any]:
+    """Check an :class:`~mia_core.base.Unlearner` subclass on the planted population (every model
+    forgets its members among every fifth record): the parameter rules, a JSON report whose
+    ``steps`` is the optimizer steps taken through the context, unchanged parameter shapes and
+    keep matrix, finite weights, and the same weights and report from a second run. Returns the
+    report."""
+    import torch
+
+    from mia_core.base import Unlearner
+
+    if not (isinstance(cls, type) and issubclass(cls, Unlearner)):
+        _fail(cls, "is not a subclass of mia_core.base.Unlearner")
+    params = dict(params or {})
+    check_params(cls, params)
+    a, rep_a = _unlearn(cls, params, seed)
+    b, rep_b = _unlearn(cls, params, seed)
+    same = all(torch.equal(a.params[k], b.params[k]) for k in a.params)
+    if not same or json.dumps(rep_a, sort_keys=True, default=json_default) != json.dumps(rep_b, sort_keys=True, default=json_default):
+        _fail(cls, "two runs with the same parameters and seed gave different weights or reports (draw randomness "
+                   "from ctx.rng(), and train through ctx.train / ctx.retrain, whose streams are seeded)")
+    return rep_a
+
+
 __all__ = [
     "ConformanceError",
     "MIN_PLANTED_AUC",
@@ -405,6 +457,7 @@ __all__ = [
     "check_defense",
     "check_estimator",
     "check_params",
+    "check_unlearner",
     "null_population",
     "planted_population",
     "separable_population",

@@ -8,9 +8,11 @@ import time
 import numpy as np
 import pytest
 
+import mia_core.base
 from mia_core import registry
 from mia_core.base import Attack, Defense, Estimator, TrainingDefense
-from mia_core.testing import ConformanceError, check_attack, check_defense, check_estimator, check_params
+from mia_core.testing import (ConformanceError, check_attack, check_defense, check_estimator, check_params,
+                              check_unlearner)
 
 # Extra parameter sets worth covering for the built-ins (the defaults always run).
 EXTRA = {
@@ -44,6 +46,9 @@ EXTRA = {
                                   {"n_neighbours": 12, "method": "sign"},
                                   {"n_neighbours": 12, "bits": 4, "scheme": "affine"}],
     ("estimators", "tail"): [{"fpr": 0.05, "fnr": 0.0, "n_boot": 0}, {"slope": 0.6, "intercept": 0.005}],
+    ("unlearners", "random-labels"): [{"retain": False, "epochs": 3}],
+    ("unlearners", "retrain"): [{"stream": 0}],
+    ("unlearners", "neggrad-plus"): [{"beta": 0.8, "epochs": 1}],
     ("defenses", "prune"): [{"search": True, "grid": "0.5,0.9", "finetune_epochs": 1},
                             {"search": True, "grid": "0.5,0.9", "finetune_epochs": 1, "search_attack": "lira",
                              "select": "sparsest", "leakage": "auc"}, {"scope": "layer", "sparsity": 0.5, "finetune_epochs": 0}],
@@ -93,6 +98,50 @@ def test_registered_estimators_conform(name, params):
 
 
 REQUIRED = {("datasets", "file"): {"path": "data.csv"}}  # parameters without a usable default
+
+
+@pytest.mark.parametrize("name,params", _cases("unlearners"))
+def test_registered_unlearners_conform(name, params):
+    report = check_unlearner(registry.load("unlearners", name), params=params)
+    assert report["steps"] > 0
+
+
+class Forgetful(mia_core.base.Unlearner):
+    """Fine-tunes the retain set for one epoch but reports no cost."""
+
+    api_version = "1.0"
+
+    def __init__(self):
+        pass
+
+    def unlearn(self, ctx):
+        ctx.train(keep=ctx.retain, epochs=1)
+        return {}
+
+
+class GlobalNoise(mia_core.base.Unlearner):
+    """Adds unseeded noise to the weights."""
+
+    api_version = "1.0"
+
+    def __init__(self):
+        pass
+
+    def unlearn(self, ctx):
+        import torch
+
+        for v in ctx.params.values():
+            v.add_(torch.randn(v.shape))
+        return {"steps": 0}
+
+
+def test_kit_on_unlearners():
+    with pytest.raises(ConformanceError, match="must report its cost as 'steps'"):
+        check_unlearner(Forgetful)
+    with pytest.raises(ConformanceError, match="two runs with the same parameters and seed gave different"):
+        check_unlearner(GlobalNoise)
+    with pytest.raises(ConformanceError, match="is not a subclass of mia_core.base.Unlearner"):
+        check_unlearner(dict)
 
 
 @pytest.mark.parametrize("kind", ["datasets", "models"])
