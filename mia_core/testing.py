@@ -308,19 +308,29 @@ def _check_report(cls, what: str, report) -> Dict[str, Any]:
     return report
 
 
-def _apply(cls, params, pop: ModelPopulation) -> Dict[str, Any]:
-    obj = cls(**params)
-    before = {k: (tuple(v.shape), v.dtype) for k, v in pop.params.items()}
-    keep = pop.keep.copy()
-    report = _check_report(cls, "apply()", obj.apply(DefenseContext(pop)))
-    after = {k: (tuple(v.shape), v.dtype) for k, v in pop.params.items()}
-    if after != before:
-        _fail(cls, f"apply() changed parameter names, shapes or dtypes: {before} -> {after}")
+def _layout(pop: ModelPopulation) -> Dict[str, Any]:
+    """The population's parameter names, shapes and dtypes, and a copy of its keep matrix."""
+    return {"params": {k: (tuple(v.shape), v.dtype) for k, v in pop.params.items()}, "keep": pop.keep.copy()}
+
+
+def _check_kept(cls, what: str, pop: ModelPopulation, before: Dict[str, Any]) -> None:
+    """After ``what`` changed ``pop`` in place: the same parameter layout, finite weights, the
+    same keep matrix."""
+    after = _layout(pop)["params"]
+    if after != before["params"]:
+        _fail(cls, f"{what} changed parameter names, shapes or dtypes: {before['params']} -> {after}")
     for k, v in pop.params.items():
         if not bool(v.isfinite().all()):
-            _fail(cls, f"apply() left non-finite values in {k!r}")
-    if not np.array_equal(pop.keep, keep):
-        _fail(cls, "apply() changed the keep matrix")
+            _fail(cls, f"{what} left non-finite values in {k!r}")
+    if not np.array_equal(pop.keep, before["keep"]):
+        _fail(cls, f"{what} changed the keep matrix")
+
+
+def _apply(cls, params, pop: ModelPopulation) -> Dict[str, Any]:
+    obj = cls(**params)
+    before = _layout(pop)
+    report = _check_report(cls, "apply()", obj.apply(DefenseContext(pop)))
+    _check_kept(cls, "apply()", pop, before)
     return report
 
 
@@ -408,22 +418,16 @@ def _unlearn(cls, params, seed: int):
     records, build, _ = _planted_setup(seed)
     pop = planted_population(seed)
     forget = pop.keep & (np.arange(pop.n_records) % 5 == 0)[None]
-    keep = pop.keep.copy()
-    before = {k: (tuple(v.shape), v.dtype) for k, v in pop.params.items()}
+    before = _layout(pop)
     ctx = UnlearnContext(pop, forget, build=build)
     report = _check_report(cls, "unlearn()", cls(**params).unlearn(ctx))
     steps = report.get("steps")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps != ctx.steps:
         _fail(cls, f"unlearn() must report its cost as 'steps' (the optimizer steps it took: {ctx.steps}), "
                    f"got {steps!r}")
-    after = {k: (tuple(v.shape), v.dtype) for k, v in pop.params.items()}
-    if after != before:
-        _fail(cls, f"unlearn() changed parameter names, shapes or dtypes: {before} -> {after}")
-    for k, v in pop.params.items():
-        if not bool(v.isfinite().all()):
-            _fail(cls, f"unlearn() left non-finite values in {k!r}")
-    if not np.array_equal(pop.keep, keep) or not np.array_equal(ctx.forget, forget):
-        _fail(cls, "unlearn() changed the keep matrix or the forget set")
+    _check_kept(cls, "unlearn()", pop, before)
+    if not np.array_equal(ctx.forget, forget):
+        _fail(cls, "unlearn() changed the forget set")
     return pop, report
 
 
