@@ -234,9 +234,12 @@ def dominance_fraction_dense(*, log_ratio_x, log_ratio_z, gamma: float, self_ind
 # ----------------------------------------------------------------------------- offline a
 def tune_offline_a(*, log_p_pseudo, member, log_p_ref, ref_in, population, self_index, gamma: float,
                    grid: Sequence[float] = OFFLINE_A_GRID) -> Tuple[float, np.ndarray]:
-    """Choose the offline ``a`` as the paper does: attack a reference model whose membership is
-    known (the pseudo-target) with offline RMIA on the remaining reference models, for every
-    ``a`` of ``grid``, and keep the ``a`` with the highest AUC (the first on ties).
+    """Choose the offline ``a`` as the authors' method write-up describes it: attack a reference
+    model whose membership is known (the pseudo-target) with offline RMIA on the remaining
+    reference models, for every ``a`` of ``grid``, and keep the ``a`` with the highest AUC (the
+    first on ties). The pseudo-target's complementary partner is left out of its references, as
+    the engine leaves out every target's; the authors' library instead attacks the target's
+    partner with a single reference model.
 
     Args:
         log_p_pseudo: float ``[N]``, ``log Pr(x|θ_pseudo)`` of the pseudo-target on every record.
@@ -298,8 +301,9 @@ class RMIA(Attack):
         score(x) = #{z ∈ Z \\ {x}: r_z ≤ r_x / γ} / |Z \\ {x}|,   r = Pr(·|θ) / Pr(·),
 
     is the population's empirical CDF at ``r_x / γ``: a non-decreasing step function of ``r_x``.
-    Z and γ therefore never reorder two records — they only decide which records tie (those
-    whose ``r_x / γ`` falls between the same two consecutive ``r_z``). With every record in Z,
+    For records scored against the same Z, γ therefore never reorders two of them — it only
+    decides which records tie (those whose ``r_x / γ`` falls between the same two consecutive
+    ``r_z``). With every record in Z,
     each record loses the same self pair and the same denominator, so the scores rank exactly as
     ``r_x`` does, and with ``γ = 1`` every distinct ratio gets a distinct score (the finest
     resolution). With a sampled Z, a record inside Z is scored on ``|Z| - 1`` pairs and one
@@ -308,10 +312,12 @@ class RMIA(Attack):
 
     Args:
         online: use IN and OUT reference models (True) or OUT models only (False).
-        gamma: the threshold ``γ`` on ``LR(x, z)`` (inclusive). Default 1: with Z = every record
-            it keeps the full ranking of ``r_x``. The authors' experiment configs use 2 and their
-            library compares against 1; neither changes the order (see above).
-        offline_a: the offline ``a`` in ``[0, 1]``; unset: tuned per target as the paper does, on
+        gamma: the threshold ``γ`` on ``LR(x, z)``, inclusive (``LR ≥ γ``, as the authors'
+            method write-up defines it; their code compares strictly, ``>``, which differs only on
+            exact ties). Default 1: with Z = every record it keeps the full ranking of ``r_x``.
+            The authors' experiment configs use 2 and their library compares against 1; neither
+            changes the order (see above).
+        offline_a: the offline ``a`` in ``[0, 1]``; unset: tuned per target as the authors describe, on
             a reference model taken as pseudo-target (the first model of the view's first
             reference pair) attacked with the other reference pairs, over ``a`` in 0, 0.1, ..., 1
             by AUC (:func:`tune_offline_a`; needs 2 reference pairs). Online only: must be unset.
@@ -328,7 +334,11 @@ class RMIA(Attack):
     each target scored offline).
 
     Not implemented from the paper: query augmentations with a majority vote over views, the
-    Taylor / soft-margin variants of ``Pr(x|θ)``, and the trimmed mean of the authors' code.
+    Taylor / soft-margin variants of ``Pr(x|θ)``, and the trimmed mean of the authors' code (online,
+    they take a 20%-trimmed mean over the IN and OUT references together, at most half the
+    reference models of each; here ``Pr(x)`` is the plain average of the IN mean and the OUT mean).
+    Checked against the authors' method write-up and code (privacytrustlab/ml_privacy_meter); the
+    paper's own text beyond its abstract was not available here.
     """
 
     api_version = "1.0"
