@@ -313,11 +313,6 @@ class UnlearnContext:
 
 
 # ============================================================================ the evaluations
-def confidence_of(population: ModelPopulation) -> np.ndarray:
-    """Logit-scaled confidence ``[M, N]`` of every model on every record."""
-    return population.signals().confidence
-
-
 def member_rate(*, scores: np.ndarray, keep: np.ndarray, forget: np.ndarray, retain: np.ndarray,
                 confidence: float = 0.95, seed: int = 0) -> Dict[str, Any]:
     """The common recipe: per model, the threshold on its membership ``scores`` (float ``[M, N]``,
@@ -415,8 +410,8 @@ def summarize_ulira(scores: np.ndarray, labels: np.ndarray, records: np.ndarray,
             "pairs": int(len(labels) // 2)}
 
 
-def _accuracies(population: ModelPopulation, keep: np.ndarray, forget: np.ndarray, retain: np.ndarray):
-    correct = population.signals().correct.astype(bool)
+def _accuracies(signals, keep: np.ndarray, forget: np.ndarray, retain: np.ndarray):
+    correct = signals.correct.astype(bool)
     share = lambda mask: float((correct & mask).sum() / mask.sum())  # noqa: E731
     return {"retain_accuracy": share(retain), "forget_accuracy": share(forget), "test_accuracy": share(~keep)}
 
@@ -445,19 +440,24 @@ def unlearn_warnings(rows: Dict[str, Any]) -> list:
     return out
 
 
-def attack_scores(plan: Plan, population: ModelPopulation, *, original: Tuple[ModelPopulation, Any],
+def attack_scores(plan: Plan, population: ModelPopulation, signals, *, original: Tuple[ModelPopulation, Any],
                   reporter: Reporter) -> Dict[str, np.ndarray]:
-    """Every attack's scores ``[M, N]`` against every model of ``population``, with the original
-    population as the reference models (a non-adaptive attack on unlearned or retrained targets)."""
+    """Every attack's scores ``[M, N]`` against every model of ``population`` (its ``signals``),
+    with the original population as the reference models (a non-adaptive attack on unlearned or
+    retrained targets)."""
     references = None if population is original[0] else original
-    return run_attacks(plan, population, compute_signals(population), reporter=reporter, references=references)
+    return run_attacks(plan, population, signals, reporter=reporter, references=references)
 
 
-def _member_rates(plan: Plan, population: ModelPopulation, *, original, keep, forget, retain, reporter):
-    scores = attack_scores(plan, population, original=original, reporter=reporter)
-    return {label: member_rate(scores=sc, keep=keep, forget=forget, retain=retain, confidence=plan.config.confidence,
-                               seed=plan.config.seed)
-            for label, sc in scores.items()}
+def _measure(plan: Plan, population: ModelPopulation, *, original, keep, forget, retain, reporter):
+    """A population's signals (computed once), its accuracy trio and its forget member rate under
+    every attack: ``(signals, row)``."""
+    signals = original[1] if population is original[0] else compute_signals(population)
+    scores = attack_scores(plan, population, signals, original=original, reporter=reporter)
+    rates = {label: member_rate(scores=sc, keep=keep, forget=forget, retain=retain, confidence=plan.config.confidence,
+                                seed=plan.config.seed)
+             for label, sc in scores.items()}
+    return signals, {**_accuracies(signals, keep, forget, retain), "forget_member_rate": rates}
 
 
 def run_unlearning(plan: UnlearnPlan, *, cache: Optional[PopulationCache] = None,
@@ -487,14 +487,14 @@ def _run_unlearning(plan: UnlearnPlan, *, cache, reporter, records):
     reporter.message(f"forget set: {int(s.sum())} records ({plan.forget}); the gold standard: retraining "
                      f"{pop.n_models} models without it")
     original = (pop, compute_signals(pop))
-    rates = functools.partial(_member_rates, p, original=original, keep=keep, forget=forget, retain=retain,
-                              reporter=reporter)
+    measure = functools.partial(_measure, p, original=original, keep=keep, forget=forget, retain=retain,
+                                reporter=reporter)
     t0 = time.perf_counter()
     gold = pop.clone()
     gold_ctx = UnlearnContext(gold, forget, build=build)
     gold_ctx.retrain()
     retrain_s = time.perf_counter() - t0
-    retrained_conf = confidence_of(gold)
+    gold_signals, gold_row = measure(gold)
     conf_c = p.config.confidence
     rows: Dict[str, Any] = {}
     arrays: Dict[str, np.ndarray] = {"unlearners": np.array([u.label for u in plan.unlearners])}
@@ -509,13 +509,13 @@ def _run_unlearning(plan: UnlearnPlan, *, cache, reporter, records):
         report = _jsonable(u.owner, _guarded(u.owner, u.plugin.unlearn, ctx))
         seconds = time.perf_counter() - t0
         _check_finite(u.owner, work, "unlearn()")
-        sc, lab, grp, mod = ulira_scores(unlearned=confidence_of(work), retrained=retrained_conf, forget=forget)
+        signals, measured = measure(work)
+        sc, lab, grp, mod = ulira_scores(unlearned=signals.confidence, retrained=gold_signals.confidence,
+                                         forget=forget)
         arrays.update({f"ulira_{i}_scores": sc, f"ulira_{i}_labels": lab, f"ulira_{i}_records": grp,
                        f"ulira_{i}_models": mod})
         rows[u.label] = {
-            "name": u.name, "params": dict(u.spec.params), "report": report,
-            **_accuracies(work, keep, forget, retain),
-            "forget_member_rate": rates(work),
+            "name": u.name, "params": dict(u.spec.params), "report": report, **measured,
             "ulira": summarize_ulira(sc, lab, grp, mod, confidence=conf_c, seed=p.config.seed),
             "seconds": seconds, "steps": int(ctx.steps),
         }
@@ -525,9 +525,8 @@ def _run_unlearning(plan: UnlearnPlan, *, cache, reporter, records):
         "warnings": unlearn_warnings(rows),
         "attacks": [a.label for a in p.attacks],
         "forget": {"spec": plan.forget, "records": int(s.sum()), "per_model_mean": float(forget.sum(1).mean())},
-        "retrained": {**_accuracies(gold, keep, forget, retain), "forget_member_rate": rates(gold),
-                      "seconds": retrain_s, "steps": int(gold_ctx.steps)},
-        "original": {**_accuracies(pop, keep, forget, retain), "forget_member_rate": rates(pop)},
+        "retrained": {**gold_row, "seconds": retrain_s, "steps": int(gold_ctx.steps)},
+        "original": measure(pop)[1],
         "unlearners": rows,
         "population": {"n_models": p.config.n_models, "n_records": records.n, "cache_key": trained.key},
     }
