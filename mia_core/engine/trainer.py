@@ -534,7 +534,8 @@ class Trainer:
         self._manual = isinstance(self.forward, StackedSequential) and self.forward.manual and manual_backward
         #: per-sample transforms that only rescale by norm, on a stacked MLP: no per-sample gradient
         #: is materialised (see TrainingDefense.per_sample_factors)
-        self._rescale = (self.per_sample and self._manual and not self._per_sample_hooks_without_factors())
+        self._rescale = (self.per_sample and self._manual
+                         and all(_overrides(d, "per_sample_factors") for d in self._per_sample_hooks))
         self._workspace = Workspace()
         self._order_rngs = model_generators(self.ctx.seed, ids, STREAM_ORDER)
         self._generators: Optional[List[torch.Generator]] = None
@@ -544,9 +545,6 @@ class Trainer:
         self._inv_batch = 1.0 / float(denominators[0])  # fixed-size batches: 1 / B, on the host
         self.steps_per_epoch = self.sampler.steps_per_epoch(ctx.epoch_size)
         self.sampling_rate = float(np.max(self.sampler.sampling_rates(ctx.epoch_size, sizes)))
-
-    def _per_sample_hooks_without_factors(self) -> bool:
-        return any(not _overrides(d, "per_sample_factors") for d in self._per_sample_hooks)
 
     # ------------------------------------------------------------------ streams
     @property
@@ -654,9 +652,10 @@ class Trainer:
         per-sample gradients through ``torch.func`` when a defense asks for them. The penalty's
         gradient is added last, so it is never clipped or noised.
         """
-        if self._rescale:
-            weight = batch.mask.to(self.denominator.dtype) if batch.mask is not None else torch.ones_like(batch.y, dtype=self.denominator.dtype)
+        if self.per_sample:  # every sample's own gradient: padding rows weigh exactly zero
             mask = batch.mask if batch.mask is not None else torch.ones_like(batch.y, dtype=torch.bool)
+            weight = mask.to(self.denominator.dtype)
+        if self._rescale:
 
             def factors(norms):
                 total = torch.ones_like(norms)
@@ -669,9 +668,7 @@ class Trainer:
             data = (losses * weight).sum(dim=1).div(self.denominator).sum()
             normalized = False
         elif self.per_sample:
-            weight = batch.mask.to(self.denominator.dtype) if batch.mask is not None else torch.ones_like(batch.y, dtype=self.denominator.dtype)
             grads, values = per_sample_gradients(self.base, self.params, self.buffers, batch.x, batch.y, weight)
-            mask = batch.mask if batch.mask is not None else torch.ones_like(batch.y, dtype=torch.bool)
             for d in self._per_sample_hooks:
                 d.transform_per_sample(grads, mask, info)
             grads = {k: g.sum(dim=1) for k, g in grads.items()}
